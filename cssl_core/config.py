@@ -1,0 +1,260 @@
+"""One typed configuration, loaded from ``params.yaml`` (DVC's convention).
+
+Every section is a frozen pydantic model with ``extra="forbid"``: a misspelt key is an error
+that names the key, not a silently ignored setting. Derived values (for example the period
+before a given one) are computed by functions, never written back into the config.
+
+Overrides come as dotted ``key=value`` strings (``train.steps=50``) and are merged into the
+YAML before validation, so the logged config is exactly the one that ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Period(_Section):
+    """One period of the stream, with the period it continues from (empty for the first)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    previous: str = ""
+
+
+class SimulateConfig(_Section):
+    """The Atari stream simulator (``cssl simulate``)."""
+
+    frames_per_period: int = Field(2000, ge=1)
+    size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    games_per_period: int = Field(4, ge=1)
+    frame_skip: int = Field(8, ge=1)
+    facecam: bool = True
+    chat: bool = True
+
+
+class IngestConfig(_Section):
+    """Turning raw frames (video, image folders, Parquet) into a validated shard."""
+
+    source: str = Field(
+        "simulate",
+        description="'simulate' or a path template with {period}, e.g. /mnt/raw/{period}",
+    )
+    fps: float = Field(1.0, gt=0)
+    dedup_max_distance: int = Field(
+        4, ge=0, le=64, description="skip a frame within this perceptual-hash distance"
+    )
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    size: int | None = Field(None, ge=16, description="resize so the shorter side is this")
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    rows_per_group: int = Field(1024, ge=16)
+    rows_per_part: int = Field(65536, ge=16)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+
+
+class ModelConfig(_Section):
+    """The embedding model: a timm backbone plus SimCLR heads."""
+
+    backbone: str = "resnet18"
+    small_input_stem: bool = Field(
+        True, description="3x3 stride-1 stem without max-pool, for 32-64 px frames"
+    )
+    projector_hidden: int = Field(512, ge=8)
+    projector_dim: int = Field(128, ge=8)
+    predictor_hidden: int = Field(512, ge=8)
+
+
+class AugmentConfig(_Section):
+    """The SimCLR two-view augmentation."""
+
+    crop_scale_min: float = Field(0.2, gt=0, le=1)
+    color_jitter: float = Field(0.4, ge=0)
+    color_jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.0, ge=0, le=1)
+
+
+Strategy = Literal["finetune", "replay", "distill", "distill+replay", "joint"]
+DistillLoss = Literal["predictor", "nt_xent", "feature"]
+
+
+class TrainConfig(_Section):
+    """One period of continual training."""
+
+    strategy: Strategy = "distill+replay"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    distill_loss: DistillLoss = "predictor"
+    distill_weight: float = Field(1.0, ge=0)
+    distill_temperature: float = Field(0.2, gt=0)
+    replay_ratio: float = Field(0.5, ge=0, lt=1)
+    classifier: bool = Field(False, description="Kaizen-style continual classifier on labels")
+    classifier_weight: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    checkpoint_every: int = Field(50, ge=1)
+    num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+    seed: int = 0
+
+
+class ReplayConfig(_Section):
+    """The replay memory of past frames."""
+
+    capacity: int = Field(2000, ge=1)
+    selection: Literal["reservoir", "balanced", "diverse", "hard"] = "reservoir"
+    candidate_pool: int = Field(
+        4096, ge=1, description="frames scored per period by diverse/hard (bounds the cost)"
+    )
+
+
+class EvalConfig(_Section):
+    """Evaluation on backbone features of each period's eval split."""
+
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    probe_epochs: int = Field(100, ge=1)
+    probe_lr: float = Field(0.1, gt=0)
+    max_train_frames: int = Field(2000, ge=1, description="labelled train frames per period")
+
+
+class GateConfig(_Section):
+    """Promotion thresholds: the candidate must pass all of them."""
+
+    metric: Literal["knn", "linear"] = "knn"
+    avg_accuracy_tolerance: float = Field(0.01, ge=0)
+    new_period_tolerance: float = Field(0.0, ge=0)
+    max_forgetting: float = Field(0.10, ge=0)
+
+
+class StoreConfig(_Section):
+    """Where shards, replay memory and checkpoints live: a directory or ``s3://bucket/prefix``."""
+
+    root: str = ".cssl/store"
+
+
+class Params(_Section):
+    """Everything in ``params.yaml``."""
+
+    periods: tuple[Period, ...] = (
+        Period(name="p01"),
+        Period(name="p02", previous="p01"),
+        Period(name="p03", previous="p02"),
+        Period(name="p04", previous="p03"),
+    )
+    simulate: SimulateConfig = SimulateConfig()
+    ingest: IngestConfig = IngestConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    replay: ReplayConfig = ReplayConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    store: StoreConfig = StoreConfig()
+
+    @model_validator(mode="after")
+    def _periods_chain(self) -> Params:
+        names = [p.name for p in self.periods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"period names repeat: {names}")
+        for i, p in enumerate(self.periods):
+            expected = names[i - 1] if i else ""
+            if p.previous != expected:
+                raise ValueError(
+                    f"period {p.name!r} names previous={p.previous!r}, expected {expected!r}"
+                )
+        return self
+
+    def period_index(self, name: str) -> int:
+        """Position of a period in the chain; a clear error for an unknown name."""
+        for i, p in enumerate(self.periods):
+            if p.name == name:
+                return i
+        known = ", ".join(p.name for p in self.periods)
+        raise ConfigError(f"unknown period {name!r}; params.yaml lists: {known}")
+
+    def config_hash(self) -> str:
+        """A short stable hash of the whole config (for lineage tags)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Merge ``key.sub=value`` overrides (values parsed as YAML) into a plain dict."""
+    merged = json.loads(json.dumps(tree))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(merged, key.strip(), yaml.safe_load(raw))
+    return merged
+
+
+def params_from_dict(tree: dict[str, Any], source: str = "params") -> Params:
+    """Validate a plain dict into :class:`Params`, with a one-line error on failure."""
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+
+def load_params(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Params:
+    """Load ``params.yaml`` (or the embedded defaults when it does not exist) plus overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is None and Path(DEFAULT_PARAMS_FILE).is_file():
+        path = DEFAULT_PARAMS_FILE
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree, source = loaded, str(path)
+    return params_from_dict(apply_overrides(tree, overrides), source)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of ``params.yaml`` (``cssl config --schema``)."""
+    return Params.model_json_schema()
