@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +30,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
-class Period(_Section):
-    """One period of the stream, with the period it continues from (empty for the first)."""
+PERIOD_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+class Period(_Section):
+    """One period of the stream: the period it continues from (empty for the first), and
+    optionally where its raw frames are (overrides ``ingest.source`` for this period)."""
+
     previous: str = ""
+    source: str | None = None
 
 
 class SimulateConfig(_Section):
@@ -73,8 +78,11 @@ class ModelConfig(_Section):
     """The embedding model: a timm backbone plus SimCLR heads."""
 
     backbone: str = "resnet18"
+    input_size: int = Field(64, ge=16, le=1024, description="frames are resized to this")
     small_input_stem: bool = Field(
-        True, description="3x3 stride-1 stem without max-pool, for 32-64 px frames"
+        False,
+        description="3x3 stride-1 stem without max-pool (CIFAR-style, for 32 px images); "
+        "13x the compute of the standard stem at 64 px",
     )
     projector_hidden: int = Field(512, ge=8)
     projector_dim: int = Field(128, ge=8)
@@ -158,11 +166,14 @@ class StoreConfig(_Section):
 class Params(_Section):
     """Everything in ``params.yaml``."""
 
-    periods: tuple[Period, ...] = (
-        Period(name="p01"),
-        Period(name="p02", previous="p01"),
-        Period(name="p03", previous="p02"),
-        Period(name="p04", previous="p03"),
+    periods: dict[str, Period] = Field(
+        default_factory=lambda: {
+            "p01": Period(),
+            "p02": Period(previous="p01"),
+            "p03": Period(previous="p02"),
+            "p04": Period(previous="p03"),
+        },
+        min_length=1,
     )
     simulate: SimulateConfig = SimulateConfig()
     ingest: IngestConfig = IngestConfig()
@@ -176,24 +187,32 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _periods_chain(self) -> Params:
-        names = [p.name for p in self.periods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"period names repeat: {names}")
-        for i, p in enumerate(self.periods):
+        names = list(self.periods)
+        for i, (name, p) in enumerate(self.periods.items()):
+            if not re.match(PERIOD_NAME, name):
+                raise ValueError(f"period name {name!r} must match {PERIOD_NAME}")
             expected = names[i - 1] if i else ""
             if p.previous != expected:
                 raise ValueError(
-                    f"period {p.name!r} names previous={p.previous!r}, expected {expected!r}"
+                    f"period {name!r} names previous={p.previous!r}, expected {expected!r}"
                 )
         return self
 
+    @property
+    def period_names(self) -> list[str]:
+        return list(self.periods)
+
     def period_index(self, name: str) -> int:
         """Position of a period in the chain; a clear error for an unknown name."""
-        for i, p in enumerate(self.periods):
-            if p.name == name:
-                return i
-        known = ", ".join(p.name for p in self.periods)
-        raise ConfigError(f"unknown period {name!r}; params.yaml lists: {known}")
+        if name not in self.periods:
+            known = ", ".join(self.periods)
+            raise ConfigError(f"unknown period {name!r}; params.yaml lists: {known}")
+        return list(self.periods).index(name)
+
+    def period_source(self, name: str) -> str:
+        """Where a period's raw frames come from: its own ``source`` or ``ingest.source``."""
+        own = self.periods[name].source if name in self.periods else None
+        return (own or self.ingest.source).format(period=name)
 
     def config_hash(self) -> str:
         """A short stable hash of the whole config (for lineage tags)."""

@@ -98,3 +98,29 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
 
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_batch(images: list[bytes], size: int) -> "torch.Tensor":
+    """Decode encoded frames to a uint8 ``(B, 3, size, size)`` tensor.
+
+    Each frame is resized so its shorter side is ``size`` and centre-cropped; frames already
+    ``size`` x ``size`` (the simulator's) skip both steps. Decoding uses torchvision's libjpeg
+    path for JPEG and falls back to PIL for anything else.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.transforms.v2 import functional as F
+
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for i, data in enumerate(images):
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            img = tv_decode(buf, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            arr = np.asarray(decode_image(data))
+            img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        if img.shape[-2:] != (size, size):
+            img = F.resize(img, size, antialias=True)
+            img = F.center_crop(img, [size, size])
+        out[i] = img
+    return out

@@ -1,0 +1,486 @@
+"""``ContinualTrainer``: one period of continual self-supervised training.
+
+A step draws a batch of the period's frames (plus, for the replay strategies, a share of
+frames from the replay memory), makes two SimCLR views, and minimises
+
+    L = L_NT-Xent(z1, z2) + lambda_D * L_distill(current, frozen)  [+ lambda_C * L_classifier]
+
+where the distillation term (strategies ``distill`` and ``distill+replay``) pulls the current
+model toward the frozen previous model. Everything that makes a step random (batch indices,
+replay draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint
+ends with exactly the weights of an uninterrupted run (on CPU).
+
+The trainer is DistributedDataParallel-ready: batches are sliced per rank by
+:func:`batch_indices`, and only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from cssl_core.augment import SimCLRAugment
+from cssl_core.config import AugmentConfig, TrainConfig
+from cssl_core.images import decode_batch
+from cssl_core.losses import (
+    classifier_distill,
+    feature_distill,
+    nt_xent,
+    nt_xent_distill,
+    predictor_distill,
+)
+from cssl_core.models import Embedder
+from cssl_core.replay import replay_split
+
+USES_REPLAY = {"replay", "distill+replay"}
+USES_DISTILL = {"distill", "distill+replay"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the period stops and nothing is promoted."""
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to ``cfg.lr`` over ``warmup_steps``, then cosine decay to 0."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): the key to exact resume."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+def batch_indices(
+    n: int, batch: int, step: int, seed: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """Indices of the global batch at ``step``, sliced for ``rank``.
+
+    Each epoch is a fresh permutation of ``range(n)`` seeded by (seed, epoch); steps walk
+    through it in order, so every frame is seen once per epoch. With ``world_size`` ranks each
+    takes an interleaved slice of the global batch (what a DistributedSampler would give).
+    """
+    if n <= 0:
+        raise ValueError("no frames to train on")
+    per_epoch = max(1, n // batch) if n >= batch else 1
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=0))
+    if n >= batch:
+        idx = perm[offset * batch : (offset + 1) * batch]
+    else:  # tiny sets: sample with replacement so the batch keeps its size
+        idx = torch.randint(n, (batch,), generator=step_generator(seed, step, stream=1))
+    return idx[rank::world_size]
+
+
+def steps_for(strategy: str, steps: int, period_index: int) -> int:
+    """Training steps for a period: ``joint`` retrains on all t periods, so it gets t times."""
+    return steps * (period_index + 1) if strategy == "joint" else steps
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU and on CPUs with native bf16 (AVX512-BF16/AMX); else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else None
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+class FrameSource:
+    """Frames held as encoded bytes; decoded to uint8 tensors in bulk when they fit.
+
+    ``cache_bytes`` bounds the decoded cache (64x64 frames cost 12 KiB each, so the demo's
+    shards fit easily); above it, frames are decoded per batch and memory stays flat.
+    """
+
+    def __init__(
+        self,
+        images: list[bytes],
+        size: int,
+        labels: list[str | None] | None = None,
+        cache_bytes: int = 2 * 1024**3,
+    ) -> None:
+        self.encoded = images
+        self.size = size
+        self.labels = labels
+        self._decoded: torch.Tensor | None = None
+        if len(images) * 3 * size * size <= cache_bytes and images:
+            self._decoded = decode_batch(images, size)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, size: int, **kw: Any) -> FrameSource:
+        labels = table.column("category").to_pylist() if "category" in table.column_names else None
+        return cls(table.column("image").to_pylist(), size, labels, **kw)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._decoded is not None:
+            return self._decoded[idx]
+        return decode_batch([self.encoded[i] for i in idx.tolist()], self.size)
+
+    def labels_at(self, idx: torch.Tensor) -> list[str | None]:
+        if self.labels is None:
+            return [None] * len(idx)
+        return [self.labels[i] for i in idx.tolist()]
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            name = f"optim.{pid}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    directory: Path, step: int, model: Embedder, optimizer: torch.optim.Optimizer, run_key: str
+) -> Path:
+    """Write ``step-XXXXXX.safetensors`` atomically (weights-only format, no pickle)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(opt_tensors)
+    meta = {"step": str(step), "run_key": run_key, "optimizer": json.dumps(opt_meta)}
+    path = directory / f"step-{step:06d}.safetensors"
+    tmp = directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    for old in sorted(directory.glob("step-*.safetensors"))[:-2]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(directory: Path | None, run_key: str) -> Path | None:
+    """The newest readable checkpoint of this run (a different run's are ignored)."""
+    if directory is None or not directory.is_dir():
+        return None
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("step-*.safetensors"), reverse=True):
+        try:
+            with safe_open(str(path), "pt") as fh:
+                if (fh.metadata() or {}).get("run_key") == run_key:
+                    return path
+        except Exception:  # noqa: BLE001 - a torn or foreign file is skipped, not fatal
+            continue
+    return None
+
+
+def load_checkpoint(path: Path, model: Embedder, optimizer: torch.optim.Optimizer) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    tensors = load_file(str(path))
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state, strict=True)
+    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, json.loads(meta["optimizer"])))
+    return int(meta["step"])
+
+
+# -- the trainer -------------------------------------------------------------------------
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    ssl: float
+    distill: float
+    classifier: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    wall_seconds: float
+    images_per_second: float
+    history: list[StepLog] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1].loss if self.history else float("nan")
+
+
+@dataclass
+class ContinualTrainer:
+    """Train ``model`` for one period.
+
+    ``teacher`` is the frozen previous model (required by the distill strategies);
+    ``replay`` holds the replay memory's frames (used by the replay strategies).
+    """
+
+    cfg: TrainConfig
+    augment: AugmentConfig
+    model: Embedder
+    teacher: Embedder | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoint_dir: Path | None = None
+    run_key: str = "run"
+    rank: int = 0
+    world_size: int = 1
+    on_step: Callable[[StepLog, float], None] | None = None
+    fail_at_step: int | None = None  # fault injection for tests: raise after this step
+
+    def __post_init__(self) -> None:
+        if self.cfg.strategy in USES_DISTILL and self.teacher is None:
+            raise ValueError(f"strategy {self.cfg.strategy!r} needs the frozen previous model")
+        self.autocast_dtype = resolve_precision(self.cfg.precision, self.device)
+        cl = self.cfg.channels_last
+        self.channels_last = cl == "on" or (cl == "auto" and self.autocast_dtype is not None)
+        self.augmenter = SimCLRAugment(self.augment, self.model.cfg.input_size)
+
+    # -- setup ---------------------------------------------------------------------------
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if self.cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=self.cfg.lr)
+        if self.cfg.optimizer == "lars":
+            from timm.optim import Lars
+
+            return Lars(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
+        return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    # -- one step ------------------------------------------------------------------------
+    def loss_terms(
+        self, v1: torch.Tensor, v2: torch.Tensor, labels: list[str | None]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        out1, out2 = self.model(v1), self.model(v2)
+        z1, z2 = out1.projection.float(), out2.projection.float()
+        ssl = nt_xent(z1, z2, cfg.temperature)
+        total = ssl
+        distill = torch.zeros((), device=ssl.device)
+        frozen1 = frozen2 = None
+        if cfg.strategy in USES_DISTILL and cfg.distill_weight > 0:
+            assert self.teacher is not None
+            with torch.no_grad():
+                frozen1, frozen2 = self.teacher(v1), self.teacher(v2)
+            distill = self._distill(out1, out2, frozen1, frozen2)
+            total = total + cfg.distill_weight * distill
+        clf = torch.zeros((), device=ssl.device)
+        if cfg.classifier and self.model.classifier is not None:
+            clf = self._classifier_loss(out1.features, labels, frozen1)
+            total = total + cfg.classifier_weight * clf
+        terms = {"ssl": float(ssl.detach()), "distill": float(distill), "classifier": float(clf)}
+        return total, terms
+
+    def _distill(self, out1: Any, out2: Any, frozen1: Any, frozen2: Any) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        t = cfg.distill_temperature
+        if cfg.distill_loss == "predictor":
+            p1 = model.predict(out1.projection).float()
+            p2 = model.predict(out2.projection).float()
+            return predictor_distill(
+                p1, p2, frozen1.projection.float(), frozen2.projection.float(), t
+            )
+        if cfg.distill_loss == "nt_xent":
+            return 0.5 * (
+                nt_xent_distill(out1.projection.float(), frozen1.projection.float(), t)
+                + nt_xent_distill(out2.projection.float(), frozen2.projection.float(), t)
+            )
+        p1 = model.predict_features(out1.features).float()
+        p2 = model.predict_features(out2.features).float()
+        return 0.5 * (
+            feature_distill(p1, frozen1.features.float())
+            + feature_distill(p2, frozen2.features.float())
+        )
+
+    def _classifier_loss(
+        self, features: torch.Tensor, labels: list[str | None], frozen: Any
+    ) -> torch.Tensor:
+        """Kaizen: CE on stop-gradient features plus distillation toward the frozen head."""
+        model = self.model
+        index = {c: i for i, c in enumerate(model.categories)}
+        known = [i for i, c in enumerate(labels) if c in index]
+        logits = model.classify(features.detach())
+        loss = torch.zeros((), device=features.device)
+        if known:
+            target = torch.tensor([index[labels[i]] for i in known], device=features.device)
+            loss = F.cross_entropy(logits[known], target)
+        teacher = self.teacher
+        if frozen is not None and teacher is not None and teacher.classifier is not None:
+            n_old = len(teacher.categories)
+            if n_old:
+                with torch.no_grad():
+                    old_logits = teacher.classify(frozen.features)
+                loss = loss + classifier_distill(logits[:, :n_old], old_logits, 2.0)
+        return loss
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(
+        self, frames: FrameSource, replay: FrameSource | None = None, steps: int | None = None
+    ) -> TrainResult:
+        cfg = self.cfg
+        total_steps = steps if steps is not None else cfg.steps
+        model = self.model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            if self.channels_last:
+                self.teacher.to(memory_format=torch.channels_last)
+            self.teacher.eval()
+        optimizer = self.build_optimizer()
+        start = 0
+        ckpt = latest_checkpoint(self.checkpoint_dir, self.run_key)
+        if ckpt is not None:
+            start = load_checkpoint(ckpt, model, optimizer)
+        use_replay = cfg.strategy in USES_REPLAY and replay is not None and len(replay) > 0
+        n_new, n_replay = replay_split(
+            cfg.batch_size, cfg.replay_ratio, len(replay) if use_replay and replay else 0
+        )
+        history: list[StepLog] = []
+        model.train()
+        t0 = time.perf_counter()
+        seen = 0
+        for step in range(start, total_steps):
+            idx = batch_indices(len(frames), n_new, step, cfg.seed, self.rank, self.world_size)
+            x = frames.get(idx)
+            labels = frames.labels_at(idx)
+            if n_replay:
+                assert replay is not None
+                ridx = torch.randperm(len(replay), generator=step_generator(cfg.seed, step, 2))
+                ridx = ridx[:n_replay][self.rank :: self.world_size]
+                x = torch.cat([x, replay.get(ridx)])
+                labels = labels + replay.labels_at(ridx)
+            v1, v2 = self.augmenter(x, step_generator(cfg.seed, step, stream=3))
+            v1, v2 = self._prepare(v1), self._prepare(v2)
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                loss, terms = self.loss_terms(v1, v2, labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at step {step} (lr {lr:.4g}); nothing was "
+                    "promoted: lower train.lr or check the shard"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(x)
+            log = StepLog(step, float(loss.detach()), terms["ssl"], terms["distill"],
+                          terms["classifier"], lr)
+            history.append(log)
+            if self.on_step is not None:
+                self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
+            done = step + 1
+            if self.rank == 0 and self.checkpoint_dir is not None and (
+                done % cfg.checkpoint_every == 0 or done == total_steps
+            ):
+                save_checkpoint(self.checkpoint_dir, done, model, optimizer, self.run_key)
+            if self.fail_at_step is not None and done >= self.fail_at_step:
+                raise RuntimeError(f"injected failure after step {done}")
+        wall = time.perf_counter() - t0
+        if self.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.eval()
+        return TrainResult(
+            steps=total_steps,
+            resumed_from=start,
+            wall_seconds=wall,
+            images_per_second=seen / wall if wall > 0 else 0.0,
+            history=history,
+        )
+
+
+# -- scoring for replay selection ---------------------------------------------------------
+
+
+def embed_table(model: Embedder, table: pa.Table, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised backbone features of a table's frames (for ``diverse`` selection)."""
+    from cssl_core.evaluate import extract_features
+
+    images = table.column("image").to_pylist()
+    feats = extract_features(model, images, model.cfg.input_size, batch_size=batch_size)
+    return F.normalize(feats, dim=1).numpy()
+
+
+@torch.inference_mode()
+def ssl_loss_per_frame(
+    model: Embedder,
+    augment: AugmentConfig,
+    table: pa.Table,
+    temperature: float,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Per-frame NT-Xent loss of two fresh views, averaged over both (for ``hard`` selection)."""
+    size = model.cfg.input_size
+    augmenter = SimCLRAugment(augment, size)
+    images = table.column("image").to_pylist()
+    was_training = model.training
+    model.eval()
+    scores = []
+    for i in range(0, len(images), batch_size):
+        x = decode_batch(images[i : i + batch_size], size)
+        v1, v2 = augmenter(x, step_generator(seed, i, stream=4))
+        z1, z2 = model(v1).projection.float(), model(v2).projection.float()
+        per_anchor = nt_xent(z1, z2, temperature, reduction="none")
+        scores.append(per_anchor.reshape(2, -1).mean(0))
+    model.train(was_training)
+    return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)

