@@ -140,7 +140,8 @@ class ShardWriter:
 
     Every offered frame is decoded (with byte and pixel limits). Rejected frames go to the
     quarantine file with their reason; frames whose content hash was already written are
-    dropped and counted. Memory holds one row group plus the set of seen frame ids.
+    dropped and counted. Memory holds one row group (at most ``rows_per_group`` rows or
+    ``max_group_bytes`` of encoded images, whichever comes first) plus the seen frame ids.
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class ShardWriter:
         jpeg_quality: int = 90,
         rows_per_group: int = 1024,
         rows_per_part: int = 65536,
+        max_group_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.root = Path(root)
         self.period = period
@@ -166,6 +168,8 @@ class ShardWriter:
         self.jpeg_quality = jpeg_quality
         self.rows_per_group = rows_per_group
         self.rows_per_part = rows_per_part
+        self.max_group_bytes = max_group_bytes
+        self._buffered_bytes = 0
         self.stats = ShardStats()
         self._seen: set[bytes] = set()
         self._rows: list[dict[str, Any]] = []
@@ -221,7 +225,8 @@ class ShardWriter:
         if frame.category is not None:
             self._categories[frame.category] += 1
         self.stats.kept += 1
-        if len(self._rows) >= self.rows_per_group:
+        self._buffered_bytes += len(data)
+        if len(self._rows) >= self.rows_per_group or self._buffered_bytes >= self.max_group_bytes:
             self._flush_rows()
         return "kept"
 
@@ -253,6 +258,7 @@ class ShardWriter:
         self._parts[-1]["num_rows"] += table.num_rows
         self._part_rows += table.num_rows
         self._rows = []
+        self._buffered_bytes = 0
         if self._part_rows >= self.rows_per_part:
             self._part_writer.close()
             self._part_writer = None

@@ -190,24 +190,37 @@ def save_checkpoint(
     tmp = directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
-    for old in sorted(directory.glob("step-*.safetensors"))[:-2]:
+    # Keep this run's two newest; another run's files (a different run_key) are left alone,
+    # so they can never push this run's fresh checkpoint out.
+    for old in _run_checkpoints(directory, run_key)[:-2]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _run_key_of(path: Path) -> str | None:
+    """The ``run_key`` in a checkpoint's header; None for a torn or foreign file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("run_key")
+    except Exception:  # noqa: BLE001 - a torn or foreign file is skipped, not fatal
+        return None
+
+
+def _run_checkpoints(directory: Path, run_key: str) -> list[Path]:
+    """This run's readable checkpoints, oldest first."""
+    paths = sorted(directory.glob("step-*.safetensors"))
+    return [p for p in paths if _run_key_of(p) == run_key]
 
 
 def latest_checkpoint(directory: Path | None, run_key: str) -> Path | None:
     """The newest readable checkpoint of this run (a different run's are ignored)."""
     if directory is None or not directory.is_dir():
         return None
-    from safetensors import safe_open
-
     for path in sorted(directory.glob("step-*.safetensors"), reverse=True):
-        try:
-            with safe_open(str(path), "pt") as fh:
-                if (fh.metadata() or {}).get("run_key") == run_key:
-                    return path
-        except Exception:  # noqa: BLE001 - a torn or foreign file is skipped, not fatal
-            continue
+        if _run_key_of(path) == run_key:
+            return path
     return None
 
 
@@ -321,7 +334,11 @@ class ContinualTrainer:
         if cfg.classifier and self.model.classifier is not None:
             clf = self._classifier_loss(out1.features, labels, frozen1)
             total = total + cfg.classifier_weight * clf
-        terms = {"ssl": float(ssl.detach()), "distill": float(distill), "classifier": float(clf)}
+        terms = {
+            "ssl": float(ssl.detach()),
+            "distill": float(distill.detach()),
+            "classifier": float(clf.detach()),
+        }
         return total, terms
 
     def _distill(self, out1: Any, out2: Any, frozen1: Any, frozen2: Any) -> torch.Tensor:
@@ -414,16 +431,17 @@ class ContinualTrainer:
                 enabled=self.autocast_dtype is not None,
             ):
                 loss, terms = self.loss_terms(v1, v2, labels)
-            if not torch.isfinite(loss):
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at step {step} (lr {lr:.4g}); nothing was "
+                    f"loss became {loss_value} at step {step} (lr {lr:.4g}); nothing was "
                     "promoted: lower train.lr or check the shard"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(x)
-            log = StepLog(step, float(loss.detach()), terms["ssl"], terms["distill"],
+            log = StepLog(step, loss_value, terms["ssl"], terms["distill"],
                           terms["classifier"], lr)
             history.append(log)
             if self.on_step is not None:

@@ -1,0 +1,346 @@
+"""The continual benchmark: a real smoke run on split CIFAR-10, the period datasets, the goals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cssl_core import bench_continual as bc
+from cssl_core import datasets as ds
+from cssl_core.config import ConfigError, IngestConfig, SimulateConfig
+from cssl_core.images import decode_image
+from cssl_core.metrics import AccuracyMatrix
+from cssl_core.shard import eval_split_for
+
+CIFAR_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+# -- the smoke run -----------------------------------------------------------------------
+
+
+def _numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every int/float leaf of a JSON tree with its path (bools are not numbers here)."""
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _numbers(v, f"{path}.{k}")]
+    if isinstance(obj, list):
+        return [x for i, v in enumerate(obj) for x in _numbers(v, f"{path}[{i}]")]
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return [(path, float(obj))]
+    return []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], int]:
+    """One real run through the command line: 2 strategies x 2 periods, 1 seed, smoke preset."""
+    import torch
+
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    argv = (
+        "--dataset cifar10 --strategies distill+replay,joint --periods 2 --seeds 0 --preset smoke"
+    )
+    caps = ["--set", "bench.train_frames_per_period=48", "--set", "bench.eval_frames_per_period=24"]
+    code = bc.main([*argv.split(), "--out", str(out), *caps])
+    assert torch.get_num_threads() == threads  # the preset's num_threads is undone afterwards
+    return out, json.loads((out / "results.json").read_text()), code
+
+
+def test_smoke_run_writes_every_output(smoke: tuple[Path, dict[str, Any], int]) -> None:
+    out, results, code = smoke
+    assert code == 0
+    for name in [
+        "results.md",
+        "average_accuracy.png",
+        "matrix_distill-replay_knn.png",
+        "matrix_distill-replay_linear.png",
+        "matrix_joint_knn.png",
+        "curves_joint_knn.png",
+        "runs/joint_seed0.json",
+    ]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    md = (out / "results.md").read_text()
+    assert "| strategy | final avg kNN | final avg linear | forgetting |" in md
+    assert "| distill+replay |" in md and "| joint |" in md
+    assert "## Dataset: cifar10" in md
+    assert results["dataset"]["periods"] == ["p01", "p02"]
+    assert results["dataset"]["shards"]["p01"]["categories"] == {"airplane": 36, "automobile": 36}
+    assert results["machine"]["cpu_cores"] >= 1 and results["machine"]["torch"]
+    assert results["config"]["params"]["model"]["backbone"] == "resnet10t"
+
+
+def test_smoke_numbers_are_finite_and_in_range(smoke: tuple[Path, dict[str, Any], int]) -> None:
+    _, results, _ = smoke
+    numbers = _numbers(results)
+    assert numbers and all(math.isfinite(v) for _, v in numbers)
+    assert len(results["runs"]) == 2
+    for run in results["runs"]:
+        m = run["metrics"]
+        for key in ("avg_acc_knn", "avg_acc_linear", "compat_new_vs_old", "compat_old_vs_old"):
+            assert 0.0 <= m[key] <= 1.0, key
+        for key in ("forgetting_knn", "forgetting_linear", "bwt_knn", "fwt_knn", "fwt_linear"):
+            assert -1.0 <= m[key] <= 1.0, key
+        assert m["train_wall_s"] > 0 and m["est_flops"] > 0
+        for metric in ("knn", "linear"):
+            R = AccuracyMatrix.from_dict(run["R"][metric])
+            values = R.values
+            assert not np.isnan(values).any()  # 2 periods: lower triangle + superdiagonal
+            assert ((values >= 0) & (values <= 1)).all()
+        for p in run["periods"]:
+            assert p["flops_per_step"] > 0 and p["train_wall_s"] > 0
+    for seed_scores in results["random_baseline"]["0"].values():
+        assert all(0.0 <= v <= 1.0 for v in seed_scores.values())
+
+
+def test_smoke_schedule_cost_and_shared_first_period(
+    smoke: tuple[Path, dict[str, Any], int],
+) -> None:
+    _, results, _ = smoke
+    runs = {r["strategy"]: r for r in results["runs"]}
+    dr, joint = runs["distill+replay"], runs["joint"]
+    # smoke: 2 steps per period; joint retrains on both periods with 2 x 2 steps.
+    assert [p["steps"] for p in dr["periods"]] == [2, 2]
+    assert [p["steps"] for p in joint["periods"]] == [2, 4]
+    # the replay memory holds period 1's frames (capacity 64 >= 48) when period 2 trains
+    assert [p["memory_frames"] for p in dr["periods"]] == [0, 48]
+    # a joint step costs the same in every period; a distill step adds the teacher forward
+    fj = [p["flops_per_step"] for p in joint["periods"]]
+    fd = [p["flops_per_step"] for p in dr["periods"]]
+    assert fj[0] == fj[1] == fd[0] and fd[1] > fd[0]
+    assert joint["metrics"]["est_flops"] == pytest.approx(fj[0] * 6)
+    assert dr["metrics"]["est_flops"] == pytest.approx(fd[0] * 2 + fd[1] * 2)
+    # period 1 is strategy independent: trained once, the same first row for both
+    assert dr["R"]["knn"]["R"][0] == joint["R"]["knn"]["R"][0]
+    assert dr["metrics"]["compat_old_vs_old"] == joint["metrics"]["compat_old_vs_old"]
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert goals["average accuracy (knn) >= finetune + 5 points"]["status"] == "not measured"
+    compute = goals["cumulative compute <= 40% of joint's (est. FLOPs)"]
+    assert compute["measured"] == pytest.approx(
+        dr["metrics"]["est_flops"] / joint["metrics"]["est_flops"]
+    )
+    assert compute["status"] == ("pass" if compute["measured"] <= 0.4 else "miss")
+
+
+# -- goals -------------------------------------------------------------------------------
+
+
+def _summary(**values: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
+    return {s: {k: {"mean": v, "std": 0.0} for k, v in m.items()} for s, m in values.items()}
+
+
+def test_goals_by_hand() -> None:
+    summary = _summary(
+        finetune={
+            "avg_acc_knn": 0.60,
+            "forgetting_knn": 0.20,
+            "est_flops": 5.0,
+            "train_wall_s": 50.0,
+        },
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.66,
+                "forgetting_knn": 0.10,
+                "est_flops": 6.0,
+                "train_wall_s": 55.0,
+            }
+        },
+        joint={
+            "avg_acc_knn": 0.70,
+            "forgetting_knn": 0.0,
+            "est_flops": 15.0,
+            "train_wall_s": 150.0,
+        },
+    )
+    goals = bc.check_goals(summary, "knn")
+    status = [(g["status"], round(g["measured"], 6), round(g["target"], 6)) for g in goals]
+    assert status == [
+        ("pass", 0.66, 0.65),  # 0.66 >= 0.60 + 0.05
+        ("pass", 0.10, 0.10),  # 0.10 <= 0.5 * 0.20 (equality passes)
+        ("miss", 0.66, 0.67),  # 0.66 < 0.70 - 0.03
+        ("pass", 0.4, 0.4),  # 6 / 15 = 0.4 <= 0.4
+        ("pass", 0.366667, 0.4),  # 55 / 150 wall
+    ]
+
+
+def test_goals_not_measured_without_reference() -> None:
+    summary = _summary(
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.5,
+                "forgetting_knn": 0.1,
+                "est_flops": 1.0,
+                "train_wall_s": 1.0,
+            }
+        }
+    )
+    assert {g["status"] for g in bc.check_goals(summary, "knn")} == {"not measured"}
+
+
+# -- configuration and command line ------------------------------------------------------
+
+
+def test_presets_merge_and_overrides() -> None:
+    tree, bench = bc.resolve_config(
+        "smoke", None, ["train.steps=7", "bench.eval_frames_per_period=5"]
+    )
+    params = bc.params_for(tree, ["a", "b"])
+    assert params.train.steps == 7 and params.model.backbone == "resnet10t"
+    assert params.periods["b"].previous == "a"
+    assert bench.eval_frames_per_period == 5 and bench.train_frames_per_period == 64
+    for name in bc.PRESETS:  # every shipped preset validates
+        bc.params_for(bc.resolve_config(name)[0], ["p01"])
+    paper = bc.params_for(bc.resolve_config("paper")[0], ["p01"])
+    assert paper.model.small_input_stem and paper.train.optimizer == "lars"
+    assert paper.train.batch_size == 256 and paper.train.lr == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="bench.nope"):
+        bc.resolve_config("smoke", None, ["bench.nope=1"])
+    with pytest.raises(ConfigError, match="train.stepz"):
+        bc.resolve_config("smoke", None, ["train.stepz=1"])
+
+
+def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bc.main(["--dataset", "mnist", "--out", str(tmp_path)]) == 1
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err
+    assert bc.main(["--dataset", "cifar10", "--strategies", "ewc", "--out", str(tmp_path)]) == 1
+    assert "unknown strategies ['ewc']" in capsys.readouterr().err
+    assert bc.main(["--dataset", "cifar10"]) == 2  # --out missing: usage error
+    assert (
+        bc.main(
+            ["--dataset", "cifar10", "--out", str(tmp_path), "--periods", "6", "--preset", "smoke"]
+        )
+        == 1
+    )
+    assert "--periods 6: this dataset has 5 periods" in capsys.readouterr().err
+
+
+# -- datasets ----------------------------------------------------------------------------
+
+
+def test_cifar10_class_incremental_periods_hold_their_two_classes(tmp_path: Path) -> None:
+    data = ds.build_cifar10(tmp_path, train_cap=20, eval_cap=10)
+    assert data.periods == ["p01", "p02", "p03", "p04", "p05"]
+    for k, shard in enumerate(data.shards):
+        pair = CIFAR_CLASSES[2 * k : 2 * k + 2]
+        assert shard.manifest["categories"] == {pair[0]: 15, pair[1]: 15}
+        assert shard.manifest["splits"] == {"eval": 10, "train": 20}
+        sources = shard.read(["source", "split"]).to_pylist()
+        assert {
+            r["source"].split(":")[1].split("/")[0] for r in sources if r["split"] == "eval"
+        } == {"test"}
+    again = ds.build_cifar10(tmp_path, train_cap=20, eval_cap=10)  # deterministic
+    assert [s.fingerprint for s in again.shards] == [s.fingerprint for s in data.shards]
+    ordered = ds.build_cifar10(tmp_path / "o", period_order=["p03", "p01"], train_cap=4, eval_cap=2)
+    assert ordered.periods == ["p03", "p01"]
+    assert set(ordered.shards[0].manifest["categories"]) == {"deer", "dog"}
+
+
+def test_cifar10_drift_mixes_differ_between_periods(tmp_path: Path) -> None:
+    mixes = ds.drift_mixes(5, 10)
+    assert np.allclose(mixes.sum(axis=1), 1.0)
+    assert mixes.argmax(axis=1).tolist() == [0, 2, 4, 6, 8]
+    data = ds.build_cifar10(tmp_path, drift=True, train_cap=400, eval_cap=100)
+    shares = []
+    for shard in data.shards:
+        cats = shard.manifest["categories"]
+        assert sorted(cats) == sorted(CIFAR_CLASSES)  # every class in every period
+        assert shard.manifest["splits"] == {"eval": 100, "train": 400}
+        total = sum(cats.values())
+        shares.append(np.array([cats[c] / total for c in CIFAR_CLASSES]))
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert np.abs(shares[i] - shares[j]).sum() > 0.3, (i, j)
+    ids = [set(s.read(["frame_id"]).column("frame_id").to_pylist()) for s in data.shards]
+    assert sum(len(x) for x in ids) == len(set().union(*ids))  # no frame in two periods
+
+
+def test_deal_by_mix_partitions_each_class() -> None:
+    labels = np.repeat(np.arange(3), [10, 7, 5])
+    mixes = ds.drift_mixes(4, 3)
+    parts = ds.deal_by_mix(labels, mixes, np.random.default_rng(0))
+    joined = np.sort(np.concatenate(parts))
+    assert joined.tolist() == list(range(22))
+    assert ds.largest_remainder(np.array([1.0, 1.0, 1.0]), 10).tolist() == [4, 3, 3]
+
+
+def _image_folder(root: Path, layout: dict[str, dict[str, list[bytes]]]) -> None:
+    for period, cats in layout.items():
+        for cat, images in cats.items():
+            (root / period / cat).mkdir(parents=True)
+            for k, data in enumerate(images):
+                (root / period / cat / f"{k:03d}.jpg").write_bytes(data)
+
+
+def test_folder_dataset_reads_layout_and_order(tmp_path: Path, cifar_jpegs: list[bytes]) -> None:
+    src = tmp_path / "mine"
+    _image_folder(
+        src,
+        {
+            "2024-02": {"chess": cifar_jpegs[0:10], "poker": cifar_jpegs[10:16]},
+            "2024-01": {"chess": cifar_jpegs[16:30]},
+            "2024-03": {"poker": cifar_jpegs[30:38], "golf": cifar_jpegs[38:40]},
+        },
+    )
+    cfg = IngestConfig(eval_fraction=0.3)
+    spec = ds.parse_dataset(f"folder:{src}")
+    assert spec.kind == "folder" and spec.path == src
+    data = ds.build_dataset(spec, tmp_path / "w", simulate=SimulateConfig(), ingest_cfg=cfg)
+    assert data.periods == ["2024-01", "2024-02", "2024-03"]
+    assert data.shards[1].manifest["categories"] == {"chess": 10, "poker": 6}
+    assert data.shards[2].manifest["categories"] == {"golf": 2, "poker": 8}
+    rows = data.shards[0].read(["frame_id", "split"]).to_pylist()
+    assert [r["split"] for r in rows] == [eval_split_for(r["frame_id"], 0.3) for r in rows]
+    ordered = ds.build_dataset(
+        spec,
+        tmp_path / "w2",
+        simulate=SimulateConfig(),
+        ingest_cfg=cfg,
+        period_order=["2024-03", "2024-01"],
+    )
+    assert ordered.periods == ["2024-03", "2024-01"]
+    with pytest.raises(ds.DatasetError, match="unknown periods"):
+        ds.build_dataset(
+            spec,
+            tmp_path / "w3",
+            simulate=SimulateConfig(),
+            ingest_cfg=cfg,
+            period_order=["2024-09"],
+        )
+
+
+def test_torchvision_cifar_folder_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    pixels = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    pixels[1, :, :, 0] = 255
+
+    class FakeCIFAR10:  # torchvision's attributes: data (N, 32, 32, 3), targets, classes
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            assert not download and Path(root) == tmp_path
+            self.data = pixels if train else pixels[:2]
+            self.targets = [0, 1, 1, 0] if train else [1, 0]
+            self.classes = CIFAR_CLASSES
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    (tmp_path / ds.CIFAR10_BATCHES).mkdir()
+    data = ds.load_cifar10(tmp_path / ds.CIFAR10_BATCHES)
+    assert data.labels["train"].tolist() == [0, 1, 1, 0]
+    assert data.labels["test"].tolist() == [1, 0]
+    red = np.asarray(decode_image(data.image("train", 1)))
+    assert red[..., 0].mean() > 240 and red[..., 1].mean() < 15
+    with pytest.raises(ds.DatasetError, match="CSSL_CIFAR10"):
+        ds.load_cifar10(tmp_path / "nowhere")
