@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     """One period of continual training."""
 
     strategy: Strategy = "distill+replay"
-    steps: int = Field(300, ge=1)
+    steps: int = Field(100, ge=1)
     batch_size: int = Field(128, ge=2)
     optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
     lr: float = Field(0.3, gt=0)

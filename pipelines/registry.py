@@ -50,6 +50,18 @@ class VersionInfo:
                    tuple(getattr(mv, "aliases", []) or []))
 
 
+def _logged_model_id(model_uri: str) -> str | None:
+    """The logged-model id of an MLflow 3 ``models:/<model_id>`` URI (None for other URIs).
+
+    A tracking server refuses a version whose source is ``models:/<model_id>`` unless the
+    request also names that model id (the local SQLite store does not check).
+    """
+    ref = model_uri.removeprefix("models:/")
+    if ref == model_uri or not ref or "/" in ref or "@" in ref:
+        return None
+    return ref
+
+
 def _pinned_requirements() -> list[str]:
     pins = []
     for name in SERVING_REQUIREMENTS:
@@ -111,7 +123,8 @@ class Registry:
         """Create a version, tag its lineage, then mark it complete (last) and @challenger."""
         self.ensure_registered_model()
         mv = self.client.create_model_version(
-            MODEL_NAME, model_uri, run_id=run_id, tags={**tags, STATUS: "registering"}
+            MODEL_NAME, model_uri, run_id=run_id, tags={**tags, STATUS: "registering"},
+            model_id=_logged_model_id(model_uri),
         )
         self.client.set_model_version_tag(MODEL_NAME, mv.version, STATUS, "complete")
         self.client.set_registered_model_alias(MODEL_NAME, "challenger", mv.version)
@@ -138,7 +151,9 @@ class Registry:
             raise RegistryError(f"{MODEL_NAME} version {version} is not a finished version")
         return info
 
-    def find_completed(self, period: str, shard_fingerprint: str, config_hash: str) -> VersionInfo | None:
+    def find_completed(
+        self, period: str, shard_fingerprint: str, config_hash: str
+    ) -> VersionInfo | None:
         """The finished version already made from exactly these inputs, if any."""
         for v in self.versions():
             t = v.tags
