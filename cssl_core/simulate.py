@@ -2,25 +2,37 @@
 
 Each period shows a handful of games whose popularity drifts: a few "evergreen" games stay in
 every period while trending games rise, peak and fade as a window slides over a seeded order
-of the pool (:func:`game_schedule`). Every game is played by several streamers; each streamer
-is one ``stream_id`` and keeps the same face and colours in every period.
+of the pool (:func:`game_schedule`). Every game is played by :data:`STREAMERS_PER_GAME`
+streamers; each streamer is one ``stream_id`` and keeps the same look in every period.
 
-A frame is real emulator output (``ale_py``, ROMs bundled with the package) composed like a
-stream: the 160x210 game screen, a facecam from scikit-image's bundled LFW face crops in the
-bottom-right corner of the game and a chat sidebar of coloured "word" bars that scrolls as new
-messages arrive. The canvas is resized to ``size`` x ``size`` and JPEG-encoded.
+Look. A frame is real emulator output (``ale_py``, ROMs bundled with the package) composed
+like a stream on a :data:`CANVAS` x :data:`CANVAS` canvas, then resized to ``size`` x ``size``
+and JPEG-encoded. Streamers show the same game in very different ways
+(:func:`streamer_style`, fixed per streamer): the game view is zoomed into part of the game
+screen, stretched to its own aspect and drawn at 60-100% of the canvas height at its own
+place; the capture is colour graded (hue rotation, saturation, brightness, contrast, channel
+gains: one affine colour matrix, :func:`colour_grade_matrix`); the rest of the canvas is a
+gradient background, optionally with stripes and a frame around the game; a facecam (one of
+scikit-image's bundled LFW face crops, tinted, moving a little from frame to frame) sits at a
+corner of the game or of the canvas (every streamer has one: its small per-frame motion also
+keeps two frames of a paused game from being byte-identical duplicates); a chat sidebar of
+coloured "word" bars in the streamer's theme scrolls on the left or right, or there is none.
+So a game cannot be told by layout or palette alone: the game's own content (sprites,
+playfield, motion) is what its streamers share.
 
 Play. Actions are random with persistence (each action is held for a geometric number of
 captured frames, as a person holds a direction). A captured frame is taken every
 ``frame_skip`` emulator frames. A game over resets the game, and every (re)start first plays
 an unrecorded warm-up so title screens are not recorded over and over.
 
-Split. Each game's frames in a period are cut into clips of at most :data:`SEGMENT_FRAMES`
-consecutive captured frames, and whole clips are labelled ``"eval"`` or ``"train"``:
-``round(eval_fraction * n)`` of a game's ``n`` frames are eval. Clips are separated by
-unrecorded play (:data:`GAP_EMULATOR_FRAMES`), so no eval frame is the immediate neighbour of
-a train frame; hashing each frame into a split (``ShardWriter``'s default) would put
-near-identical neighbours on both sides and leak the eval set into training.
+Split. Evaluation must measure recognising a game across streamers, not recalling a layout,
+so each game's streamers are split for good into :data:`EVAL_STREAMERS_PER_GAME` eval-only
+streamers and train streamers (:func:`eval_streamers`, the same in every period): no eval
+streamer ever appears in any period's train split. Each game's frames in a period are cut
+into clips of at most :data:`SEGMENT_FRAMES` consecutive captured frames;
+``round(eval_fraction * n)`` of a game's ``n`` frames are eval clips, dealt to the eval
+streamers, and the rest are train clips, dealt to the train streamers (:func:`plan_clips`).
+Clips of a streamer are separated by unrecorded play (:data:`GAP_EMULATOR_FRAMES`).
 
 Determinism. Every random draw comes from a generator seeded by ``(seed, period index, game,
 streamer, purpose)``, so period ``i`` depends only on the seed, ``i`` and the schedule, and a
@@ -35,10 +47,11 @@ grouped by stream (game, then streamer), with time increasing within a stream.
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,8 +65,7 @@ from cssl_core.config import SimulateConfig
 from cssl_core.images import encode_jpeg
 from cssl_core.shard import Frame, ShardWriter
 
-# Visually distinct games (colour scheme and layout) that load in ~0.1 s and play with random
-# actions without getting stuck on a menu.
+# Games that load in ~0.1 s and play with random actions without getting stuck on a menu.
 GAME_POOL: tuple[str, ...] = (
     "pong",
     "breakout",
@@ -68,9 +80,14 @@ GAME_POOL: tuple[str, ...] = (
     "qbert",
     "kangaroo",
 )
-STREAMERS_PER_GAME = 3
+STREAMERS_PER_GAME = 8
+"""Streamers per game; 12 games x 8 streamers need 96 distinct faces of the 100 available."""
+EVAL_STREAMERS_PER_GAME = 2
+"""Streamers of each game that only ever appear in the eval split (held out from training)."""
 SEGMENT_FRAMES = 25
 """Longest clip of consecutive captured frames; a clip is all train or all eval."""
+STREAMER_POPULARITY_CONCENTRATION = 2.0
+"""Dirichlet concentration of how a period's clips are dealt to a split's streamers."""
 WARMUP_EMULATOR_FRAMES = (150, 450)
 """Unrecorded play after each (re)start of a game, drawn uniformly from this range."""
 GAP_EMULATOR_FRAMES = (30, 120)
@@ -89,17 +106,37 @@ PERIOD_LENGTH = timedelta(days=30)
 ATARI_FPS = 60
 
 SCREEN_HEIGHT, SCREEN_WIDTH = 210, 160
-CHAT_WIDTH = 50
-"""Width of the chat sidebar; 160 + 50 makes a square 210 x 210 canvas."""
+CANVAS = 224
+"""Side of the square canvas a frame is composed on before it is resized to ``size``."""
+
+# Streamer styles: the ranges each streamer's look is drawn from (uniform unless noted).
+VIEW_HEIGHT = (0.6, 1.0)
+"""Height of the game view as a fraction of the canvas."""
+VIEW_ASPECT = (0.75, 1.4)
+"""Width / height of the game view (stretched or squeezed; capped by the free width)."""
+ZOOM = (1.0, 1.45)
+"""Zoom into the game screen: the view shows ``1 / zoom`` of its width and of its height."""
+HUE_ROTATION = 0.3
+"""Largest hue rotation of the colour grade, in turns (either direction)."""
+SATURATION = (0.45, 1.5)
+BRIGHTNESS = (0.7, 1.25)
+CONTRAST = (0.65, 1.3)
+CHANNEL_GAIN = (0.85, 1.15)
+CHAT_PROBABILITY = 0.8
+"""Chance that a streamer shows a chat sidebar."""
+CHAT_WIDTH = (0.16, 0.3)
+"""Width of the chat sidebar as a fraction of the canvas."""
 CHAT_LINE_HEIGHT = 9
 CHAT_MESSAGE_PROBABILITY = 0.7
 """Chance per captured frame that a new chat message scrolls in."""
-CAM_SIZE = 52
-"""Side of the facecam box on the 210-pixel canvas (about a quarter of the game's width)."""
-CAM_MARGIN = 4
+CAM_SIZE = (0.18, 0.36)
+"""Side of the facecam box as a fraction of the canvas."""
+FRAME_PROBABILITY = 0.5
+"""Chance that a streamer draws a frame around the game view."""
+FRAME_WIDTH = (2, 7)
+STRIPES_PROBABILITY = 0.35
+"""Chance that a streamer's background has diagonal stripes."""
 
-_CHAT_BACKGROUND = np.array([24, 22, 32], dtype=np.uint8)
-_CHAT_TEXT = np.array([200, 200, 205], dtype=np.uint8)
 _NAME_COLOURS = np.array(
     [
         [255, 69, 0],
@@ -113,10 +150,12 @@ _NAME_COLOURS = np.array(
     ],
     dtype=np.uint8,
 )
+_LUMA = np.array([0.299, 0.587, 0.114])
+"""ITU-R 601 luma weights: the grey that saturation changes keep."""
 
 # Purposes of the random streams. Each purpose always takes the same number of keys, so no two
 # streams share a seed (NumPy's SeedSequence ignores trailing zeros: [1, 2] == [1, 2, 0]).
-_ORDER, _POPULARITY, _PLAN, _EMULATOR, _PLAY, _OVERLAY, _STYLE, _FACES = range(8)
+_ORDER, _POPULARITY, _PLAN, _EMULATOR, _PLAY, _OVERLAY, _STYLE, _FACES, _ROLES = range(9)
 
 
 def _rng(seed: int, purpose: int, *keys: int) -> np.random.Generator:
@@ -187,6 +226,13 @@ def frame_counts(shares: dict[str, float], total: int) -> dict[str, int]:
     return counts
 
 
+def eval_streamers(seed: int, game: str) -> tuple[int, ...]:
+    """The game's eval-only streamers (sorted): the same in every period, so never trained on."""
+    rng = _rng(seed, _ROLES, _game_key(game))
+    chosen = rng.choice(STREAMERS_PER_GAME, size=EVAL_STREAMERS_PER_GAME, replace=False)
+    return tuple(sorted(int(s) for s in chosen))
+
+
 @dataclass(frozen=True)
 class Clip:
     """A run of consecutive captured frames of one streamer, all in one split."""
@@ -196,23 +242,37 @@ class Clip:
     split: str
 
 
-def plan_clips(count: int, eval_fraction: float, rng: np.random.Generator) -> list[Clip]:
+def plan_clips(
+    count: int,
+    eval_fraction: float,
+    rng: np.random.Generator,
+    eval_only: Sequence[int],
+    num_streamers: int = STREAMERS_PER_GAME,
+) -> list[Clip]:
     """Cut one game's ``count`` frames into train and eval clips and deal them to streamers.
 
     Exactly ``floor(eval_fraction * count + 0.5)`` frames are eval. Each split is cut into
-    near-equal clips of at most :data:`SEGMENT_FRAMES`; the clips are shuffled and each goes
-    to a streamer drawn with per-period popularity weights (Dirichlet(2, ..., 2)).
+    near-equal clips of at most :data:`SEGMENT_FRAMES`. Eval clips go to the ``eval_only``
+    streamers and train clips to the others, each clip to a streamer drawn with per-period
+    popularity weights (Dirichlet with :data:`STREAMER_POPULARITY_CONCENTRATION`); the clips
+    are returned in a shuffled order.
     """
+    eval_set = sorted(set(eval_only))
+    train_set = [s for s in range(num_streamers) if s not in eval_set]
+    if not eval_set or not train_set or not all(0 <= s < num_streamers for s in eval_set):
+        raise ValueError(
+            f"eval_only={tuple(eval_only)} must name some but not all of {num_streamers} streamers"
+        )
     n_eval = int(math.floor(eval_fraction * count + 0.5))
-    clips: list[tuple[int, str]] = []
-    for split, n in (("eval", n_eval), ("train", count - n_eval)):
-        if n > 0:
-            pieces = math.ceil(n / SEGMENT_FRAMES)
-            clips += [(int(len(c)), split) for c in np.array_split(np.arange(n), pieces)]
-    order = rng.permutation(len(clips))
-    popularity = rng.dirichlet(np.full(STREAMERS_PER_GAME, 2.0))
-    streamers = rng.choice(STREAMERS_PER_GAME, size=len(clips), p=popularity)
-    return [Clip(int(s), clips[i][0], clips[i][1]) for i, s in zip(order, streamers, strict=True)]
+    clips: list[Clip] = []
+    for split, n, streamers in (("eval", n_eval, eval_set), ("train", count - n_eval, train_set)):
+        popularity = rng.dirichlet(np.full(len(streamers), STREAMER_POPULARITY_CONCENTRATION))
+        if n == 0:
+            continue
+        lengths = [len(c) for c in np.array_split(np.arange(n), math.ceil(n / SEGMENT_FRAMES))]
+        owners = rng.choice(streamers, size=len(lengths), p=popularity)
+        clips += [Clip(int(s), int(k), split) for s, k in zip(owners, lengths, strict=True)]
+    return [clips[i] for i in rng.permutation(len(clips))]
 
 
 class _Player:
@@ -268,50 +328,220 @@ def _faces() -> np.ndarray:
     return lfw_subset()[:100]
 
 
+# -- streamer styles ---------------------------------------------------------------------
+Colour = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned rectangle in pixels: left ``x``, top ``y``, width ``w``, height ``h``."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.y, self.y + self.h)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.x, self.x + self.w)
+
+
+def colour_grade_matrix(
+    hue: float,
+    saturation: float,
+    brightness: float,
+    contrast: float,
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> tuple[float, ...]:
+    """A colour grade as one affine map of RGB, in PIL's 12-number ``convert`` layout.
+
+    Applied to a pixel ``x`` (0-255) in this order: rotate the hue by ``hue`` turns about
+    the grey axis (Rodrigues' rotation about ``(1, 1, 1) / sqrt(3)``: greys stay put and a
+    third of a turn maps red to green); mix with the luma grey ``l = 0.299 r + 0.587 g +
+    0.114 b``: ``s x + (1 - s) l``; stretch the contrast about mid-grey: ``c (x - 128) +
+    128``; scale by ``brightness`` and then by the per-channel ``gains`` (a tint). Returns
+    ``(a_rr, a_rg, a_rb, o_r, a_gr, ..., o_b)``: output channel ``k`` is
+    ``sum_j a_kj x_j + o_k`` (PIL clips to 0-255).
+    """
+    angle = 2.0 * math.pi * hue
+    cos, sin = math.cos(angle), math.sin(angle)
+    axis = np.ones(3) / math.sqrt(3.0)
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    rotate = cos * np.eye(3) + sin * cross + (1.0 - cos) * np.outer(axis, axis)
+    saturate = saturation * np.eye(3) + (1.0 - saturation) * np.outer(np.ones(3), _LUMA)
+    scale = np.diag(gains) * brightness
+    linear = scale @ (contrast * saturate @ rotate)
+    offset = scale @ np.full(3, 128.0 * (1.0 - contrast))
+    return tuple(float(v) for v in np.column_stack([linear, offset]).reshape(-1))
+
+
 @dataclass(frozen=True)
 class StreamerStyle:
-    """What makes a streamer recognisable: face, webcam tint, border and chat colours."""
+    """What a streamer's frames look like, fixed for the streamer across periods.
+
+    Boxes are on the :data:`CANVAS` x :data:`CANVAS` canvas except ``zoom`` (on the 160 x 210
+    game screen: the part of it the view shows). ``chat`` is ``None`` when the streamer shows
+    no chat; ``frame_width`` 0 means no frame around the game view.
+    """
 
     face: int
-    tint: tuple[float, float, float]
-    border: tuple[int, int, int]
+    zoom: Box
+    view: Box
+    grade: tuple[float, ...]
+    background: tuple[Colour, Colour]
+    stripes: bool
+    frame_width: int
+    accent: Colour
+    cam: Box
+    cam_tint: tuple[float, float, float]
+    chat: Box | None
+    chat_background: Colour
+    chat_text: Colour
+
+
+def _hsv(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> Colour:
+    h, s, v = rng.uniform(), rng.uniform(*sat), rng.uniform(*val)
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return (round(255 * r), round(255 * g), round(255 * b))
+
+
+def _cam_box(rng: np.random.Generator, view: Box) -> Box:
+    """A facecam at a corner of the game view (inside it) or of the canvas."""
+    side = round(rng.uniform(*CAM_SIZE) * CANVAS)
+    margin = int(rng.integers(0, 9))
+    host = view if rng.random() < 0.5 else Box(0, 0, CANVAS, CANVAS)
+    right, bottom = bool(rng.integers(2)), bool(rng.integers(2))
+    x = host.x + host.w - side - margin if right else host.x + margin
+    y = host.y + host.h - side - margin if bottom else host.y + margin
+    x, y = min(max(x, 0), CANVAS - side), min(max(y, 0), CANVAS - side)
+    return Box(x, y, side, side)
 
 
 def streamer_style(seed: int, game: str, streamer: int) -> StreamerStyle:
-    """The same streamer looks the same in every period: the style depends on no period."""
+    """Draw a streamer's look; it depends on ``(seed, game, streamer)`` and on no period.
+
+    The layout is drawn the same way whether or not ``simulate.chat`` / ``simulate.facecam``
+    are on (they only decide what is drawn), so switching an overlay off keeps the game view.
+    """
+    if not 0 <= streamer < STREAMERS_PER_GAME:
+        raise ValueError(f"streamer must be in 0..{STREAMERS_PER_GAME - 1}, got {streamer}")
     faces = _rng(seed, _FACES).permutation(len(_faces()))
-    slot = GAME_POOL.index(game) * STREAMERS_PER_GAME + streamer
     rng = _rng(seed, _STYLE, _game_key(game), streamer)
-    tint = (1.0, float(rng.uniform(0.75, 0.95)), float(rng.uniform(0.6, 0.85)))
-    red, green, blue = (int(c) for c in _NAME_COLOURS[rng.integers(len(_NAME_COLOURS))])
-    return StreamerStyle(face=int(faces[slot]), tint=tint, border=(red, green, blue))
+    # Chat sidebar: a side and a width, or none; the game view lives in the rest.
+    chat: Box | None = None
+    free = Box(0, 0, CANVAS, CANVAS)
+    if rng.random() < CHAT_PROBABILITY:
+        width = round(rng.uniform(*CHAT_WIDTH) * CANVAS)
+        left = bool(rng.integers(2))
+        chat = Box(0 if left else CANVAS - width, 0, width, CANVAS)
+        free = Box(width if left else 0, 0, CANVAS - width, CANVAS)
+    height = round(rng.uniform(*VIEW_HEIGHT) * CANVAS)
+    width = min(free.w, round(height * rng.uniform(*VIEW_ASPECT)))
+    view = Box(
+        free.x + int(rng.integers(0, free.w - width, endpoint=True)),
+        int(rng.integers(0, CANVAS - height, endpoint=True)),
+        width,
+        height,
+    )
+    zoom = rng.uniform(*ZOOM)
+    zw, zh = round(SCREEN_WIDTH / zoom), round(SCREEN_HEIGHT / zoom)
+    zoom_box = Box(
+        int(rng.integers(0, SCREEN_WIDTH - zw, endpoint=True)),
+        int(rng.integers(0, SCREEN_HEIGHT - zh, endpoint=True)),
+        zw,
+        zh,
+    )
+    grade = colour_grade_matrix(
+        hue=float(rng.uniform(-HUE_ROTATION, HUE_ROTATION)),
+        saturation=float(rng.uniform(*SATURATION)),
+        brightness=float(rng.uniform(*BRIGHTNESS)),
+        contrast=float(rng.uniform(*CONTRAST)),
+        gains=(
+            float(rng.uniform(*CHANNEL_GAIN)),
+            float(rng.uniform(*CHANNEL_GAIN)),
+            float(rng.uniform(*CHANNEL_GAIN)),
+        ),
+    )
+    background = (_hsv(rng, (0.2, 0.9), (0.1, 0.8)), _hsv(rng, (0.2, 0.9), (0.1, 0.8)))
+    stripes = bool(rng.random() < STRIPES_PROBABILITY)
+    frame_width = (
+        int(rng.integers(*FRAME_WIDTH, endpoint=True)) if rng.random() < FRAME_PROBABILITY else 0
+    )
+    accent = _hsv(rng, (0.5, 1.0), (0.6, 1.0))
+    cam = _cam_box(rng, view)
+    cam_tint = (1.0, float(rng.uniform(0.75, 0.95)), float(rng.uniform(0.6, 0.85)))
+    dark_chat = rng.random() < 0.7
+    chat_background = _hsv(rng, (0.0, 0.4), (0.05, 0.2) if dark_chat else (0.8, 0.97))
+    chat_text = _hsv(rng, (0.0, 0.15), (0.75, 0.95) if dark_chat else (0.1, 0.3))
+    slot = GAME_POOL.index(game) * STREAMERS_PER_GAME + streamer
+    return StreamerStyle(
+        face=int(faces[slot % len(faces)]),
+        zoom=zoom_box,
+        view=view,
+        grade=grade,
+        background=background,
+        stripes=stripes,
+        frame_width=frame_width,
+        accent=accent,
+        cam=cam,
+        cam_tint=cam_tint,
+        chat=chat,
+        chat_background=chat_background,
+        chat_text=chat_text,
+    )
+
+
+def _backdrop(style: StreamerStyle) -> np.ndarray:
+    """The static part of a streamer's canvas: gradient, stripes and the game view's frame."""
+    top, bottom = (np.array(c, dtype=np.float32) for c in style.background)
+    ramp = np.linspace(0.0, 1.0, CANVAS, dtype=np.float32)[:, None, None]
+    canvas = np.broadcast_to(top + (bottom - top) * ramp, (CANVAS, CANVAS, 3)).copy()
+    if style.stripes:
+        yy, xx = np.mgrid[:CANVAS, :CANVAS]
+        canvas[(xx + yy) % 24 < 8] *= 0.75
+    canvas = canvas.astype(np.uint8)
+    if style.frame_width:
+        v, f = style.view, style.frame_width
+        y0, x0 = max(v.y - f, 0), max(v.x - f, 0)
+        canvas[y0 : v.y + v.h + f, x0 : v.x + v.w + f] = style.accent
+    return canvas
 
 
 class _Overlay:
-    """The facecam and chat of one streamer's session; both change from frame to frame."""
+    """Composes one streamer's canvases; facecam and chat change from frame to frame."""
 
     def __init__(self, style: StreamerStyle, cfg: SimulateConfig, rng: np.random.Generator):
+        self.style = style
         self.cfg = cfg
         self.rng = rng
-        self.border = np.array(style.border, dtype=np.uint8)
+        self.backdrop = _backdrop(style)
+        z = style.zoom
+        self.zoom = (z.x, z.y, z.x + z.w, z.y + z.h)
         # The face is enlarged a little past the box so each frame can show it shifted by a
         # few pixels (a person moving in front of the webcam).
-        inner = CAM_SIZE - 4
+        self.inner = style.cam.w - 4
         face = Image.fromarray((_faces()[style.face] * 255).astype(np.uint8))
-        face_big = np.asarray(face.resize((inner + 6, inner + 6), Image.BILINEAR), np.float32)
-        self.face = face_big[..., None] * np.array(style.tint, dtype=np.float32)
-        self.inner = inner
-        self.chat = np.empty((SCREEN_HEIGHT, CHAT_WIDTH, 3), dtype=np.uint8)
-        self.chat[:] = _CHAT_BACKGROUND
-        for _ in range(SCREEN_HEIGHT // CHAT_LINE_HEIGHT):
-            self._new_message()
+        big = face.resize((self.inner + 6, self.inner + 6), Image.BILINEAR)
+        tint = np.array(style.cam_tint, dtype=np.float32)
+        self.face = np.asarray(big, np.float32)[..., None] * tint
+        self.chat: np.ndarray | None = None
+        if style.chat is not None:
+            self.chat = np.empty((CANVAS, style.chat.w, 3), dtype=np.uint8)
+            self.chat[:] = style.chat_background
+            for _ in range(CANVAS // CHAT_LINE_HEIGHT):
+                self._new_message()
 
     def _new_message(self) -> None:
         """Scroll the chat up one line and write a message: a coloured name, then words."""
-        h = CHAT_LINE_HEIGHT
+        assert self.chat is not None
+        h, width = CHAT_LINE_HEIGHT, self.chat.shape[1]
         self.chat[:-h] = self.chat[h:]
         line = self.chat[-h:]
-        line[:] = _CHAT_BACKGROUND
+        line[:] = self.style.chat_background
         bar = slice(2, 6)
         x = 2
         name = int(self.rng.integers(6, 14))
@@ -319,30 +549,32 @@ class _Overlay:
         x += name + 3
         for _ in range(int(self.rng.integers(1, 5))):
             word = int(self.rng.integers(3, 10))
-            if x + word > CHAT_WIDTH - 2:
+            if x + word > width - 2:
                 break
-            line[bar, x : x + word] = _CHAT_TEXT
+            line[bar, x : x + word] = self.style.chat_text
             x += word + 2
 
     def compose(self, screen: np.ndarray) -> np.ndarray:
-        """Lay out one canvas: game (+ facecam) on the left, chat on the right."""
-        width = SCREEN_WIDTH + (CHAT_WIDTH if self.cfg.chat else 0)
-        canvas = np.empty((SCREEN_HEIGHT, width, 3), dtype=np.uint8)
-        canvas[:, :SCREEN_WIDTH] = screen
+        """Lay out one canvas: backdrop, graded game view, then chat and facecam on top."""
+        style = self.style
+        canvas = self.backdrop.copy()
+        view = Image.fromarray(screen).resize(
+            (style.view.w, style.view.h), Image.BILINEAR, box=self.zoom
+        )
+        canvas[style.view.rows, style.view.cols] = np.asarray(view.convert("RGB", style.grade))
+        if self.chat is not None and self.cfg.chat:
+            if self.rng.random() < CHAT_MESSAGE_PROBABILITY:
+                self._new_message()
+            canvas[style.chat.rows, style.chat.cols] = self.chat  # type: ignore[union-attr]
+        cam = style.cam
         if self.cfg.facecam:
-            y0 = SCREEN_HEIGHT - CAM_SIZE - CAM_MARGIN
-            x0 = SCREEN_WIDTH - CAM_SIZE - CAM_MARGIN
-            canvas[y0 : y0 + CAM_SIZE, x0 : x0 + CAM_SIZE] = self.border
+            canvas[cam.rows, cam.cols] = style.accent
             dy, dx = (int(v) for v in self.rng.integers(0, 7, size=2))
             gain = float(self.rng.uniform(0.9, 1.1))
             face = self.face[dy : dy + self.inner, dx : dx + self.inner] * gain
-            canvas[y0 + 2 : y0 + 2 + self.inner, x0 + 2 : x0 + 2 + self.inner] = np.clip(
-                face, 0, 255
-            ).astype(np.uint8)
-        if self.cfg.chat:
-            if self.rng.random() < CHAT_MESSAGE_PROBABILITY:
-                self._new_message()
-            canvas[:, SCREEN_WIDTH:] = self.chat
+            canvas[cam.y + 2 : cam.y + 2 + self.inner, cam.x + 2 : cam.x + 2 + self.inner] = (
+                np.clip(face, 0, 255).astype(np.uint8)
+            )
         return canvas
 
 
@@ -355,7 +587,7 @@ def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) ->
 
     Frames carry ``category`` (the game), ``source`` (``"ale:<game>"``), ``stream_id``
     (``"<game>-s<k>"``), a synthetic UTC ``ts`` inside the period and an explicit ``split``
-    (whole clips are eval; see the module docstring).
+    (eval frames come only from the game's :func:`eval_streamers`; see the module docstring).
     """
     if not 0 <= index < num_periods:
         raise ValueError(f"period index {index} is outside 0..{num_periods - 1}")
@@ -369,7 +601,7 @@ def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) ->
         if count == 0:
             continue
         gkey = _game_key(game)
-        clips = plan_clips(count, cfg.eval_fraction, plan_rng)
+        clips = plan_clips(count, cfg.eval_fraction, plan_rng, eval_streamers(cfg.seed, game))
         ale_seed = int(_rng(cfg.seed, _EMULATOR, index, gkey).integers(2**31))
         player = _Player(game, ale_seed, cfg.frame_skip)
         for streamer in range(STREAMERS_PER_GAME):

@@ -294,7 +294,7 @@ class ContinualTrainer:
     # -- setup ---------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [
@@ -441,14 +441,15 @@ class ContinualTrainer:
             loss.backward()
             optimizer.step()
             seen += len(x)
-            log = StepLog(step, loss_value, terms["ssl"], terms["distill"],
-                          terms["classifier"], lr)
+            log = StepLog(step, loss_value, terms["ssl"], terms["distill"], terms["classifier"], lr)
             history.append(log)
             if self.on_step is not None:
                 self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
             done = step + 1
-            if self.rank == 0 and self.checkpoint_dir is not None and (
-                done % cfg.checkpoint_every == 0 or done == total_steps
+            if (
+                self.rank == 0
+                and self.checkpoint_dir is not None
+                and (done % cfg.checkpoint_every == 0 or done == total_steps)
             ):
                 save_checkpoint(self.checkpoint_dir, done, model, optimizer, self.run_key)
             if self.fail_at_step is not None and done >= self.fail_at_step:

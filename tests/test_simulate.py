@@ -1,4 +1,4 @@
-"""The Atari stream simulator: schedule drift, determinism, composition, splits and shards."""
+"""The Atari stream simulator: schedule drift, determinism, styles, held-out streamers, shards."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cssl_core.config import SimulateConfig
 from cssl_core.images import decode_image, frame_id
 from cssl_core.shard import Frame, Shard
 from cssl_core.simulate import (
+    CANVAS,
     EPOCH,
+    EVAL_STREAMERS_PER_GAME,
     GAME_POOL,
     PERIOD_LENGTH,
     SEGMENT_FRAMES,
     STREAMERS_PER_GAME,
+    Box,
+    colour_grade_matrix,
+    eval_streamers,
     frame_counts,
     game_schedule,
     plan_clips,
@@ -28,7 +34,7 @@ from cssl_core.simulate import (
 )
 
 NUM_PERIODS = 4
-SMALL = SimulateConfig(frames_per_period=40, size=48, seed=3)
+SMALL = SimulateConfig(frames_per_period=60, size=48, seed=3)
 
 
 def _total_variation(p: dict[str, float], q: dict[str, float]) -> float:
@@ -40,11 +46,16 @@ def _distribution(frames: list[Frame]) -> dict[str, float]:
     return {str(g): n / len(frames) for g, n in counts.items()}
 
 
+def _streamer(frame: Frame) -> int:
+    return int(frame.stream_id.rsplit("-s", 1)[1])
+
+
 @pytest.fixture(scope="module")
 def periods() -> list[list[Frame]]:
     return [list(simulate_period_frames(SMALL, NUM_PERIODS, i)) for i in range(NUM_PERIODS)]
 
 
+# -- schedule ----------------------------------------------------------------------------
 def test_schedule_drifts_with_some_games_persisting() -> None:
     cfg = SimulateConfig()
     schedule = game_schedule(cfg, NUM_PERIODS)
@@ -88,24 +99,151 @@ def test_frame_counts_use_largest_remainder() -> None:
     assert frame_counts({"a": 0.5, "b": 0.5}, 1) == {"a": 1, "b": 0}
 
 
-def test_plan_clips_cuts_exact_eval_share_into_short_clips() -> None:
-    clips = plan_clips(103, 0.2, np.random.default_rng(0))
-    eval_frames = [c.frames for c in clips if c.split == "eval"]
-    train_frames = [c.frames for c in clips if c.split == "train"]
-    assert sum(eval_frames) == 21  # floor(0.2 * 103 + 0.5)
-    assert sorted(eval_frames) == [21]
-    assert sorted(train_frames) == [20, 20, 21, 21]
-    assert all(0 <= c.streamer < STREAMERS_PER_GAME for c in clips)
-    assert max(c.frames for c in plan_clips(1000, 0.1, np.random.default_rng(1))) == SEGMENT_FRAMES
+# -- held-out streamers ------------------------------------------------------------------
+def test_plan_clips_deals_eval_clips_to_eval_streamers_only() -> None:
+    clips = plan_clips(103, 0.2, np.random.default_rng(0), eval_only=(2, 5))
+    eval_clips = [c for c in clips if c.split == "eval"]
+    train_clips = [c for c in clips if c.split == "train"]
+    assert sum(c.frames for c in eval_clips) == 21  # floor(0.2 * 103 + 0.5)
+    assert sorted(c.frames for c in eval_clips) == [21]
+    assert sorted(c.frames for c in train_clips) == [20, 20, 21, 21]
+    assert {c.streamer for c in eval_clips} <= {2, 5}
+    assert {c.streamer for c in train_clips} <= set(range(STREAMERS_PER_GAME)) - {2, 5}
+    many = plan_clips(5000, 0.2, np.random.default_rng(1), eval_only=(0, 7))
+    assert max(c.frames for c in many) == SEGMENT_FRAMES
+    assert {c.streamer for c in many if c.split == "eval"} == {0, 7}
+    assert {c.streamer for c in many if c.split == "train"} == set(range(1, 7))
+    assert sum(c.frames for c in many if c.split == "eval") == 1000
+    for bad in ((), tuple(range(STREAMERS_PER_GAME)), (8,)):
+        with pytest.raises(ValueError, match="must name some but not all of 8 streamers"):
+            plan_clips(10, 0.2, np.random.default_rng(0), eval_only=bad)
 
 
-def test_streamers_have_distinct_faces_that_do_not_depend_on_the_period() -> None:
+def test_eval_streamers_are_fixed_per_game_and_vary_between_games() -> None:
+    roles = {g: eval_streamers(0, g) for g in GAME_POOL}
+    for game, chosen in roles.items():
+        assert len(chosen) == EVAL_STREAMERS_PER_GAME == len(set(chosen))
+        assert list(chosen) == sorted(chosen)
+        assert all(0 <= s < STREAMERS_PER_GAME for s in chosen)
+        assert eval_streamers(0, game) == chosen
+    assert len(set(roles.values())) > 3
+    assert any(eval_streamers(1, g) != roles[g] for g in GAME_POOL)
+
+
+def test_eval_streams_never_appear_in_any_train_split(periods: list[list[Frame]]) -> None:
+    seen_eval: set[str] = set()
+    seen_train: set[str] = set()
+    for frames in periods:
+        for f in frames:
+            assert f.category is not None
+            held_out = _streamer(f) in eval_streamers(SMALL.seed, f.category)
+            assert held_out == (f.split == "eval"), f.stream_id
+            (seen_eval if f.split == "eval" else seen_train).add(f.stream_id)
+    assert seen_eval and seen_train and not seen_eval & seen_train
+
+
+def test_eval_split_is_the_configured_fraction_of_each_game(periods: list[list[Frame]]) -> None:
+    total_eval = 0
+    for frames in periods:
+        assert {f.split for f in frames} == {"train", "eval"}
+        per_game = Counter(f.category for f in frames)
+        eval_per_game = Counter(f.category for f in frames if f.split == "eval")
+        for game, n in per_game.items():
+            assert eval_per_game[game] == math.floor(SMALL.eval_fraction * n + 0.5)
+        total_eval += sum(eval_per_game.values())
+    fraction = total_eval / (NUM_PERIODS * SMALL.frames_per_period)
+    assert abs(fraction - SMALL.eval_fraction) <= 0.05
+
+
+# -- styles ------------------------------------------------------------------------------
+def test_colour_grade_matrix_is_exact_in_limiting_cases() -> None:
+    def apply(m: tuple[float, ...], rgb: tuple[float, float, float]) -> np.ndarray:
+        a = np.array(m).reshape(3, 4)
+        return a[:, :3] @ np.array(rgb) + a[:, 3]
+
+    identity = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    np.testing.assert_allclose(colour_grade_matrix(0.0, 1.0, 1.0, 1.0), identity, atol=1e-12)
+    # A third of a turn about the grey axis maps red to green and green to blue.
+    third = colour_grade_matrix(1 / 3, 1.0, 1.0, 1.0)
+    np.testing.assert_allclose(apply(third, (255, 0, 0)), (0, 255, 0), atol=1e-9)
+    np.testing.assert_allclose(apply(third, (0, 255, 0)), (0, 0, 255), atol=1e-9)
+    # Greys are fixed by any hue rotation; saturation 0 maps a colour to its luma grey.
+    np.testing.assert_allclose(
+        apply(colour_grade_matrix(0.137, 1.0, 1.0, 1.0), (90, 90, 90)), (90, 90, 90), atol=1e-9
+    )
+    np.testing.assert_allclose(
+        apply(colour_grade_matrix(0.0, 0.0, 1.0, 1.0), (200, 100, 0)), [118.5] * 3, atol=1e-9
+    )
+    # Contrast 0.5 about 128, then brightness 0.8, then gains (1, 0.5, 2) on a grey of 28.
+    graded = apply(colour_grade_matrix(0.0, 1.0, 0.8, 0.5, (1.0, 0.5, 2.0)), (28, 28, 28))
+    np.testing.assert_allclose(graded, (62.4, 31.2, 124.8), atol=1e-9)
+    # PIL applies the same map.
+    pixel = Image.new("RGB", (1, 1), (255, 0, 0)).convert("RGB", third)
+    assert pixel.getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_streamer_styles_vary_a_lot_and_do_not_depend_on_the_period() -> None:
     styles = [streamer_style(0, g, k) for g in GAME_POOL for k in range(STREAMERS_PER_GAME)]
     assert len({s.face for s in styles}) == len(GAME_POOL) * STREAMERS_PER_GAME
     assert all(0 <= s.face < 100 for s in styles)  # the first 100 LFW crops are the faces
     assert streamer_style(0, "pong", 1) == streamer_style(0, "pong", 1)
+    assert streamer_style(0, "pong", 1) != streamer_style(1, "pong", 1)
+    with pytest.raises(ValueError, match="streamer must be in 0..7, got 8"):
+        streamer_style(0, "pong", STREAMERS_PER_GAME)
+
+    def inside(box: Box, outer: Box) -> bool:
+        return (
+            outer.x <= box.x
+            and box.x + box.w <= outer.x + outer.w
+            and outer.y <= box.y
+            and box.y + box.h <= outer.y + outer.h
+        )
+
+    canvas = Box(0, 0, CANVAS, CANVAS)
+    for s in styles:
+        assert inside(s.view, canvas) and inside(s.zoom, Box(0, 0, 160, 210))
+        assert inside(s.cam, canvas)
+        if s.chat is not None:  # the game view never hides under the chat sidebar
+            assert inside(s.chat, canvas) and s.chat.h == CANVAS
+            assert s.view.x >= s.chat.x + s.chat.w or s.view.x + s.view.w <= s.chat.x
+    heights = [s.view.h / CANVAS for s in styles]
+    assert min(heights) < 0.65 and max(heights) > 0.95
+    assert len({(s.view.x, s.view.y) for s in styles}) > 0.9 * len(styles)
+    assert len({s.grade for s in styles}) == len(styles)
+    assert {s.chat is None for s in styles} == {True, False}
+    assert len({(s.cam.x, s.cam.y, s.cam.w) for s in styles}) > 0.9 * len(styles)
+    assert {s.chat.x == 0 for s in styles if s.chat is not None} == {True, False}
+    assert {s.frame_width > 0 for s in styles} == {True, False}
+    # The eight streamers of a game each have their own layout, grade and backdrop.
+    for g in range(len(GAME_POOL)):
+        mine = styles[g * STREAMERS_PER_GAME : (g + 1) * STREAMERS_PER_GAME]
+        assert len({(s.view, s.zoom, s.background) for s in mine}) == STREAMERS_PER_GAME
 
 
+def test_streamers_of_a_game_look_different() -> None:
+    # Two streamers of the same game: their average frames differ a lot, far more than two
+    # halves of one streamer's frames.
+    cfg = SimulateConfig(frames_per_period=400, size=32, seed=0, games_per_period=1)
+    frames = list(simulate_period_frames(cfg, 1, 0))
+    by_stream: dict[str, list[np.ndarray]] = {}
+    for f in frames:
+        by_stream.setdefault(f.stream_id, []).append(np.asarray(decode_image(f.image), float))
+    means = {s: np.mean(v, axis=0) for s, v in by_stream.items() if len(v) >= 20}
+    assert len(means) >= 5
+    names = sorted(means)
+    between = [
+        np.abs(means[a] - means[b]).mean() for i, a in enumerate(names) for b in names[i + 1 :]
+    ]
+    within = [
+        np.abs(np.mean(v[: len(v) // 2], 0) - np.mean(v[len(v) // 2 :], 0)).mean()
+        for v in by_stream.values()
+        if len(v) >= 20
+    ]
+    assert min(between) > 2 * max(within)
+    assert np.median(between) > 25
+
+
+# -- frames ------------------------------------------------------------------------------
 def test_frames_follow_the_schedule_and_drift(periods: list[list[Frame]]) -> None:
     schedule = game_schedule(SMALL, NUM_PERIODS)
     for shares, frames in zip(schedule, periods, strict=True):
@@ -138,20 +276,6 @@ def test_frames_decode_at_size_with_consistent_metadata(periods: list[list[Frame
         assert len(set(ids)) == len(ids)
 
 
-def test_eval_split_is_the_configured_fraction_of_each_game(periods: list[list[Frame]]) -> None:
-    total_eval = 0
-    for frames in periods:
-        assert {f.split for f in frames} == {"train", "eval"}
-        per_game = Counter(f.category for f in frames)
-        eval_per_game = Counter(f.category for f in frames if f.split == "eval")
-        for game, n in per_game.items():
-            assert eval_per_game[game] == math.floor(SMALL.eval_fraction * n + 0.5)
-        assert all(f.category in GAME_POOL for f in frames if f.split == "eval")
-        total_eval += sum(eval_per_game.values())
-    fraction = total_eval / (NUM_PERIODS * SMALL.frames_per_period)
-    assert abs(fraction - SMALL.eval_fraction) <= 0.05
-
-
 def test_same_seed_same_frames_any_order_other_seed_differs(periods: list[list[Frame]]) -> None:
     def key(frames: list[Frame]) -> list[tuple[str, str, str, str | None, str | None]]:
         return [
@@ -165,30 +289,62 @@ def test_same_seed_same_frames_any_order_other_seed_differs(periods: list[list[F
     assert not {frame_id(f.image) for f in other} & {frame_id(f.image) for f in alone}
 
 
-def test_facecam_and_chat_change_pixels() -> None:
-    base = SimulateConfig(frames_per_period=12, size=64, seed=5, facecam=False, chat=False)
+def _output_mask(box: Box, size: int, pad: int) -> np.ndarray:
+    """Output pixels that a canvas box can touch after resizing and JPEG coding.
 
-    def images(**overlays: bool) -> list[np.ndarray]:
+    The box is mapped to output pixels and padded by ``pad``; then every 16 x 16 JPEG MCU it
+    touches is included, padded by 2 more pixels for libjpeg's chroma upsampling.
+    """
+    scale = size / CANVAS
+    y0, y1 = math.floor(box.y * scale) - pad, math.ceil((box.y + box.h) * scale) + pad
+    x0, x1 = math.floor(box.x * scale) - pad, math.ceil((box.x + box.w) * scale) + pad
+    y0, x0 = max(0, y0) // 16 * 16 - 2, max(0, x0) // 16 * 16 - 2
+    y1, x1 = -(-y1 // 16) * 16 + 2, -(-x1 // 16) * 16 + 2
+    mask = np.zeros((size, size), dtype=bool)
+    mask[max(0, y0) : y1, max(0, x0) : x1] = True
+    return mask
+
+
+def test_facecam_and_chat_change_only_their_own_pixels() -> None:
+    base = SimulateConfig(frames_per_period=40, size=64, seed=5, facecam=False, chat=False)
+
+    def frames(**overlays: bool) -> list[tuple[Frame, np.ndarray]]:
         cfg = base.model_copy(update=overlays)
         return [
-            np.asarray(decode_image(f.image), np.int16) for f in simulate_period_frames(cfg, 2, 0)
+            (f, np.asarray(decode_image(f.image), np.int16))
+            for f in simulate_period_frames(cfg, 2, 0)
         ]
 
-    plain, cam, chat = images(), images(facecam=True), images(chat=True)
-    assert len(plain) == len(cam) == len(chat) == 12
-    for p, c in zip(plain, cam, strict=True):
-        # The game is the same play (overlays draw from their own random stream). The facecam
-        # covers output rows >= 46, i.e. JPEG 16-row MCUs from row 32 on; libjpeg's chroma
-        # upsampling blends into row 31, so rows 0-29 stay bit-identical. Inside the cam the
-        # pixels differ a lot.
-        assert np.array_equal(p[:30], c[:30])
-        assert np.abs(p[50:62, 50:62] - c[50:62, 50:62]).mean() > 10
-    strip = slice(64 * 160 // 210 + 2, 64)  # the chat sidebar's columns
-    for p, c in zip(plain, chat, strict=True):
-        assert np.abs(p[:, strip] - c[:, strip]).mean() > 10
-    # The chat scrolls: its sidebar is not frozen across a stream's frames.
-    sidebars = {chat[i][:, strip].tobytes() for i in range(len(chat))}
-    assert len(sidebars) > 1
+    plain, cam, chat = frames(), frames(facecam=True), frames(chat=True)
+    assert len(plain) == len(cam) == len(chat) == 40
+    checked_cam = checked_chat = 0
+    for (f, p), (_, c), (_, t) in zip(plain, cam, chat, strict=True):
+        assert f.category is not None
+        style = streamer_style(base.seed, f.category, _streamer(f))
+        # The game is the same play (overlays draw from their own random stream): away from
+        # an overlay, the pixels are bit-identical; inside it they differ a lot.
+        for overlay, image in ((style.cam, c), (style.chat, t)):
+            if overlay is None:
+                assert np.array_equal(p, image)
+                continue
+            near = _output_mask(overlay, 64, pad=2)
+            assert np.array_equal(p[~near], image[~near])
+            scale = 64 / CANVAS
+            inner = (
+                slice(math.ceil(overlay.y * scale) + 2, int((overlay.y + overlay.h) * scale) - 2),
+                slice(math.ceil(overlay.x * scale) + 2, int((overlay.x + overlay.w) * scale) - 2),
+            )
+            assert np.abs(p[inner] - image[inner]).mean() > 10
+        checked_cam += 1
+        checked_chat += style.chat is not None
+    assert checked_cam >= 10 and checked_chat >= 10
+    # The chat scrolls: a sidebar is not frozen across a stream's frames.
+    f0 = chat[0][0]
+    sidebar = streamer_style(base.seed, str(f0.category), _streamer(f0)).chat
+    assert sidebar is not None
+    cols = slice(math.ceil(sidebar.x * 64 / CANVAS) + 1, int((sidebar.x + sidebar.w) * 64 / CANVAS))
+    same_stream = [t for f, t in chat if f.stream_id == f0.stream_id]
+    assert len({t[:, cols].tobytes() for t in same_stream}) > 1
 
 
 def test_simulate_period_writes_an_openable_shard(tmp_path: Path) -> None:
@@ -201,12 +357,18 @@ def test_simulate_period_writes_an_openable_shard(tmp_path: Path) -> None:
     assert manifest["duplicates_dropped"] == 0 and manifest["quarantined"] == {}
     expected = {g: n for g, n in frame_counts(game_schedule(cfg, 3)[1], 30).items() if n}
     assert manifest["categories"] == expected
-    table = shard.read(columns=["period", "split", "width", "height", "source"])
+    table = shard.read(columns=["period", "split", "width", "height", "source", "stream_id"])
     assert set(table.column("period").to_pylist()) == {"p02"}
     assert set(table.column("width").to_pylist()) == {32} == set(table.column("height").to_pylist())
     n_eval = sum(math.floor(cfg.eval_fraction * n + 0.5) for n in expected.values())
     assert manifest["splits"] == {"eval": n_eval, "train": 30 - n_eval}
     assert table.column("split").to_pylist().count("eval") == n_eval
+    # The split survives the shard: eval rows come from the eval-only streamers.
+    for split, stream in zip(
+        table.column("split").to_pylist(), table.column("stream_id").to_pylist(), strict=True
+    ):
+        game, streamer = stream.rsplit("-s", 1)
+        assert (int(streamer) in eval_streamers(cfg.seed, game)) == (split == "eval")
     # A rerun produces the same bytes: same fingerprint, same manifest.
     again = simulate_period(tmp_path, "p02", 1, 3, cfg)
     assert again["fingerprint"] == manifest["fingerprint"]
