@@ -24,6 +24,10 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/cssl bench ingest
+	$(BIN)/cssl bench train
+
 lint: setup
 	$(BIN)/ruff check cssl_core pipelines tests
 	$(BIN)/ruff format --check cssl_core pipelines tests

@@ -152,7 +152,9 @@ class GateConfig(_Section):
     """Promotion thresholds: the candidate must pass all of them."""
 
     metric: Literal["knn", "linear"] = "knn"
-    avg_accuracy_tolerance: float = Field(0.01, ge=0)
+    avg_accuracy_tolerance: float = Field(
+        0.01, ge=-1, le=1, description="negative: the candidate must beat the champion by this"
+    )
     new_period_tolerance: float = Field(0.0, ge=0)
     max_forgetting: float = Field(0.10, ge=0)
 
