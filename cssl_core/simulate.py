@@ -511,6 +511,38 @@ def _backdrop(style: StreamerStyle) -> np.ndarray:
     return canvas
 
 
+class _Chat:
+    """A scrolling chat sidebar: lines of a coloured name bar followed by word bars."""
+
+    def __init__(self, box: Box, style: StreamerStyle, rng: np.random.Generator) -> None:
+        self.box = box
+        self.background = np.array(style.chat_background, dtype=np.uint8)
+        self.text = np.array(style.chat_text, dtype=np.uint8)
+        self.rng = rng
+        self.pixels = np.empty((box.h, box.w, 3), dtype=np.uint8)
+        self.pixels[:] = self.background
+        for _ in range(box.h // CHAT_LINE_HEIGHT):
+            self.new_message()
+
+    def new_message(self) -> None:
+        """Scroll up one line and write a message: a coloured name, then words."""
+        h, width = CHAT_LINE_HEIGHT, self.box.w
+        self.pixels[:-h] = self.pixels[h:]
+        line = self.pixels[-h:]
+        line[:] = self.background
+        bar = slice(2, 6)
+        x = 2
+        name = int(self.rng.integers(6, 14))
+        line[bar, x : x + name] = _NAME_COLOURS[self.rng.integers(len(_NAME_COLOURS))]
+        x += name + 3
+        for _ in range(int(self.rng.integers(1, 5))):
+            word = int(self.rng.integers(3, 10))
+            if x + word > width - 2:
+                break
+            line[bar, x : x + word] = self.text
+            x += word + 2
+
+
 class _Overlay:
     """Composes one streamer's canvases; facecam and chat change from frame to frame."""
 
@@ -528,31 +560,7 @@ class _Overlay:
         big = face.resize((self.inner + 6, self.inner + 6), Image.BILINEAR)
         tint = np.array(style.cam_tint, dtype=np.float32)
         self.face = np.asarray(big, np.float32)[..., None] * tint
-        self.chat: np.ndarray | None = None
-        if style.chat is not None:
-            self.chat = np.empty((CANVAS, style.chat.w, 3), dtype=np.uint8)
-            self.chat[:] = style.chat_background
-            for _ in range(CANVAS // CHAT_LINE_HEIGHT):
-                self._new_message()
-
-    def _new_message(self) -> None:
-        """Scroll the chat up one line and write a message: a coloured name, then words."""
-        assert self.chat is not None
-        h, width = CHAT_LINE_HEIGHT, self.chat.shape[1]
-        self.chat[:-h] = self.chat[h:]
-        line = self.chat[-h:]
-        line[:] = self.style.chat_background
-        bar = slice(2, 6)
-        x = 2
-        name = int(self.rng.integers(6, 14))
-        line[bar, x : x + name] = _NAME_COLOURS[self.rng.integers(len(_NAME_COLOURS))]
-        x += name + 3
-        for _ in range(int(self.rng.integers(1, 5))):
-            word = int(self.rng.integers(3, 10))
-            if x + word > width - 2:
-                break
-            line[bar, x : x + word] = self.style.chat_text
-            x += word + 2
+        self.chat = None if style.chat is None else _Chat(style.chat, style, rng)
 
     def compose(self, screen: np.ndarray) -> np.ndarray:
         """Lay out one canvas: backdrop, graded game view, then chat and facecam on top."""
@@ -562,10 +570,11 @@ class _Overlay:
             (style.view.w, style.view.h), Image.BILINEAR, box=self.zoom
         )
         canvas[style.view.rows, style.view.cols] = np.asarray(view.convert("RGB", style.grade))
-        if self.chat is not None and self.cfg.chat:
+        chat = self.chat
+        if chat is not None and self.cfg.chat:
             if self.rng.random() < CHAT_MESSAGE_PROBABILITY:
-                self._new_message()
-            canvas[style.chat.rows, style.chat.cols] = self.chat  # type: ignore[union-attr]
+                chat.new_message()
+            canvas[chat.box.rows, chat.box.cols] = chat.pixels
         cam = style.cam
         if self.cfg.facecam:
             canvas[cam.rows, cam.cols] = style.accent
