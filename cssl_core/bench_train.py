@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--channels-last", nargs="+", default=list(CHANNELS_LAST), choices=CHANNELS_LAST
     )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak mm")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -385,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         precisions=args.precisions,
         channels_last=args.channels_last,
         threads=args.threads,
+        num_frames=args.frames,
+        matmul_size=args.matmul_size,
         device=args.device,
         progress=lambda row: print(
             f"{_config_name(row)}: full {row['full_images_per_s']:.1f} img/s, bare "

@@ -546,6 +546,10 @@ def test_train_benchmark_runs_and_the_full_step_does_no_extra_model_work(
         "off",
         "--threads",
         "1",
+        "--frames",
+        "32",
+        "--matmul-size",
+        "256",
         "--json",
     ]
     assert main(argv) == 0
