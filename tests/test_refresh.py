@@ -245,10 +245,6 @@ def test_embed_writes_the_champions_embeddings(lin: Lineage, sim_shards: Path, t
     assert pq.read_table(out).num_rows == shard.manifest["splits"]["eval"]
 
 
-@pytest.mark.xfail(
-    reason="failed after the simulator rewrite; under investigation (see issue 6 note)",
-    strict=False,
-)
 def test_a_rejected_candidate_is_registered_but_not_promoted(
     lin: Lineage, sim_shards: Path, tmp_path: Path
 ):
@@ -257,7 +253,7 @@ def test_a_rejected_candidate_is_registered_but_not_promoted(
     data."""
     registry = Registry()
     champion = registry.champion()
-    assert champion is not None
+    assert champion is not None and lin.summaries["p03"]["promoted"]
     count = len(registry.versions())
     strict = [
         "gate.max_forgetting=0",
