@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides)
     shards = workdir / "shards"
     names = params.period_names
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     out.print(
         f"[bold]cssl demo[/]: {len(names)} periods of {params.simulate.frames_per_period} "
         f"simulated Atari stream frames; strategy {params.train.strategy}, "
@@ -317,7 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.rule("report (read back from MLflow)")
     for line in format_report(build_report(params)):
         out.print(line)
-    minutes = (__import__("time").perf_counter() - t0) / 60
+    minutes = (time.perf_counter() - t0) / 60
     out.print(
         f"\n[bold]done in {minutes:.1f} min.[/] Explore: .venv/bin/cssl report | "
         f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db"
