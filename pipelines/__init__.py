@@ -1,1 +1,9 @@
 """Orchestration: Prefect flows, MLflow registry, promotion gate and the cssl CLI."""
+
+import os
+
+# Set before prefect or mlflow is imported anywhere in this package; a user's own setting wins.
+# The local temporary Prefect server must not try to phone home (it logs an error offline).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Quiet, non-interactive MLflow downloads.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

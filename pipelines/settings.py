@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Quiet, non-interactive defaults for MLflow (a user's own setting wins).
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 MODEL_NAME = "stream-embedding"
 EXPERIMENT = "cssl-refresh"
 
