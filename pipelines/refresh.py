@@ -12,6 +12,7 @@ fast. All the machine-learning work is ``cssl_core.period``, shared with the DVC
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from cssl_core.metrics import AccuracyMatrix
 from cssl_core.models import Embedder
 from cssl_core.replay import ReplayMemory
 from cssl_core.shard import Shard, ShardError
-from cssl_core.storage import open_store
+from cssl_core.storage import open_store, redact
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import Registry, VersionInfo
 from pipelines.settings import state_dir
@@ -245,7 +246,14 @@ def tracked_run(registry: Registry, name: str) -> Iterator[str]:
     try:
         yield run.info.run_id
     except BaseException:
-        registry.client.set_terminated(run.info.run_id, "FAILED")
+        try:
+            registry.client.set_terminated(run.info.run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - the tracking server may be the fault itself
+            # Keep the error that stopped the run; a run left RUNNING is never registered.
+            logging.getLogger(__name__).warning(
+                "could not mark MLflow run %s FAILED: %s", run.info.run_id,
+                redact(f"{exc.__class__.__name__}: {exc}"),
+            )
         raise
     registry.client.set_terminated(run.info.run_id, "FINISHED")
 

@@ -105,6 +105,10 @@ class Registry:
                 code_paths=[str(CORE_CODE)],
                 pip_requirements=_pinned_requirements(),
             )
+        # Leaving the block ended the run as FINISHED, but the refresh is not done: the
+        # caller sets the final status, so a refresh that dies from here on never leaves a
+        # run that looks finished.
+        self.client.update_run(run_id, status="RUNNING")
         return info.model_uri
 
     # -- versions ------------------------------------------------------------------------
