@@ -125,6 +125,10 @@ class TrainConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = Field(50, ge=1)
     num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: this rank's GPU when torch sees one, else the CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the training forward (GPU runs)")
     seed: int = 0
 
 
@@ -159,6 +163,31 @@ class GateConfig(_Section):
     max_forgetting: float = Field(0.10, ge=0)
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training under torchrun (DDP). Only the train step runs in these
+    processes; the rest of a refresh stays in one process. One process on one node (the
+    default) trains in-process, without torchrun."""
+
+    nproc_per_node: int = Field(1, ge=1, description="training processes per node (GPUs)")
+    nnodes: int = Field(1, ge=1, description="nodes; more than 1 needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of the c10d rendezvous (multi-node); none: --standalone"
+    )
+    rdzv_id: str = Field("cssl", description="job id shared by every node's torchrun")
+    max_restarts: int = Field(1, ge=0, description="elastic restarts; each resumes a checkpoint")
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (HOST:PORT of the rendezvous)")
+        return self
+
+    @property
+    def launches_processes(self) -> bool:
+        """True when training must run under torchrun (more than one process in the job)."""
+        return self.nproc_per_node * self.nnodes > 1
+
+
 class StoreConfig(_Section):
     """Where shards, replay memory and checkpoints live: a directory or ``s3://bucket/prefix``."""
 
@@ -186,6 +215,7 @@ class Params(_Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _periods_chain(self) -> Params:
@@ -217,8 +247,14 @@ class Params(_Section):
         return (own or self.ingest.source).format(period=name)
 
     def config_hash(self) -> str:
-        """A short stable hash of the whole config (for lineage tags)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A short stable hash of the config (for lineage tags and checkpoint run keys).
+
+        ``distributed`` is left out: how many processes train a period places the work, it
+        does not change the model (a DDP step equals the single-process step on the same
+        global batch), so a period may resume on a different number of processes.
+        """
+        dump = self.model_dump(mode="json", exclude={"distributed"})
+        blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

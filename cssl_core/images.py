@@ -11,9 +11,13 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -100,16 +104,29 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def decode_batch(images: list[bytes], size: int) -> "torch.Tensor":
+def decode_batch(
+    images: list[bytes], size: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Decode encoded frames to a uint8 ``(B, 3, size, size)`` tensor.
 
     Each frame is resized so its shorter side is ``size`` and centre-cropped; frames already
     ``size`` x ``size`` (the simulator's) skip both steps. Decoding uses torchvision's libjpeg
     path for JPEG and falls back to PIL for anything else.
+
+    With a CUDA ``device`` and only JPEG frames, decoding runs on the GPU (nvJPEG through
+    ``torchvision.io.decode_jpeg(device=...)``) and the result stays there; when that path is
+    unavailable or fails, frames are decoded on the CPU and copied over.
     """
     import torch
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
     from torchvision.transforms.v2 import functional as F
+
+    if device is not None and torch.device(device).type == "cuda" and images:
+        decoded = _decode_jpeg_gpu(images, size, torch.device(device))
+        if decoded is not None:
+            return decoded
+        return decode_batch(images, size).to(device)
 
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     for i, data in enumerate(images):
@@ -122,5 +139,26 @@ def decode_batch(images: list[bytes], size: int) -> "torch.Tensor":
         if img.shape[-2:] != (size, size):
             img = F.resize(img, size, antialias=True)
             img = F.center_crop(img, [size, size])
+        out[i] = img
+    return out
+
+
+def _decode_jpeg_gpu(images: list[bytes], size: int, device: torch.device) -> torch.Tensor | None:
+    """nvJPEG batch decode, resized and centre-cropped on the GPU; None when not possible."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    if not all(is_jpeg(data) for data in images):
+        return None
+    buffers = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+    try:
+        decoded = decode_jpeg(buffers, mode=ImageReadMode.RGB, device=device)
+    except (RuntimeError, TypeError, ValueError):  # no nvJPEG, or a frame it cannot read
+        return None
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    for i, img in enumerate(decoded):
+        if img.shape[-2:] != (size, size):
+            img = F.center_crop(F.resize(img, size, antialias=True), [size, size])
         out[i] = img
     return out

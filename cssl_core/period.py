@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from cssl_core.config import Params
+from cssl_core.distributed import DistEnv, resolve_device
 from cssl_core.evaluate import EvalSet, PeriodScores, eval_set_from_shard, evaluate_periods
 from cssl_core.models import Embedder
 from cssl_core.replay import ReplayMemory
@@ -80,8 +81,39 @@ def train_period(
     ``joint`` ignores the parent and memory and trains from scratch on the train splits of
     ``history`` (all earlier shards) plus this shard, for t times the steps: the upper bound
     and the cost baseline. The first period (no parent) is plain SimCLR for every strategy.
+
+    With more than one process in ``params.distributed`` the training runs under torchrun
+    (:func:`cssl_core.launch.train_period_torchrun`, data-parallel, same result as one
+    process on the same global batches); otherwise in this process.
     """
+    if params.distributed.launches_processes:
+        from cssl_core.launch import train_period_torchrun
+
+        return train_period_torchrun(
+            params, period, shard, parent, memory, history=history,
+            checkpoint_dir=checkpoint_dir, on_step=on_step,
+        )
+    return train_period_local(params, period, shard, parent, memory, history=history,
+                              checkpoint_dir=checkpoint_dir, on_step=on_step, device=device)
+
+
+def train_period_local(
+    params: Params,
+    period: str,
+    shard: Shard,
+    parent: Embedder | None,
+    memory: ReplayMemory,
+    *,
+    history: Sequence[Shard] = (),
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[StepLog, float], None] | None = None,
+    device: torch.device | None = None,
+    env: DistEnv = DistEnv(),
+) -> tuple[Embedder, TrainResult]:
+    """:func:`train_period` in this process, as rank ``env.rank`` of ``env.world_size``
+    (a torchrun worker passes its place in the job; a plain call is rank 0 of 1)."""
     cfg = params.train
+    device = device or resolve_device(cfg.device, env)
     index = params.period_index(period)
     train_table = shard.read(split="train")
     categories = _categories(train_table) if cfg.classifier else []
@@ -98,16 +130,16 @@ def train_period(
         if cfg.strategy in USES_DISTILL:
             teacher = parent.frozen_copy()
         if len(memory):
-            replay = FrameSource.from_table(memory.table, params.model.input_size)
+            replay = FrameSource.from_table(memory.table, params.model.input_size, device=device)
     effective = cfg
     if parent is None and cfg.strategy in USES_DISTILL:
         effective = cfg.model_copy(update={"strategy": "finetune"})
     trainer = ContinualTrainer(
-        effective, params.augment, model, teacher=teacher,
-        device=device or torch.device("cpu"), checkpoint_dir=checkpoint_dir,
-        run_key=run_key(params, period, shard, parent, memory), on_step=on_step,
+        effective, params.augment, model, teacher=teacher, device=device,
+        checkpoint_dir=checkpoint_dir, run_key=run_key(params, period, shard, parent, memory),
+        rank=env.rank, world_size=env.world_size, on_step=on_step,
     )
-    frames = FrameSource.from_table(train_table, params.model.input_size)
+    frames = FrameSource.from_table(train_table, params.model.input_size, device=device)
     result = trainer.fit(frames, replay, steps=steps_for(cfg.strategy, cfg.steps, index))
     return model, result
 

@@ -10,8 +10,12 @@ model toward the frozen previous model. Everything that makes a step random (bat
 replay draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint
 ends with exactly the weights of an uninterrupted run (on CPU).
 
-The trainer is DistributedDataParallel-ready: batches are sliced per rank by
-:func:`batch_indices`, and only rank 0 writes checkpoints.
+Under torchrun (``rank``/``world_size`` set, a process group up) the trainer is data-parallel:
+every rank derives the same global batch (indices, replay draw, augmentation parameters), runs
+the model on its own rows inside DistributedDataParallel, and gathers the outputs with
+gradients, so losses, BatchNorm statistics and gradients are those of the single-process step
+on the same global batch (:mod:`cssl_core.distributed`). Only rank 0 writes checkpoints; every
+rank resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from cssl_core import distributed as ddp
 from cssl_core.augment import SimCLRAugment
 from cssl_core.config import AugmentConfig, TrainConfig
 from cssl_core.images import decode_batch
@@ -126,13 +132,15 @@ class FrameSource:
         size: int,
         labels: list[str | None] | None = None,
         cache_bytes: int = 2 * 1024**3,
+        device: torch.device | str | None = None,
     ) -> None:
         self.encoded = images
         self.size = size
         self.labels = labels
+        self.device = torch.device(device) if device is not None else None
         self._decoded: torch.Tensor | None = None
         if len(images) * 3 * size * size <= cache_bytes and images:
-            self._decoded = decode_batch(images, size)
+            self._decoded = decode_batch(images, size, device=self.device)
 
     @classmethod
     def from_table(cls, table: pa.Table, size: int, **kw: Any) -> FrameSource:
@@ -143,9 +151,10 @@ class FrameSource:
         return len(self.encoded)
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(len(idx), 3, size, size)`` frames (on the GPU when decoded there)."""
         if self._decoded is not None:
-            return self._decoded[idx]
-        return decode_batch([self.encoded[i] for i in idx.tolist()], self.size)
+            return self._decoded[idx.to(self._decoded.device)]
+        return decode_batch([self.encoded[i] for i in idx.tolist()], self.size, self.device)
 
     def labels_at(self, idx: torch.Tensor) -> list[str | None]:
         if self.labels is None:
@@ -263,12 +272,45 @@ class TrainResult:
         return self.history[-1].loss if self.history else float("nan")
 
 
+class TwoViews(nn.Module):
+    """One training forward: both views through the model and the heads the loss needs.
+
+    DistributedDataParallel wraps this module: one call per step, and every head that gets a
+    gradient runs inside it, so DDP sees each parameter's gradient. Returns ``z1, z2``
+    (projections) and, when asked for, ``p1, p2`` (CaSSLe predictor of the projections),
+    ``q1, q2`` (PFR predictor of the features) and ``logits`` (classifier on stop-gradient
+    view-1 features).
+    """
+
+    def __init__(
+        self, model: Embedder, predictor: bool, feature_predictor: bool, classifier: bool
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.predictor, self.feature_predictor = predictor, feature_predictor
+        self.classifier = classifier
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model
+        out1, out2 = model(v1), model(v2)
+        out = {"z1": out1.projection, "z2": out2.projection}
+        if self.predictor:
+            out |= {"p1": model.predict(out1.projection), "p2": model.predict(out2.projection)}
+        if self.feature_predictor:
+            out["q1"] = model.predict_features(out1.features)
+            out["q2"] = model.predict_features(out2.features)
+        if self.classifier:
+            out["logits"] = model.classify(out1.features.detach())
+        return out
+
+
 @dataclass
 class ContinualTrainer:
     """Train ``model`` for one period.
 
     ``teacher`` is the frozen previous model (required by the distill strategies);
-    ``replay`` holds the replay memory's frames (used by the replay strategies).
+    ``replay`` holds the replay memory's frames (used by the replay strategies). ``rank`` and
+    ``world_size`` place this process in a torchrun job (see the module docstring).
     """
 
     cfg: TrainConfig
@@ -286,10 +328,14 @@ class ContinualTrainer:
     def __post_init__(self) -> None:
         if self.cfg.strategy in USES_DISTILL and self.teacher is None:
             raise ValueError(f"strategy {self.cfg.strategy!r} needs the frozen previous model")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
         self.autocast_dtype = resolve_precision(self.cfg.precision, self.device)
         cl = self.cfg.channels_last
         self.channels_last = cl == "on" or (cl == "auto" and self.autocast_dtype is not None)
         self.augmenter = SimCLRAugment(self.augment, self.model.cfg.input_size)
+        self._layout = (0, 0)  # (new, replay) rows of the current global batch
+        self._forward: nn.Module | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -309,30 +355,103 @@ class ContinualTrainer:
             return Lars(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
         return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
 
+    def _uses_distill(self) -> bool:
+        return self.cfg.strategy in USES_DISTILL and self.cfg.distill_weight > 0
+
+    def _uses_classifier(self) -> bool:
+        return self.cfg.classifier and self.model.classifier is not None
+
+    def build_forward(self) -> nn.Module:
+        """The per-step forward module: :class:`TwoViews`, in DDP under torchrun, compiled
+        when ``train.compile`` is on."""
+        distill = self._uses_distill()
+        module: nn.Module = TwoViews(
+            self.model,
+            predictor=distill and self.cfg.distill_loss == "predictor",
+            feature_predictor=distill and self.cfg.distill_loss == "feature",
+            classifier=self._uses_classifier(),
+        )
+        module = ddp.wrap_ddp(module, self.device)
+        if self.cfg.compile:
+            module = torch.compile(module)
+        return module
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 frames to the training device: pinned memory and an asynchronous copy on
+        GPUs (the views are then made there); unchanged on the CPU."""
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
     # -- one step ------------------------------------------------------------------------
+    def global_batch(
+        self, step: int, frames: FrameSource, replay: FrameSource | None, n_new: int, n_replay: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame and replay indices of the whole global batch at ``step`` (same on every rank)."""
+        idx = batch_indices(len(frames), n_new, step, self.cfg.seed)
+        ridx = torch.zeros(0, dtype=torch.long)
+        if n_replay:
+            assert replay is not None
+            ridx = torch.randperm(len(replay), generator=step_generator(self.cfg.seed, step, 2))
+            ridx = ridx[:n_replay]
+        return idx, ridx
+
+    def local_views(
+        self,
+        step: int,
+        frames: FrameSource,
+        replay: FrameSource | None,
+        idx: torch.Tensor,
+        ridx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's two views: its rows of the global batch, augmented with the global
+        batch's parameters (drawn for every row from the step's generator, then sliced)."""
+        r, w = self.rank, self.world_size
+        x = frames.get(idx[r::w])
+        if len(ridx):
+            assert replay is not None
+            x = torch.cat([x, replay.get(ridx[r::w]).to(x.device)])
+        x = self._to_device(x)
+        g = step_generator(self.cfg.seed, step, stream=3)
+        total, size = len(idx) + len(ridx), frames.size
+        first = self.augmenter.sample(total, size, size, g)
+        second = self.augmenter.sample(total, size, size, g)
+        if w > 1:
+            rows = ddp.rank_rows(len(idx), len(ridx), r, w)
+            first, second = ddp.slice_rows(first, rows), ddp.slice_rows(second, rows)
+        v1, v2 = self.augmenter.view(x, first), self.augmenter.view(x, second)
+        return self._prepare(v1), self._prepare(v2)
+
+    def _global(self, x: torch.Tensor) -> torch.Tensor:
+        return ddp.to_global_batch(x, *self._layout)
+
     def loss_terms(
         self, v1: torch.Tensor, v2: torch.Tensor, labels: list[str | None]
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss from this rank's views and the GLOBAL batch's labels.
+
+        Outputs are gathered across ranks (identity for one process) before any loss, so
+        each term is computed on the global batch in global row order.
+        """
         cfg = self.cfg
-        out1, out2 = self.model(v1), self.model(v2)
-        z1, z2 = out1.projection.float(), out2.projection.float()
-        ssl = nt_xent(z1, z2, cfg.temperature)
+        forward = self._forward if self._forward is not None else self.build_forward()
+        local = forward(v1, v2)
+        out = {k: self._global(v.float()) for k, v in local.items()}
+        ssl = nt_xent(out["z1"], out["z2"], cfg.temperature)
         total = ssl
         distill = torch.zeros((), device=ssl.device)
-        frozen1 = frozen2 = None
-        if cfg.strategy in USES_DISTILL and cfg.distill_weight > 0:
-            assert self.teacher is not None
-            with torch.no_grad():
-                frozen1, frozen2 = self.teacher(v1), self.teacher(v2)
-            distill = self._distill(out1, out2, frozen1, frozen2)
+        frozen: dict[str, torch.Tensor] | None = None
+        if self._uses_distill():
+            frozen = self._frozen_outputs(v1, v2)
+            distill = self._distill(out, frozen)
             total = total + cfg.distill_weight * distill
         clf = torch.zeros((), device=ssl.device)
-        if cfg.classifier and self.model.classifier is not None:
-            clf = self._classifier_loss(out1.features, labels, frozen1)
+        if self._uses_classifier():
+            clf = self._classifier_loss(out["logits"], labels, frozen)
             total = total + cfg.classifier_weight * clf
         terms = {
             "ssl": float(ssl.detach()),
@@ -341,46 +460,53 @@ class ContinualTrainer:
         }
         return total, terms
 
-    def _distill(self, out1: Any, out2: Any, frozen1: Any, frozen2: Any) -> torch.Tensor:
-        cfg, model = self.cfg, self.model
+    @torch.no_grad()
+    def _frozen_outputs(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen model on this rank's views, gathered to the global batch."""
+        teacher = self.teacher
+        assert teacher is not None
+        f1, f2 = teacher(v1), teacher(v2)
+        if self.cfg.distill_loss == "feature":
+            out = {"f1": f1.features, "f2": f2.features}
+        else:
+            out = {"z1": f1.projection, "z2": f2.projection}
+        if self._uses_classifier() and teacher.classifier is not None and teacher.categories:
+            out["logits"] = teacher.classify(f1.features)
+        return {k: self._global(v.float()) for k, v in out.items()}
+
+    def _distill(
+        self, out: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        cfg = self.cfg
         t = cfg.distill_temperature
         if cfg.distill_loss == "predictor":
-            p1 = model.predict(out1.projection).float()
-            p2 = model.predict(out2.projection).float()
-            return predictor_distill(
-                p1, p2, frozen1.projection.float(), frozen2.projection.float(), t
-            )
+            return predictor_distill(out["p1"], out["p2"], frozen["z1"], frozen["z2"], t)
         if cfg.distill_loss == "nt_xent":
             return 0.5 * (
-                nt_xent_distill(out1.projection.float(), frozen1.projection.float(), t)
-                + nt_xent_distill(out2.projection.float(), frozen2.projection.float(), t)
+                nt_xent_distill(out["z1"], frozen["z1"], t)
+                + nt_xent_distill(out["z2"], frozen["z2"], t)
             )
-        p1 = model.predict_features(out1.features).float()
-        p2 = model.predict_features(out2.features).float()
         return 0.5 * (
-            feature_distill(p1, frozen1.features.float())
-            + feature_distill(p2, frozen2.features.float())
+            feature_distill(out["q1"], frozen["f1"]) + feature_distill(out["q2"], frozen["f2"])
         )
 
     def _classifier_loss(
-        self, features: torch.Tensor, labels: list[str | None], frozen: Any
+        self,
+        logits: torch.Tensor,
+        labels: list[str | None],
+        frozen: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Kaizen: CE on stop-gradient features plus distillation toward the frozen head."""
-        model = self.model
-        index = {c: i for i, c in enumerate(model.categories)}
+        """Kaizen: CE of the classifier on stop-gradient features (``logits``) plus
+        distillation toward the frozen classifier on the old classes."""
+        index = {c: i for i, c in enumerate(self.model.categories)}
         known = [i for i, c in enumerate(labels) if c in index]
-        logits = model.classify(features.detach())
-        loss = torch.zeros((), device=features.device)
+        loss = torch.zeros((), device=logits.device)
         if known:
-            target = torch.tensor([index[labels[i]] for i in known], device=features.device)
+            target = torch.tensor([index[labels[i]] for i in known], device=logits.device)
             loss = F.cross_entropy(logits[known], target)
-        teacher = self.teacher
-        if frozen is not None and teacher is not None and teacher.classifier is not None:
-            n_old = len(teacher.categories)
-            if n_old:
-                with torch.no_grad():
-                    old_logits = teacher.classify(frozen.features)
-                loss = loss + classifier_distill(logits[:, :n_old], old_logits, 2.0)
+        if frozen is not None and "logits" in frozen:
+            n_old = frozen["logits"].shape[1]
+            loss = loss + classifier_distill(logits[:, :n_old], frozen["logits"], 2.0)
         return loss
 
     # -- the loop ------------------------------------------------------------------------
@@ -390,6 +516,8 @@ class ContinualTrainer:
         cfg = self.cfg
         total_steps = steps if steps is not None else cfg.steps
         model = self.model.to(self.device)
+        if self.world_size > 1:
+            ddp.convert_batchnorm(model, self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.teacher is not None:
@@ -406,54 +534,58 @@ class ContinualTrainer:
         n_new, n_replay = replay_split(
             cfg.batch_size, cfg.replay_ratio, len(replay) if use_replay and replay else 0
         )
-        history: list[StepLog] = []
+        if n_new < self.world_size:
+            raise ValueError(
+                f"a global batch of {n_new} new frames cannot be split over {self.world_size} "
+                "processes: raise train.batch_size or lower the process count"
+            )
+        self._layout = (n_new, n_replay)
         model.train()
+        self._forward = self.build_forward()  # DDP broadcasts rank 0's weights here
+        history: list[StepLog] = []
         t0 = time.perf_counter()
         seen = 0
-        for step in range(start, total_steps):
-            idx = batch_indices(len(frames), n_new, step, cfg.seed, self.rank, self.world_size)
-            x = frames.get(idx)
-            labels = frames.labels_at(idx)
-            if n_replay:
-                assert replay is not None
-                ridx = torch.randperm(len(replay), generator=step_generator(cfg.seed, step, 2))
-                ridx = ridx[:n_replay][self.rank :: self.world_size]
-                x = torch.cat([x, replay.get(ridx)])
-                labels = labels + replay.labels_at(ridx)
-            v1, v2 = self.augmenter(x, step_generator(cfg.seed, step, stream=3))
-            v1, v2 = self._prepare(v1), self._prepare(v2)
-            lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(
-                self.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
-                loss, terms = self.loss_terms(v1, v2, labels)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step} (lr {lr:.4g}); nothing was "
-                    "promoted: lower train.lr or check the shard"
+        try:
+            for step in range(start, total_steps):
+                idx, ridx = self.global_batch(step, frames, replay, n_new, n_replay)
+                labels = frames.labels_at(idx) + (replay.labels_at(ridx) if replay else [])
+                v1, v2 = self.local_views(step, frames, replay, idx, ridx)
+                lr = lr_at(step, cfg, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                ):
+                    loss, terms = self.loss_terms(v1, v2, labels)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"loss became {loss_value} at step {step} (lr {lr:.4g}); nothing was "
+                        "promoted: lower train.lr or check the shard"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seen += n_new + n_replay
+                log = StepLog(
+                    step, loss_value, terms["ssl"], terms["distill"], terms["classifier"], lr
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(x)
-            log = StepLog(step, loss_value, terms["ssl"], terms["distill"], terms["classifier"], lr)
-            history.append(log)
-            if self.on_step is not None:
-                self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
-            done = step + 1
-            if (
-                self.rank == 0
-                and self.checkpoint_dir is not None
-                and (done % cfg.checkpoint_every == 0 or done == total_steps)
-            ):
-                save_checkpoint(self.checkpoint_dir, done, model, optimizer, self.run_key)
-            if self.fail_at_step is not None and done >= self.fail_at_step:
-                raise RuntimeError(f"injected failure after step {done}")
+                history.append(log)
+                if self.on_step is not None:
+                    self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
+                done = step + 1
+                if (
+                    self.rank == 0
+                    and self.checkpoint_dir is not None
+                    and (done % cfg.checkpoint_every == 0 or done == total_steps)
+                ):
+                    save_checkpoint(self.checkpoint_dir, done, model, optimizer, self.run_key)
+                if self.fail_at_step is not None and done >= self.fail_at_step:
+                    raise RuntimeError(f"injected failure after step {done}")
+        finally:
+            self._forward = None
         wall = time.perf_counter() - t0
         if self.channels_last:
             model.to(memory_format=torch.contiguous_format)

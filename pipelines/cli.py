@@ -29,8 +29,22 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
 
 
+def _distributed_overrides(args: argparse.Namespace) -> list[str]:
+    """``--nproc-per-node/--nnodes/--rdzv-endpoint`` as ``distributed.*`` overrides."""
+    flags = {
+        "nproc_per_node": getattr(args, "nproc_per_node", None),
+        "nnodes": getattr(args, "nnodes", None),
+        "rdzv_endpoint": getattr(args, "rdzv_endpoint", None),
+    }
+    return [f"distributed.{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*(args.set or ()), *_distributed_overrides(args)]
+
+
 def _params(args: argparse.Namespace) -> Params:
-    return load_params(args.params, args.set or ())
+    return load_params(args.params, _overrides(args))
 
 
 def _progress(total: int | None, description: str) -> Any:
@@ -224,7 +238,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
     summary = refresh(
         args.period, shard=args.shard, source=args.source, params_path=args.params,
-        overrides=args.set or [],
+        overrides=_overrides(args),
     )
     if args.json:
         _emit(args, summary, [])
@@ -273,6 +287,20 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     result = run_train_benchmark(_params(args), steps=args.steps)
     _emit(args, result, format_train_benchmark(result))
+    return EXIT_OK
+
+
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from cssl_core.bench_scaling import format_scaling_benchmark, run_scaling_benchmark
+
+    result = run_scaling_benchmark(
+        _params(args), procs=args.procs, threads=args.threads, steps=args.steps,
+        warmup=args.warmup, frames=args.frames,
+        progress=lambda row: console.print(
+            f"{row['procs']} x {row['threads']}: {row['images_per_s']:.1f} img/s"
+        ),
+    )
+    _emit(args, result, format_scaling_benchmark(result))
     return EXIT_OK
 
 
@@ -364,6 +392,14 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     return opts
 
 
+def _distributed_options(p: argparse.ArgumentParser) -> None:
+    """torchrun placement of the training step (params.yaml ``distributed:``)."""
+    g = p.add_argument_group("distributed training (torchrun/DDP; the train step only)")
+    g.add_argument("--nproc-per-node", type=int, metavar="N", help="training processes per node")
+    g.add_argument("--nnodes", type=int, metavar="M", help="nodes (needs --rdzv-endpoint)")
+    g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of the nodes")
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     top, common = _common_options(suppress=False), _common_options(suppress=True)
@@ -423,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     b.set_defaults(func=cmd_bench_train)
     b = benches.add_parser(
+        "scaling", parents=[common],
+        help="training throughput from 1 to N torchrun processes (DDP); scaling efficiency",
+    )
+    b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts")
+    b.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
+    b.set_defaults(func=cmd_bench_scaling)
+    b = benches.add_parser(
         "continual", parents=[common],
         help="strategies on real data: accuracy, forgetting, compute",
         description="Continual refresh strategies vs fine-tuning and joint retraining.",
@@ -441,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw frames to ingest first: path or s3://bucket/prefix (default: the period's "
         "source in params.yaml, e.g. simulate)",
     )
+    _distributed_options(p)
 
     p = verb("report", cmd_report, "Accuracy matrix, metrics and lineage, read from MLflow.")
 
@@ -463,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--models", default="data/models")
     p.add_argument("--memory", default="data/memory", help="where replay memory versions live")
+    _distributed_options(p)
 
     p = verb("evaluate", cmd_evaluate, "DVC stage: evaluate one period's model on periods so far.")
     p.add_argument("--period", required=True)
