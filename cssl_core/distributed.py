@@ -182,30 +182,27 @@ def to_global_batch(x: Tensor, n_new: int, n_replay: int) -> Tensor:
     return gathered[global_order(n_new, n_replay, world).to(gathered.device)]
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient is summed over ranks too (each rank's loss is global)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out = x.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+def combine_moments(means: Tensor, variances: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of a union of groups from each group's own (Chan et al.'s
+    parallel formula): ``(W, C)`` means and biased variances, ``(W, 1)`` row counts ->
+    ``(C,)`` mean ``sum n_i m_i / N`` and variance ``sum n_i (v_i + (m_i - m)^2) / N``.
+    Differentiable; exact in real arithmetic, and stable (no ``E[x^2] - E[x]^2``)."""
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+    return mean, var
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch across ranks.
 
-    Mean and (biased) variance are ``sum x / N`` and ``sum (x - mean)^2 / N`` over all ranks'
-    rows (two differentiable all-reduces); running statistics are updated with the unbiased
-    variance, as :class:`torch.nn.BatchNorm2d` does. Works with any backend (gloo on CPU);
-    on GPUs :func:`convert_batchnorm` uses torch's fused ``SyncBatchNorm`` instead. Alone, or
-    in eval mode, it is a plain BatchNorm. The state-dict keys are BatchNorm's.
+    Each rank computes its rows' mean and biased variance per channel; one differentiable
+    all-gather shares them (with the row counts), and :func:`combine_moments` gives the
+    global batch's, so a step costs one collective forward and one backward per layer.
+    Running statistics are updated with the unbiased variance, as
+    :class:`torch.nn.BatchNorm2d` does. Works with any backend (gloo on CPU); on GPUs
+    :func:`convert_batchnorm` uses torch's fused ``SyncBatchNorm`` instead. Alone, or in eval
+    mode, it is a plain BatchNorm. The state-dict keys are BatchNorm's.
     """
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -215,16 +212,19 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _active()):
             return super().forward(x)
+        channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device)
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        n = float(count.item())
-        mean = _AllReduceSum.apply(xf.sum(dims)) / n
-        centred = xf - mean.reshape(shape)
-        var = _AllReduceSum.apply(centred.square().sum(dims)) / n
+        local_var, local_mean = torch.var_mean(xf, dim=dims, correction=0)
+        count = local_mean.new_full((1,), x.numel() / channels)
+        stats = torch.cat([local_mean, local_var, count])[None]
+        every = all_gather_rows(stats, [1] * dist.get_world_size())
+        means, variances = every[:, :channels], every[:, channels : 2 * channels]
+        counts = every[:, 2 * channels :].detach()
+        mean, var = combine_moments(means, variances, counts)
         if self.track_running_stats and self.running_mean is not None:
+            n = float(counts.sum())
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 tracked = float(self.num_batches_tracked)
@@ -232,7 +232,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 unbiased = var.detach() * (n / max(1.0, n - 1))
                 self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        y = centred * torch.rsqrt(var + self.eps).reshape(shape)
+        y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         return y.to(x.dtype)

@@ -85,6 +85,20 @@ def test_sliced_augmentation_parameters_give_the_rows_of_the_global_views() -> N
     torch.testing.assert_close(part, whole[rows], atol=1e-6, rtol=0)
 
 
+def test_combined_moments_of_groups_are_those_of_their_union() -> None:
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.randn(n, 5, generator=g, dtype=torch.float64) * 3 + 1 for n in (7, 2, 4)]
+    stats = [torch.var_mean(x, dim=0, correction=0) for x in groups]
+    mean, var = ddp.combine_moments(
+        torch.stack([m for _, m in stats]),
+        torch.stack([v for v, _ in stats]),
+        torch.tensor([[float(len(x))] for x in groups], dtype=torch.float64),
+    )
+    want_var, want_mean = torch.var_mean(torch.cat(groups), dim=0, correction=0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, want_var, rtol=1e-12, atol=1e-12)
+
+
 def test_env_and_device_from_torchruns_variables() -> None:
     env = ddp.env_from(
         {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "2"}
