@@ -123,6 +123,27 @@ def test_alone_the_collectives_are_the_identity_and_global_bn_is_batchnorm() -> 
     assert set(converted.state_dict()) == {f"0.{k}" for k in ref.state_dict()}
 
 
+def test_the_gpu_jpeg_path_resizes_and_crops_like_the_cpu_path(cifar_jpegs: list[bytes]) -> None:
+    """``_decode_jpeg_gpu`` run with torchvision's CPU decoder: same frames as
+    ``decode_batch``'s CPU path (the GPU itself is not available here)."""
+    from cssl_core.images import _decode_jpeg_gpu, decode_batch
+
+    frames = cifar_jpegs[:6]
+    for size in (32, 24):
+        got = _decode_jpeg_gpu(frames, size, torch.device("cpu"))
+        assert got is not None and torch.equal(got, decode_batch(frames, size))
+    assert _decode_jpeg_gpu([b"not a jpeg"], 24, torch.device("cpu")) is None
+
+
+def test_train_compile_wraps_the_training_forward_and_is_off_by_default() -> None:
+    assert not train_cfg().compile
+    plain = trainer(train_cfg()).build_forward()
+    compiled = trainer(train_cfg(compile=True)).build_forward()
+    assert type(plain).__name__ == "TwoViews"
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled._orig_mod.model is not None
+
+
 def test_torchrun_command_standalone_and_multi_node() -> None:
     job = Path("/jobs/p01")
     one = torchrun_command(job, DistributedConfig(nproc_per_node=4), python="py")
