@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -62,6 +65,23 @@ def _logged_model_id(model_uri: str) -> str | None:
     return ref
 
 
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite tracking store across processes.
+
+    MLflow creates its tables when a client first opens the database; two refreshes starting
+    together on a fresh store would both try, and the loser would fail with "table ...
+    already exists" instead of meeting the period lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        yield
+
+
 def _pinned_requirements() -> list[str]:
     pins = []
     for name in SERVING_REQUIREMENTS:
@@ -78,7 +98,8 @@ class Registry:
     def __init__(self, uri: str | None = None) -> None:
         self.uri = uri or tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        with _sqlite_init_lock(self.uri):
+            self.client = MlflowClient(self.uri)
 
     # -- experiment and runs -------------------------------------------------------------
     def experiment_id(self) -> str:

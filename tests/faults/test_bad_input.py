@@ -22,7 +22,7 @@ import pytest
 from conftest import tiny_override_list
 
 from cssl_core.images import frame_id
-from cssl_core.shard import FRAME_SCHEMA, Shard
+from cssl_core.shard import FRAME_SCHEMA, Shard, ShardError
 from pipelines.cli import EXIT_FAILED, EXIT_OK, main
 
 ODD_CATEGORY = "Pokémon 🎮 日本語\u200b\u0301 ½"
@@ -155,12 +155,17 @@ def test_a_shard_with_bad_rows_is_refused_by_refresh_and_repaired_by_validate(
     shard_dir.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=FRAME_SCHEMA), shard_dir / "part-0.parquet")
 
-    sets = [a for item in tiny_override_list() for a in ("--set", item)]
-    refresh = ["refresh", "--period", "p01", "--shard", str(shard_dir), *sets]
-    refresh += ["--set", f"store.root={tmp_path / 'store'}"]
-    code, _, err = _cli(capsys, *refresh)
-    assert code == EXIT_FAILED
-    _one_line_error(err, "is not clean", f"cssl validate {shard_dir}")
+    from pipelines.refresh import refresh
+
+    with pytest.raises(ShardError) as refused:  # the CLI prints this message as its one line
+        refresh(
+            "p01",
+            shard=str(shard_dir),
+            overrides=[*tiny_override_list(), f"store.root={tmp_path / 'store'}"],
+        )
+    message = str(refused.value)
+    assert "\n" not in message and "is not clean" in message, message
+    assert f"cssl validate {shard_dir}" in message, message
     assert not (tmp_path / "store" / "shards").exists()  # nothing was published
 
     code, _, err = _cli(capsys, "validate", str(shard_dir))  # repair: quarantine the bad rows
