@@ -350,21 +350,11 @@ def format_train_benchmark(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from cssl_core.config import apply_overrides, load_params, params_from_dict
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="override, e.g. model.backbone=resnet10t (repeatable)",
-    )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=None)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own options (``cssl bench train`` and ``python -m`` share them)."""
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument(
         "--channels-last", nargs="+", default=list(CHANNELS_LAST), choices=CHANNELS_LAST
@@ -373,13 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak mm")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    if args.params:
-        params = load_params(args.params, args.overrides)
-    else:  # the built-in defaults, not a params.yaml that happens to be in the directory
-        params = params_from_dict(apply_overrides({}, args.overrides), "defaults")
-    result = run_train_benchmark(
+
+
+def run_from_args(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark for parsed :func:`add_arguments` options; progress goes to stderr."""
+    return run_train_benchmark(
         params,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -397,6 +385,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         ),
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cssl_core.config import apply_overrides, load_params, params_from_dict
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override, e.g. model.backbone=resnet10t (repeatable)",
+    )
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    if args.params:
+        params = load_params(args.params, args.overrides)
+    else:  # the built-in defaults, not a params.yaml that happens to be in the directory
+        params = params_from_dict(apply_overrides({}, args.overrides), "defaults")
+    result = run_from_args(params, args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

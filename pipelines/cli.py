@@ -283,9 +283,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from cssl_core.bench_train import format_train_benchmark, run_train_benchmark
+    from cssl_core.bench_train import format_train_benchmark, run_from_args
 
-    result = run_train_benchmark(_params(args), steps=args.steps)
+    result = run_from_args(_params(args), args)
     _emit(args, result, format_train_benchmark(result))
     return EXIT_OK
 
@@ -456,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = benches.add_parser(
         "train", help="full training step vs bare forward+backward; FLOP/s", parents=[common]
     )
-    b.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    from cssl_core.bench_train import add_arguments as add_train_arguments
+
+    add_train_arguments(b)
     b.set_defaults(func=cmd_bench_train)
     b = benches.add_parser(
         "scaling", parents=[common],

@@ -515,13 +515,20 @@ def test_distill_plus_replay_forgets_less_than_finetune(
 # -- the benchmark ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("entry", ["module", "cli"])
 def test_train_benchmark_runs_and_the_full_step_does_no_extra_model_work(
-    capsys: pytest.CaptureFixture[str],
+    entry: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A tiny run through ``main`` (JSON out): one configuration, one timed step."""
+    """A tiny run (JSON out) through ``python -m cssl_core.bench_train``'s ``main`` and through
+    ``cssl bench train``: one configuration, one timed step."""
     import json
 
-    from cssl_core.bench_train import format_train_benchmark, main
+    from cssl_core.bench_train import format_train_benchmark
+    from cssl_core.bench_train import main as module_main
+    from pipelines.cli import main as cli_main
+
+    def main(argv: list[str]) -> int:
+        return module_main(argv) if entry == "module" else cli_main(["bench", "train", *argv])
 
     argv = [
         "--set",
