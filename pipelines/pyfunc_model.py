@@ -14,6 +14,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 
 
 class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
@@ -22,8 +23,11 @@ class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
 
         self.model = Embedder.load(context.artifacts["embedder"]).eval()
 
-    # No type hints on predict: MLflow would try to derive an input schema from them.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # A DataFrame hint is one MLflow accepts without deriving a schema from it (the frames are
+    # variable-length bytes); without any hint MLflow warns on every log_model.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         from cssl_core.evaluate import extract_features
 
         images = list(model_input["image"])
