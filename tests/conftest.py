@@ -19,8 +19,18 @@ import pytest
 import yaml
 
 from cssl_core.config import IngestConfig, SimulateConfig
+from cssl_core.datasets import default_cifar10_source
 
-CIFAR_PARQUET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.parquet"
+CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once with one line when the real-image data the suite reads is missing."""
+    if not CIFAR_PARQUET.is_file():
+        raise pytest.UsageError(
+            f"the tests read real CIFAR-10 JPEGs from {CIFAR_PARQUET}, which does not exist: "
+            "set CSSL_CIFAR10 to a cifar10-jpeg.parquet (columns image, label, label_name, split)"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -11,17 +11,17 @@ batch of 12 has 9 new and 3 replay rows, so two ranks hold 7 and 5 rows: unequal
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 
 from cssl_core.config import AugmentConfig, ModelConfig, TrainConfig
+from cssl_core.datasets import default_cifar10_source
 from cssl_core.models import Embedder
 from cssl_core.train import ContinualTrainer, FrameSource
 
-CIFAR_PARQUET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.parquet"
+CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
 SMALL = ModelConfig(
     backbone="resnet10t", input_size=32, projector_hidden=64, projector_dim=32, predictor_hidden=64
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,9 +35,10 @@ from cssl_core.augment import (
     to_grayscale,
 )
 from cssl_core.config import AugmentConfig
+from cssl_core.datasets import default_cifar10_source
 from cssl_core.images import decode_batch
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.parquet"
+CIFAR = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
 MEAN = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
 
