@@ -52,12 +52,17 @@ def new_model(params: Params, categories: Sequence[str] = ()) -> Embedder:
     return Embedder(params.model, categories)
 
 
-def run_key(params: Params, period: str, shard: Shard, parent: Embedder | None,
-            memory: ReplayMemory) -> str:
+def run_key(
+    params: Params, period: str, shard: Shard, parent: Embedder | None, memory: ReplayMemory
+) -> str:
     """Identifies one period's training inputs, so a checkpoint is resumed only by its run."""
-    parts = [params.config_hash(), period, shard.fingerprint,
-             parent.state_fingerprint() if parent is not None else "scratch",
-             memory.fingerprint if len(memory) else "empty"]
+    parts = [
+        params.config_hash(),
+        period,
+        shard.fingerprint,
+        parent.state_fingerprint() if parent is not None else "scratch",
+        memory.fingerprint if len(memory) else "empty",
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -90,11 +95,26 @@ def train_period(
         from cssl_core.launch import train_period_torchrun
 
         return train_period_torchrun(
-            params, period, shard, parent, memory, history=history,
-            checkpoint_dir=checkpoint_dir, on_step=on_step,
+            params,
+            period,
+            shard,
+            parent,
+            memory,
+            history=history,
+            checkpoint_dir=checkpoint_dir,
+            on_step=on_step,
         )
-    return train_period_local(params, period, shard, parent, memory, history=history,
-                              checkpoint_dir=checkpoint_dir, on_step=on_step, device=device)
+    return train_period_local(
+        params,
+        period,
+        shard,
+        parent,
+        memory,
+        history=history,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+        device=device,
+    )
 
 
 def train_period_local(
@@ -135,9 +155,16 @@ def train_period_local(
     if parent is None and cfg.strategy in USES_DISTILL:
         effective = cfg.model_copy(update={"strategy": "finetune"})
     trainer = ContinualTrainer(
-        effective, params.augment, model, teacher=teacher, device=device,
-        checkpoint_dir=checkpoint_dir, run_key=run_key(params, period, shard, parent, memory),
-        rank=env.rank, world_size=env.world_size, on_step=on_step,
+        effective,
+        params.augment,
+        model,
+        teacher=teacher,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        run_key=run_key(params, period, shard, parent, memory),
+        rank=env.rank,
+        world_size=env.world_size,
+        on_step=on_step,
     )
     frames = FrameSource.from_table(train_table, params.model.input_size, device=device)
     result = trainer.fit(frames, replay, steps=steps_for(cfg.strategy, cfg.steps, index))
@@ -148,19 +175,26 @@ def _categories(table: pa.Table) -> list[str]:
     return sorted({c for c in table.column("category").to_pylist() if c is not None})
 
 
-def next_memory(params: Params, memory: ReplayMemory, shard: Shard, model: Embedder,
-                period: str) -> ReplayMemory:
+def next_memory(
+    params: Params, memory: ReplayMemory, shard: Shard, model: Embedder, period: str
+) -> ReplayMemory:
     """``memory(t) = select(memory(t-1) ∪ shard(t))`` with the configured strategy."""
     cfg = params.replay
 
     def score(table: pa.Table):  # noqa: ANN202 - numpy array
-        return ssl_loss_per_frame(model, params.augment, table, params.train.temperature,
-                                  seed=params.train.seed)
+        return ssl_loss_per_frame(
+            model, params.augment, table, params.train.temperature, seed=params.train.seed
+        )
 
     return memory.update(
-        shard.read(split="train"), period, cfg.selection, cfg.capacity, params.train.seed,
+        shard.read(split="train"),
+        period,
+        cfg.selection,
+        cfg.capacity,
+        params.train.seed,
         embed_fn=lambda table: embed_table(model, table),
-        score_fn=score, candidate_pool=cfg.candidate_pool,
+        score_fn=score,
+        candidate_pool=cfg.candidate_pool,
     )
 
 
@@ -175,11 +209,13 @@ def eval_sets_for(shards: Sequence[Shard], params: Params) -> dict[str, EvalSet]
     }
 
 
-def evaluate_model(model: Embedder, eval_sets: Mapping[str, EvalSet],
-                   params: Params) -> dict[str, PeriodScores]:
+def evaluate_model(
+    model: Embedder, eval_sets: Mapping[str, EvalSet], params: Params
+) -> dict[str, PeriodScores]:
     """kNN and linear-probe accuracy of ``model`` on every given period."""
-    return evaluate_periods(model, eval_sets, params.eval, params.model.input_size,
-                            seed=params.train.seed)
+    return evaluate_periods(
+        model, eval_sets, params.eval, params.model.input_size, seed=params.train.seed
+    )
 
 
 def accuracy_row(scores: Mapping[str, PeriodScores], metric: str) -> dict[str, float]:
@@ -220,8 +256,10 @@ def stored_shard(store: ObjectStore, period: str, cache_dir: Path | None = None)
     cache = cache_dir or Path(tempfile.mkdtemp(prefix="cssl-shards-"))
     local = cache / period
     cached = local / MANIFEST
-    if not (cached.is_file() and json.loads(cached.read_text())["fingerprint"]
-            == manifest["fingerprint"]):
+    if not (
+        cached.is_file()
+        and json.loads(cached.read_text())["fingerprint"] == manifest["fingerprint"]
+    ):
         local.mkdir(parents=True, exist_ok=True)
         for part in manifest["parts"]:
             store.get_file(f"{shard_prefix(period)}/{part['file']}", local / part["file"])

@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -419,8 +419,10 @@ class Shard:
         """Read the whole shard (or one split) into memory."""
         batches = list(self.iter_batches(columns, split))
         if not batches:
-            schema = FRAME_SCHEMA if columns is None else pa.schema(
-                [FRAME_SCHEMA.field(c) for c in columns]
+            schema = (
+                FRAME_SCHEMA
+                if columns is None
+                else pa.schema([FRAME_SCHEMA.field(c) for c in columns])
             )
             return schema.empty_table()
         return pa.Table.from_batches(batches)
@@ -443,4 +445,4 @@ def list_shards(root: str | Path) -> list[Shard]:
 
 
 def utc_from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

@@ -237,7 +237,10 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from pipelines.refresh import refresh
 
     summary = refresh(
-        args.period, shard=args.shard, source=args.source, params_path=args.params,
+        args.period,
+        shard=args.shard,
+        source=args.source,
+        params_path=args.params,
         overrides=_overrides(args),
     )
     if args.json:
@@ -275,10 +278,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from pipelines.embed import embed_shard
 
     result = embed_shard(args.model, Path(args.shard), Path(args.out), split=args.split)
-    _emit(args, result, [
-        f"{result['rows']} embeddings of dimension {result['dim']} from {result['model']} "
-        f"(version {result['version']}) -> {args.out}"
-    ])
+    _emit(
+        args,
+        result,
+        [
+            f"{result['rows']} embeddings of dimension {result['dim']} from {result['model']} "
+            f"(version {result['version']}) -> {args.out}"
+        ],
+    )
     return EXIT_OK
 
 
@@ -294,8 +301,12 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     from cssl_core.bench_scaling import format_scaling_benchmark, run_scaling_benchmark
 
     result = run_scaling_benchmark(
-        _params(args), procs=args.procs, threads=args.threads, steps=args.steps,
-        warmup=args.warmup, frames=args.frames,
+        _params(args),
+        procs=args.procs,
+        threads=args.threads,
+        steps=args.steps,
+        warmup=args.warmup,
+        frames=args.frames,
         progress=lambda row: console.print(
             f"{row['procs']} x {row['threads']}: {row['images_per_s']:.1f} img/s"
         ),
@@ -332,16 +343,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not (shards / period / "manifest.json").is_file():
             with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
                 simulate_period(
-                    shards, period, index, len(names), params.simulate,
-                    rows_per_group=params.ingest.rows_per_group, progress=_advance(progress),
+                    shards,
+                    period,
+                    index,
+                    len(names),
+                    params.simulate,
+                    rows_per_group=params.ingest.rows_per_group,
+                    progress=_advance(progress),
                 )
     from pipelines.refresh import refresh
     from pipelines.report import build_report, format_report
 
     for period in names:
         out.rule(f"refresh {period}")
-        summary = refresh(period, shard=str(shards / period), params_path=args.params,
-                          overrides=overrides)
+        summary = refresh(
+            period, shard=str(shards / period), params_path=args.params, overrides=overrides
+        )
         _print_refresh(summary)
     out.rule("report (read back from MLflow)")
     for line in format_report(build_report(params)):
@@ -358,8 +375,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipelines.dvc_stages import train_stage
 
-    result = train_stage(_params(args), args.period, Path(args.shards), Path(args.models),
-                         Path(args.memory))
+    result = train_stage(
+        _params(args), args.period, Path(args.shards), Path(args.models), Path(args.memory)
+    )
     _emit(args, result, [f"{args.period}: {result['weights_sha256']} -> {result['model_dir']}"])
     return EXIT_OK
 
@@ -367,10 +385,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.dvc_stages import evaluate_stage
 
-    result = evaluate_stage(_params(args), args.period, Path(args.shards), Path(args.models),
-                            Path(args.out))
-    _emit(args, result, [f"{p}: knn {s['knn']:.3f}, linear {s['linear']:.3f}"
-                         for p, s in result["scores"].items()])
+    result = evaluate_stage(
+        _params(args), args.period, Path(args.shards), Path(args.models), Path(args.out)
+    )
+    _emit(
+        args,
+        result,
+        [f"{p}: knn {s['knn']:.3f}, linear {s['linear']:.3f}" for p, s in result["scores"].items()],
+    )
     return EXIT_OK
 
 
@@ -384,7 +406,10 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     flag: Any = argparse.SUPPRESS if suppress else False
     opts.add_argument("--params", default=default, help="params file (default: ./params.yaml)")
     opts.add_argument(
-        "--set", action="append", default=default, metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=default,
+        metavar="KEY=VALUE",
         help="override a param, e.g. train.steps=50 (repeatable)",
     )
     opts.add_argument("--json", action="store_true", default=flag, help="JSON on stdout")
@@ -398,7 +423,6 @@ def _distributed_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc-per-node", type=int, metavar="N", help="training processes per node")
     g.add_argument("--nnodes", type=int, metavar="M", help="nodes (needs --rdzv-endpoint)")
     g.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of the nodes")
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("ingest", cmd_ingest, "Turn videos, image folders or Parquet into a period shard.")
     p.add_argument(
-        "sources", nargs="*", metavar="SOURCE",
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
         help="video files, image folders or Parquet (default: params.yaml ingest.source)",
     )
     p.add_argument("--period", required=True)
@@ -461,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(b)
     b.set_defaults(func=cmd_bench_train)
     b = benches.add_parser(
-        "scaling", parents=[common],
+        "scaling",
+        parents=[common],
         help="training throughput from 1 to N torchrun processes (DDP); scaling efficiency",
     )
     b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts")
@@ -471,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
     b.set_defaults(func=cmd_bench_scaling)
     b = benches.add_parser(
-        "continual", parents=[common],
+        "continual",
+        parents=[common],
         help="strategies on real data: accuracy, forgetting, compute",
         description="Continual refresh strategies vs fine-tuning and joint retraining.",
     )

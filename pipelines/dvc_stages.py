@@ -34,32 +34,46 @@ def memory_root(memory: Path, period: str) -> Path:
     return memory / f"{period}.memory"
 
 
-def train_stage(params: Params, period: str, shards: Path, models: Path,
-                memory: Path) -> dict[str, Any]:
+def train_stage(
+    params: Params, period: str, shards: Path, models: Path, memory: Path
+) -> dict[str, Any]:
     index = params.period_index(period)
     previous = params.periods[period].previous
     chain = params.period_names[: index + 1]
     shard = Shard.open(shards / period)
     history = [Shard.open(shards / p) for p in chain[:-1]]
     parent = Embedder.load(model_dir(models, previous)) if previous else None
-    old = (ReplayMemory.load(LocalStore(memory_root(memory, previous)), previous)
-           if previous else ReplayMemory.empty(params.replay.capacity))
+    old = (
+        ReplayMemory.load(LocalStore(memory_root(memory, previous)), previous)
+        if previous
+        else ReplayMemory.empty(params.replay.capacity)
+    )
     model, result = core.train_period(params, period, shard, parent, old, history=history)
     new = core.next_memory(params, old, shard, model, period)
     new.save(LocalStore(memory_root(memory, period)), period)
     out = model.save(model_dir(models, period))
-    return {"period": period, "model_dir": str(out), "weights_sha256": model.state_fingerprint(),
-            "steps": result.steps, "images_per_second": result.images_per_second}
+    return {
+        "period": period,
+        "model_dir": str(out),
+        "weights_sha256": model.state_fingerprint(),
+        "steps": result.steps,
+        "images_per_second": result.images_per_second,
+    }
 
 
-def evaluate_stage(params: Params, period: str, shards: Path, models: Path,
-                   out: Path) -> dict[str, Any]:
+def evaluate_stage(
+    params: Params, period: str, shards: Path, models: Path, out: Path
+) -> dict[str, Any]:
     chain = params.period_names[: params.period_index(period) + 1]
     model = Embedder.load(model_dir(models, period))
-    scores = core.evaluate_model(model, core.eval_sets_for(
-        [Shard.open(shards / p) for p in chain], params), params)
-    result = {"period": period, "weights_sha256": model.state_fingerprint(),
-              "scores": {p: {"knn": s.knn, "linear": s.linear} for p, s in scores.items()}}
+    scores = core.evaluate_model(
+        model, core.eval_sets_for([Shard.open(shards / p) for p in chain], params), params
+    )
+    result = {
+        "period": period,
+        "weights_sha256": model.state_fingerprint(),
+        "scores": {p: {"knn": s.knn, "linear": s.linear} for p, s in scores.items()},
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{period}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -30,8 +30,9 @@ def resolve_version(model_uri: str, registry: Registry) -> int | None:
     return None
 
 
-def embed_shard(model_uri: str, shard_path: Path, out: Path, split: str | None = None,
-                batch_size: int = 512) -> dict[str, Any]:
+def embed_shard(
+    model_uri: str, shard_path: Path, out: Path, split: str | None = None, batch_size: int = 512
+) -> dict[str, Any]:
     import mlflow.pyfunc
     import pandas as pd
 
@@ -44,19 +45,24 @@ def embed_shard(model_uri: str, shard_path: Path, out: Path, split: str | None =
     writer = None
     rows, dim = 0, 0
     try:
-        for batch in shard.iter_batches(["frame_id", "period", "category", "split", "image"],
-                                        split=split, batch_size=batch_size):
-            emb = np.asarray(model.predict(pd.DataFrame({"image": batch.column("image")
-                                                         .to_pylist()})), dtype=np.float32)
+        for batch in shard.iter_batches(
+            ["frame_id", "period", "category", "split", "image"], split=split, batch_size=batch_size
+        ):
+            emb = np.asarray(
+                model.predict(pd.DataFrame({"image": batch.column("image").to_pylist()})),
+                dtype=np.float32,
+            )
             dim = emb.shape[1]
-            table = pa.table({
-                "frame_id": batch.column("frame_id"),
-                "period": batch.column("period"),
-                "category": batch.column("category"),
-                "split": batch.column("split"),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
-                "model_version": pa.array([version] * len(emb), pa.int32()),
-            })
+            table = pa.table(
+                {
+                    "frame_id": batch.column("frame_id"),
+                    "period": batch.column("period"),
+                    "category": batch.column("category"),
+                    "split": batch.column("split"),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim),
+                    "model_version": pa.array([version] * len(emb), pa.int32()),
+                }
+            )
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)

@@ -91,8 +91,7 @@ def decide(
                 Check(
                     f"accuracy on {new_period}",
                     candidate[new_period] >= new_floor,
-                    f"candidate {candidate[new_period]:.3f} vs champion "
-                    f"{champion[new_period]:.3f}",
+                    f"candidate {candidate[new_period]:.3f} vs champion {champion[new_period]:.3f}",
                 )
             )
     else:

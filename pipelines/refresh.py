@@ -105,8 +105,9 @@ def save_memory(store_uri: str, memory: ReplayMemory, period: str) -> dict[str, 
 
 
 @task(**IO_RETRIES)
-def register_candidate(tracking_uri: str, run_id: str, model_dir: str,
-                       tags: dict[str, str]) -> VersionInfo:
+def register_candidate(
+    tracking_uri: str, run_id: str, model_dir: str, tags: dict[str, str]
+) -> VersionInfo:
     registry = Registry(tracking_uri)
     return registry.register(registry.log_model(run_id, Path(model_dir)), run_id, tags)
 
@@ -134,8 +135,14 @@ def ingest_source(source: str, period: str, params: Params) -> str:
     if source == "simulate":
         from cssl_core.simulate import simulate_period
 
-        simulate_period(out, period, params.period_index(period), len(params.periods),
-                        params.simulate, rows_per_group=params.ingest.rows_per_group)
+        simulate_period(
+            out,
+            period,
+            params.period_index(period),
+            len(params.periods),
+            params.simulate,
+            rows_per_group=params.ingest.rows_per_group,
+        )
         return str(out / period)
     local = source
     if source.startswith("s3://"):
@@ -172,33 +179,50 @@ def validate(shard_path: str, params: Params) -> Shard:
 
 
 @task(**COMPUTE)
-def train(params: Params, period: str, shard: Shard, parent: Embedder | None,
-          memory: ReplayMemory, history: list[Shard]) -> tuple[Embedder, dict[str, Any]]:
+def train(
+    params: Params,
+    period: str,
+    shard: Shard,
+    parent: Embedder | None,
+    memory: ReplayMemory,
+    history: list[Shard],
+) -> tuple[Embedder, dict[str, Any]]:
     logger = get_run_logger()
-    steps = core.steps_for(params.train.strategy, params.train.steps,
-                           params.period_index(period))
+    steps = core.steps_for(params.train.strategy, params.train.steps, params.period_index(period))
     every = max(1, steps // 10)
 
     def on_step(log: Any, images_per_s: float) -> None:
         if (log.step + 1) % every == 0 or log.step + 1 == steps:
-            logger.info(f"{period} train step {log.step + 1}/{steps} loss {log.loss:.3f} "
-                        f"(ssl {log.ssl:.3f}, distill {log.distill:.3f}) "
-                        f"{images_per_s:.0f} img/s")
+            logger.info(
+                f"{period} train step {log.step + 1}/{steps} loss {log.loss:.3f} "
+                f"(ssl {log.ssl:.3f}, distill {log.distill:.3f}) "
+                f"{images_per_s:.0f} img/s"
+            )
 
     model, result = core.train_period(
-        params, period, shard, parent, memory, history=history,
-        checkpoint_dir=state_dir() / "checkpoints" / period, on_step=on_step,
+        params,
+        period,
+        shard,
+        parent,
+        memory,
+        history=history,
+        checkpoint_dir=state_dir() / "checkpoints" / period,
+        on_step=on_step,
     )
-    info = {"steps": result.steps, "resumed_from": result.resumed_from,
-            "wall_seconds": result.wall_seconds,
-            "images_per_second": result.images_per_second,
-            "history": [asdict(h) for h in result.history]}
+    info = {
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "wall_seconds": result.wall_seconds,
+        "images_per_second": result.images_per_second,
+        "history": [asdict(h) for h in result.history],
+    }
     return model, info
 
 
 @task(**COMPUTE)
-def update_memory(params: Params, memory: ReplayMemory, shard: Shard, model: Embedder,
-                  period: str) -> ReplayMemory:
+def update_memory(
+    params: Params, memory: ReplayMemory, shard: Shard, model: Embedder, period: str
+) -> ReplayMemory:
     return core.next_memory(params, memory, shard, model, period)
 
 
@@ -251,15 +275,17 @@ def tracked_run(registry: Registry, name: str) -> Iterator[str]:
         except Exception as exc:  # noqa: BLE001 - the tracking server may be the fault itself
             # Keep the error that stopped the run; a run left RUNNING is never registered.
             logging.getLogger(__name__).warning(
-                "could not mark MLflow run %s FAILED: %s", run.info.run_id,
+                "could not mark MLflow run %s FAILED: %s",
+                run.info.run_id,
                 redact(f"{exc.__class__.__name__}: {exc}"),
             )
         raise
     registry.client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def lineage_matrix(registry: Registry, periods: list[str], metric: str,
-                   candidate: dict[str, float] | None = None) -> AccuracyMatrix:
+def lineage_matrix(
+    registry: Registry, periods: list[str], metric: str, candidate: dict[str, float] | None = None
+) -> AccuracyMatrix:
     """R[i][j] from the registry: row i is the newest promoted version of period i (the
     newest finished version when none of that period passed the gate), so a rejected
     candidate never stands in for the model the lineage continued from.
@@ -294,10 +320,18 @@ def lineage_matrix(registry: Registry, periods: list[str], metric: str,
     return matrix
 
 
-def _log_run(run_id: str, registry: Registry, params: Params, train_info: dict[str, Any],
-             scores: dict[str, dict[str, float]], champion_scores: dict[str, dict[str, float]],
-             baseline: dict[str, dict[str, float]], matrix: AccuracyMatrix,
-             decision: GateDecision | None, extra: dict[str, float]) -> None:
+def _log_run(
+    run_id: str,
+    registry: Registry,
+    params: Params,
+    train_info: dict[str, Any],
+    scores: dict[str, dict[str, float]],
+    champion_scores: dict[str, dict[str, float]],
+    baseline: dict[str, dict[str, float]],
+    matrix: AccuracyMatrix,
+    decision: GateDecision | None,
+    extra: dict[str, float],
+) -> None:
     from mlflow.entities import Metric, Param
 
     from cssl_core.plots import plot_accuracy_curves, plot_accuracy_matrix
@@ -306,8 +340,11 @@ def _log_run(run_id: str, registry: Registry, params: Params, train_info: dict[s
     now = int(time.time() * 1000)
     flat = _flatten(params.model_dump(mode="json"))
     client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
-    metrics = [Metric(f"train/{k}", float(h[k]), now, h["step"])
-               for h in train_info["history"] for k in ("loss", "ssl", "distill", "lr")]
+    metrics = [
+        Metric(f"train/{k}", float(h[k]), now, h["step"])
+        for h in train_info["history"]
+        for k in ("loss", "ssl", "distill", "lr")
+    ]
     for name, table in (("", scores), ("champion_", champion_scores), ("random_", baseline)):
         for p, s in table.items():
             metrics += [Metric(f"{name}{m}/{p}", float(v), now, 0) for m, v in s.items()]
@@ -319,8 +356,9 @@ def _log_run(run_id: str, registry: Registry, params: Params, train_info: dict[s
         (out / "accuracy_matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
         (out / "accuracy_matrix.md").write_text(matrix.to_markdown() + "\n")
         if decision is not None:
-            (out / "gate.json").write_text(json.dumps(
-                {"promote": decision.promote, "reasons": decision.reasons}, indent=2))
+            (out / "gate.json").write_text(
+                json.dumps({"promote": decision.promote, "reasons": decision.reasons}, indent=2)
+            )
         plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
         plot_accuracy_curves(matrix, out / "accuracy_curves.png")
         client.log_artifacts(run_id, str(out), artifact_path="eval")
@@ -367,8 +405,7 @@ def refresh(
     if shard and source:
         raise ValueError("give either --shard or --source, not both")
     with period_lock(period):
-        shard_path = shard or ingest_source(source or params.period_source(period), period,
-                                            params)
+        shard_path = shard or ingest_source(source or params.period_source(period), period, params)
         new_shard = validate(shard_path, params)
         if new_shard.period != period:
             raise ShardError(
@@ -380,10 +417,14 @@ def refresh(
             champion = registry.champion()
             logger.info(f"{period} already refreshed as version {done.version}; nothing to do")
             promoted = champion is not None and champion.version == done.version
-            return RefreshSummary(period, done.version, promoted=promoted,
-                                  skipped=True,
-                                  champion_version=champion.version if champion else None,
-                                  reasons=["already refreshed: same shard and config"]).as_dict()
+            return RefreshSummary(
+                period,
+                done.version,
+                promoted=promoted,
+                skipped=True,
+                champion_version=champion.version if champion else None,
+                reasons=["already refreshed: same shard and config"],
+            ).as_dict()
 
         shards = load_shards(store_uri, chain)
         history = shards[:-1]
@@ -435,26 +476,48 @@ def refresh(
                 version = register_candidate(registry.uri, run_id, str(model_dir), tags)
 
             summary = RefreshSummary(
-                period, version.version, decision.promote,
+                period,
+                version.version,
+                decision.promote,
                 champion_version=champion.version if champion else None,
-                reasons=decision.reasons, row=row, champion_row=champ_row,
-                forgetting=forgetting, average_accuracy=matrix.average_accuracy(),
+                reasons=decision.reasons,
+                row=row,
+                champion_row=champ_row,
+                forgetting=forgetting,
+                average_accuracy=matrix.average_accuracy(),
             )
             if decision.promote:
                 promote(registry.uri, version.version)
                 logger.info(f"{period}: version {version.version} promoted to @champion")
             else:
-                logger.warning(f"{period}: version {version.version} rejected: "
-                               + "; ".join(decision.failed))
+                logger.warning(
+                    f"{period}: version {version.version} rejected: " + "; ".join(decision.failed)
+                )
             t_total = time.perf_counter() - t_start
-            summary.timings = {"total": t_total, "train": t_train, "evaluate": t_eval,
-                               "orchestration": t_total - t_train - t_eval}
-            _log_run(run_id, registry, params, train_info, scores, champion_scores, baseline,
-                     matrix, decision,
-                     {"forgetting": forgetting, "average_accuracy": summary.average_accuracy,
-                      "promoted": float(decision.promote),
-                      "train_images_per_second": train_info["images_per_second"],
-                      **{f"time/{k}": v for k, v in summary.timings.items()}})
+            summary.timings = {
+                "total": t_total,
+                "train": t_train,
+                "evaluate": t_eval,
+                "orchestration": t_total - t_train - t_eval,
+            }
+            _log_run(
+                run_id,
+                registry,
+                params,
+                train_info,
+                scores,
+                champion_scores,
+                baseline,
+                matrix,
+                decision,
+                {
+                    "forgetting": forgetting,
+                    "average_accuracy": summary.average_accuracy,
+                    "promoted": float(decision.promote),
+                    "train_images_per_second": train_info["images_per_second"],
+                    **{f"time/{k}": v for k, v in summary.timings.items()},
+                },
+            )
             return summary.as_dict()
 
 
@@ -462,8 +525,13 @@ def _git_commit() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -31,8 +31,17 @@ STATUS = "cssl.status"
 HISTORY = "cssl.champion_history"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CORE_CODE = Path(__file__).resolve().parents[1] / "cssl_core"
-SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy", "pillow",
-                        "pyarrow", "pydantic", "pyyaml")
+SERVING_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+)
 
 
 class RegistryError(RuntimeError):
@@ -49,8 +58,13 @@ class VersionInfo:
 
     @classmethod
     def of(cls, mv: ModelVersion) -> VersionInfo:
-        return cls(int(mv.version), mv.tags.get("period", ""), mv.run_id or "", dict(mv.tags),
-                   tuple(getattr(mv, "aliases", []) or []))
+        return cls(
+            int(mv.version),
+            mv.tags.get("period", ""),
+            mv.run_id or "",
+            dict(mv.tags),
+            tuple(getattr(mv, "aliases", []) or []),
+        )
 
 
 def _logged_model_id(model_uri: str) -> str | None:
@@ -148,7 +162,10 @@ class Registry:
         """Create a version, tag its lineage, then mark it complete (last) and @challenger."""
         self.ensure_registered_model()
         mv = self.client.create_model_version(
-            MODEL_NAME, model_uri, run_id=run_id, tags={**tags, STATUS: "registering"},
+            MODEL_NAME,
+            model_uri,
+            run_id=run_id,
+            tags={**tags, STATUS: "registering"},
             model_id=_logged_model_id(model_uri),
         )
         self.client.set_model_version_tag(MODEL_NAME, mv.version, STATUS, "complete")
@@ -161,10 +178,12 @@ class Registry:
             found = self.client.search_model_versions(f"name='{MODEL_NAME}'")
         except MlflowException:
             return []
-        infos = [VersionInfo.of(self.client.get_model_version(MODEL_NAME, mv.version))
-                 for mv in found]
-        return sorted((v for v in infos if v.tags.get(STATUS) == "complete"),
-                      key=lambda v: v.version)
+        infos = [
+            VersionInfo.of(self.client.get_model_version(MODEL_NAME, mv.version)) for mv in found
+        ]
+        return sorted(
+            (v for v in infos if v.tags.get(STATUS) == "complete"), key=lambda v: v.version
+        )
 
     def get(self, version: int) -> VersionInfo:
         try:
@@ -183,7 +202,9 @@ class Registry:
         for v in self.versions():
             t = v.tags
             if (t.get("period"), t.get("shard_fingerprint"), t.get("config_hash")) == (
-                period, shard_fingerprint, config_hash
+                period,
+                shard_fingerprint,
+                config_hash,
             ):
                 return v
         return None
@@ -227,9 +248,11 @@ class Registry:
     def download_embedder(self, version: int, dest: Path | None = None) -> Path:
         """Download a version and return its safetensors + config directory (no pickle)."""
         dest = dest or Path(tempfile.mkdtemp(prefix=f"cssl-v{version}-"))
-        root = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{MODEL_NAME}/{version}", dst_path=str(dest)
-        ))
+        root = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{MODEL_NAME}/{version}", dst_path=str(dest)
+            )
+        )
         mlmodel = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
         rel = mlmodel["flavors"]["python_function"]["artifacts"]["embedder"]["path"]
         path = (root / rel).resolve()
@@ -239,5 +262,8 @@ class Registry:
 
     def run_data(self, run_id: str) -> dict[str, Any]:
         run = self.client.get_run(run_id)
-        return {"metrics": dict(run.data.metrics), "params": dict(run.data.params),
-                "tags": dict(run.data.tags)}
+        return {
+            "metrics": dict(run.data.metrics),
+            "params": dict(run.data.params),
+            "tags": dict(run.data.tags),
+        }

@@ -26,19 +26,21 @@ def build_report(params: Params, registry: Registry | None = None) -> dict[str, 
     rows = []
     for v in versions:
         metrics = registry.run_data(v.run_id)["metrics"]
-        rows.append({
-            "version": v.version,
-            "period": v.period,
-            "aliases": list(v.aliases),
-            "gate": v.tags.get("gate", ""),
-            "parent_version": v.tags.get("parent_version", ""),
-            "strategy": v.tags.get("strategy", ""),
-            "shard_fingerprint": v.tags.get("shard_fingerprint", "")[:12],
-            "config_hash": v.tags.get("config_hash", ""),
-            "git_commit": v.tags.get("git_commit", "")[:10],
-            "average_accuracy": metrics.get("average_accuracy"),
-            "forgetting": metrics.get("forgetting"),
-        })
+        rows.append(
+            {
+                "version": v.version,
+                "period": v.period,
+                "aliases": list(v.aliases),
+                "gate": v.tags.get("gate", ""),
+                "parent_version": v.tags.get("parent_version", ""),
+                "strategy": v.tags.get("strategy", ""),
+                "shard_fingerprint": v.tags.get("shard_fingerprint", "")[:12],
+                "config_hash": v.tags.get("config_hash", ""),
+                "git_commit": v.tags.get("git_commit", "")[:10],
+                "average_accuracy": metrics.get("average_accuracy"),
+                "forgetting": metrics.get("forgetting"),
+            }
+        )
     matrices: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     for metric in ("knn", "linear"):
@@ -72,19 +74,26 @@ def _fmt(value: float | None) -> str:
 def format_report(report: dict[str, Any]) -> list[str]:
     if not report["versions"]:
         return [f"no versions of {report['model']} yet in {report['tracking_uri']}"]
-    lines = [f"{report['model']} in {report['tracking_uri']}; @champion = version "
-             f"{report['champion']}", "",
-             "| version | period | gate | parent | aliases | avg acc | forgetting |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{report['model']} in {report['tracking_uri']}; @champion = version {report['champion']}",
+        "",
+        "| version | period | gate | parent | aliases | avg acc | forgetting |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["versions"]:
-        lines.append(f"| {r['version']} | {r['period']} | {r['gate']} | "
-                     f"{r['parent_version'] or '-'} | {', '.join(r['aliases']) or '-'} | "
-                     f"{_fmt(r['average_accuracy'])} | {_fmt(r['forgetting'])} |")
+        lines.append(
+            f"| {r['version']} | {r['period']} | {r['gate']} | "
+            f"{r['parent_version'] or '-'} | {', '.join(r['aliases']) or '-'} | "
+            f"{_fmt(r['average_accuracy'])} | {_fmt(r['forgetting'])} |"
+        )
     for metric in ("knn", "linear"):
         matrix = AccuracyMatrix.from_dict(report["matrices"][metric])
         s = report["summary"][metric]
-        lines += ["", f"R[i][j] ({metric} accuracy on period j's eval split after period i):",
-                  matrix.to_markdown(),
-                  f"average accuracy {_fmt(s['average_accuracy'])}, forgetting "
-                  f"{_fmt(s['forgetting'])}, BWT {_fmt(s['bwt'])}, FWT {_fmt(s['fwt'])}"]
+        lines += [
+            "",
+            f"R[i][j] ({metric} accuracy on period j's eval split after period i):",
+            matrix.to_markdown(),
+            f"average accuracy {_fmt(s['average_accuracy'])}, forgetting "
+            f"{_fmt(s['forgetting'])}, BWT {_fmt(s['bwt'])}, FWT {_fmt(s['fwt'])}",
+        ]
     return lines
