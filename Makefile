@@ -29,8 +29,8 @@ bench: setup
 	$(BIN)/cssl bench train
 
 lint: setup
-	$(BIN)/ruff check cssl_core pipelines tests
-	$(BIN)/ruff format --check cssl_core pipelines tests
+	$(BIN)/ruff check cssl_core pipelines benchmarks tests
+	$(BIN)/ruff format --check cssl_core pipelines benchmarks tests
 
 clean:
 	rm -rf .cssl .pytest_cache

@@ -11,11 +11,9 @@ import importlib
 from typing import Any
 
 from cssl_core.config import ConfigError, Params, load_params
-from cssl_core.images import DecodeLimits, ImageRejected, decode_image, encode_jpeg, frame_id
-from cssl_core.metrics import AccuracyMatrix, MissingAccuracy
-from cssl_core.replay import ReplayBatcher, ReplayError, ReplayMemory, latest_period, list_versions
-from cssl_core.shard import FRAME_SCHEMA, Frame, Shard, ShardError, ShardWriter, list_shards
-from cssl_core.storage import (
+from cssl_core.data.images import DecodeLimits, ImageRejected, decode_image, encode_jpeg, frame_id
+from cssl_core.data.shard import FRAME_SCHEMA, Frame, Shard, ShardError, ShardWriter, list_shards
+from cssl_core.data.storage import (
     KeyNotFound,
     LocalStore,
     ObjectStore,
@@ -23,32 +21,40 @@ from cssl_core.storage import (
     StoreError,
     open_store,
 )
+from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
+from cssl_core.memory.replay import (
+    ReplayBatcher,
+    ReplayError,
+    ReplayMemory,
+    latest_period,
+    list_versions,
+)
 
 _LAZY = {
-    "Embedder": "cssl_core.models",
-    "EmbedderOutput": "cssl_core.models",
-    "ModelLoadError": "cssl_core.models",
-    "SimCLRAugment": "cssl_core.augment",
-    "ContinualTrainer": "cssl_core.train",
-    "FrameSource": "cssl_core.train",
-    "TrainingDiverged": "cssl_core.train",
-    "EvalSet": "cssl_core.evaluate",
-    "PeriodScores": "cssl_core.evaluate",
-    "evaluate_periods": "cssl_core.evaluate",
-    "eval_set_from_shard": "cssl_core.evaluate",
-    "extract_features": "cssl_core.evaluate",
-    "knn_accuracy": "cssl_core.evaluate",
-    "linear_probe_accuracy": "cssl_core.evaluate",
-    "compatibility_top1": "cssl_core.evaluate",
-    "nt_xent": "cssl_core.losses",
-    "nt_xent_distill": "cssl_core.losses",
-    "predictor_distill": "cssl_core.losses",
-    "feature_distill": "cssl_core.losses",
-    "classifier_distill": "cssl_core.losses",
-    "ingest": "cssl_core.ingest",
-    "IngestReport": "cssl_core.ingest",
-    "validate_shard": "cssl_core.validate",
-    "ValidationReport": "cssl_core.validate",
+    "Embedder": "cssl_core.learn.models",
+    "EmbedderOutput": "cssl_core.learn.models",
+    "ModelLoadError": "cssl_core.learn.models",
+    "SimCLRAugment": "cssl_core.learn.augment",
+    "ContinualTrainer": "cssl_core.learn.trainer",
+    "FrameSource": "cssl_core.learn.trainer",
+    "TrainingDiverged": "cssl_core.learn.trainer",
+    "EvalSet": "cssl_core.evaluation.evaluate",
+    "PeriodScores": "cssl_core.evaluation.evaluate",
+    "evaluate_periods": "cssl_core.evaluation.evaluate",
+    "eval_set_from_shard": "cssl_core.evaluation.evaluate",
+    "extract_features": "cssl_core.evaluation.evaluate",
+    "knn_accuracy": "cssl_core.evaluation.evaluate",
+    "linear_probe_accuracy": "cssl_core.evaluation.evaluate",
+    "compatibility_top1": "cssl_core.evaluation.evaluate",
+    "nt_xent": "cssl_core.learn.losses",
+    "nt_xent_distill": "cssl_core.learn.losses",
+    "predictor_distill": "cssl_core.learn.losses",
+    "feature_distill": "cssl_core.learn.losses",
+    "classifier_distill": "cssl_core.learn.losses",
+    "ingest": "cssl_core.data.ingest",
+    "IngestReport": "cssl_core.data.ingest",
+    "validate_shard": "cssl_core.data.validate",
+    "ValidationReport": "cssl_core.data.validate",
 }
 
 

@@ -23,13 +23,17 @@ import pyarrow as pa
 import torch
 
 from cssl_core.config import Params
-from cssl_core.distributed import DistEnv, resolve_device
-from cssl_core.evaluate import EvalSet, PeriodScores, eval_set_from_shard, evaluate_periods
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import MANIFEST, Shard, ShardError
-from cssl_core.storage import LocalStore, ObjectStore
-from cssl_core.train import (
+from cssl_core.data.shard import MANIFEST, Shard, ShardError
+from cssl_core.data.storage import LocalStore, ObjectStore
+from cssl_core.evaluation.evaluate import (
+    EvalSet,
+    PeriodScores,
+    eval_set_from_shard,
+    evaluate_periods,
+)
+from cssl_core.learn.distributed import DistEnv, resolve_device
+from cssl_core.learn.models import Embedder
+from cssl_core.learn.trainer import (
     USES_DISTILL,
     ContinualTrainer,
     FrameSource,
@@ -39,6 +43,7 @@ from cssl_core.train import (
     ssl_loss_per_frame,
     steps_for,
 )
+from cssl_core.memory.replay import ReplayMemory
 
 SHARDS_PREFIX = "shards"
 
@@ -88,11 +93,11 @@ def train_period(
     and the cost baseline. The first period (no parent) is plain SimCLR for every strategy.
 
     With more than one process in ``params.distributed`` the training runs under torchrun
-    (:func:`cssl_core.launch.train_period_torchrun`, data-parallel, same result as one
+    (:func:`cssl_core.learn.launch.train_period_torchrun`, data-parallel, same result as one
     process on the same global batches); otherwise in this process.
     """
     if params.distributed.launches_processes:
-        from cssl_core.launch import train_period_torchrun
+        from cssl_core.learn.launch import train_period_torchrun
 
         return train_period_torchrun(
             params,

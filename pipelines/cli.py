@@ -91,7 +91,7 @@ def _emit(args: argparse.Namespace, payload: Any, lines: Sequence[str]) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cssl_core.simulate import simulate_period
+    from cssl_core.data.simulate import simulate_period
 
     params = _params(args)
     cfg = params.simulate.model_copy(
@@ -137,7 +137,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cssl_core.ingest import ingest
+    from cssl_core.data.ingest import ingest
 
     params = _params(args)
     cfg = params.ingest.model_copy(
@@ -154,7 +154,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     sources = list(args.sources)
     if not sources:
         if params.period_source(args.period) == "simulate":
-            from cssl_core.simulate import simulate_period
+            from cssl_core.data.simulate import simulate_period
 
             index = params.period_index(args.period)
             manifest = simulate_period(
@@ -184,7 +184,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cssl_core.validate import validate_shard
+    from cssl_core.data.validate import validate_shard
 
     params = _params(args)
     report = validate_shard(Path(args.shard), params.ingest, repair=not args.check)
@@ -209,7 +209,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from cssl_core.bench_ingest import format_benchmark, run_ingest_benchmark
+    from benchmarks.ingest import format_benchmark, run_ingest_benchmark
 
     result = run_ingest_benchmark(Path(args.video) if args.video else None)
     _emit(args, result, format_benchmark(result))
@@ -290,7 +290,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from cssl_core.bench_train import format_train_benchmark, run_from_args
+    from benchmarks.train import format_train_benchmark, run_from_args
 
     result = run_from_args(_params(args), args)
     _emit(args, result, format_train_benchmark(result))
@@ -298,7 +298,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from cssl_core.bench_scaling import format_scaling_benchmark, run_scaling_benchmark
+    from benchmarks.scaling import format_scaling_benchmark, run_scaling_benchmark
 
     result = run_scaling_benchmark(
         _params(args),
@@ -316,7 +316,7 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_continual(args: argparse.Namespace) -> int:
-    from cssl_core.bench_continual import run_from_args
+    from benchmarks.continual import run_from_args
 
     return run_from_args(args)
 
@@ -324,7 +324,7 @@ def cmd_bench_continual(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from cssl_core.simulate import simulate_period
+    from cssl_core.data.simulate import simulate_period
 
     workdir = Path(args.workdir).resolve()
     os.environ["CSSL_HOME"] = str(workdir)
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = benches.add_parser(
         "train", help="full training step vs bare forward+backward; FLOP/s", parents=[common]
     )
-    from cssl_core.bench_train import add_arguments as add_train_arguments
+    from benchmarks.train import add_arguments as add_train_arguments
 
     add_train_arguments(b)
     b.set_defaults(func=cmd_bench_train)
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="strategies on real data: accuracy, forgetting, compute",
         description="Continual refresh strategies vs fine-tuning and joint retraining.",
     )
-    from cssl_core.bench_continual import add_arguments as add_continual_arguments
+    from benchmarks.continual import add_arguments as add_continual_arguments
 
     add_continual_arguments(b, common=False)
     b.set_defaults(func=cmd_bench_continual)

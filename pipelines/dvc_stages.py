@@ -14,16 +14,15 @@ The first period has no parent: its ``previous`` is empty, so its parent paths a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cssl_core import period as core
 from cssl_core.config import Params
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard
-from cssl_core.storage import LocalStore
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import LocalStore, atomic_write_json
+from cssl_core.learn.models import Embedder
+from cssl_core.memory.replay import ReplayMemory
 
 
 def model_dir(models: Path, period: str) -> Path:
@@ -74,6 +73,5 @@ def evaluate_stage(
         "weights_sha256": model.state_fingerprint(),
         "scores": {p: {"knn": s.knn, "linear": s.linear} for p, s in scores.items()},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{period}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / f"{period}.json", result, sort_keys=True)
     return result

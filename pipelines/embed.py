@@ -6,8 +6,6 @@ takes), so the embeddings are exactly what downstream would get.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cssl_core.shard import Shard
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import atomic_path
 from pipelines.registry import Registry
 
 
@@ -40,11 +39,9 @@ def embed_shard(
     version = resolve_version(model_uri, registry)
     model = mlflow.pyfunc.load_model(model_uri)
     shard = Shard.open(shard_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    writer = None
     rows, dim = 0, 0
-    try:
+    with atomic_path(out) as tmp:
+        writer = None
         for batch in shard.iter_batches(
             ["frame_id", "period", "category", "split", "image"], split=split, batch_size=batch_size
         ):
@@ -70,8 +67,4 @@ def embed_shard(
         if writer is None:
             raise ValueError(f"{shard_path}: no frames to embed")
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return {"rows": rows, "dim": dim, "model": model_uri, "version": version, "out": str(out)}

@@ -2,7 +2,7 @@
 
 MLflow executes this file when the model is loaded with ``mlflow.pyfunc.load_model``; nothing
 is unpickled. The weights come from the ``embedder`` artifact (safetensors + config.json) and
-are loaded weights-only by :meth:`cssl_core.models.Embedder.load`.
+are loaded weights-only by :meth:`cssl_core.learn.models.Embedder.load`.
 
 ``predict`` takes a DataFrame with an ``image`` column of encoded frames (JPEG/PNG bytes) and
 returns one L2-normalised backbone embedding per row (a float32 array ``(N, D)``).
@@ -19,7 +19,7 @@ import pandas as pd
 
 class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        from cssl_core.models import Embedder
+        from cssl_core.learn.models import Embedder
 
         self.model = Embedder.load(context.artifacts["embedder"]).eval()
 
@@ -28,7 +28,7 @@ class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        from cssl_core.evaluate import extract_features
+        from cssl_core.evaluation.evaluate import extract_features
 
         images = list(model_input["image"])
         feats = extract_features(self.model, images, self.model.cfg.input_size)

@@ -27,11 +27,11 @@ from prefect.cache_policies import NO_CACHE
 
 from cssl_core import period as core
 from cssl_core.config import Params, load_params
-from cssl_core.metrics import AccuracyMatrix
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard, ShardError
-from cssl_core.storage import open_store, redact
+from cssl_core.data.shard import Shard, ShardError
+from cssl_core.data.storage import open_store, redact
+from cssl_core.evaluation.metrics import AccuracyMatrix
+from cssl_core.learn.models import Embedder
+from cssl_core.memory.replay import ReplayMemory
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import Registry, VersionInfo
 from pipelines.settings import state_dir
@@ -129,11 +129,11 @@ def ingest_source(source: str, period: str, params: Params) -> str:
     sub-folder names the frame's category (frames directly in the folder are unlabelled):
     evaluation needs labelled frames.
     """
-    from cssl_core.ingest import ingest
+    from cssl_core.data.ingest import ingest
 
     out = state_dir() / "incoming"
     if source == "simulate":
-        from cssl_core.simulate import simulate_period
+        from cssl_core.data.simulate import simulate_period
 
         simulate_period(
             out,
@@ -166,7 +166,7 @@ def _download_prefix(uri: str) -> Path:
 
 @task(**COMPUTE)
 def validate(shard_path: str, params: Params) -> Shard:
-    from cssl_core.validate import validate_shard
+    from cssl_core.data.validate import validate_shard
 
     report = validate_shard(Path(shard_path), params.ingest, repair=False)
     if not report.clean:
@@ -334,7 +334,7 @@ def _log_run(
 ) -> None:
     from mlflow.entities import Metric, Param
 
-    from cssl_core.plots import plot_accuracy_curves, plot_accuracy_matrix
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
 
     client = registry.client
     now = int(time.time() * 1000)

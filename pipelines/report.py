@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cssl_core.config import Params
-from cssl_core.metrics import AccuracyMatrix, MissingAccuracy
+from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
 from pipelines.refresh import lineage_matrix
 from pipelines.registry import Registry
 

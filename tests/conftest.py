@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from benchmarks.datasets import default_cifar10_source
 from cssl_core.config import IngestConfig, SimulateConfig
-from cssl_core.datasets import default_cifar10_source
 
 CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
 
@@ -114,7 +114,7 @@ def tiny_params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sim_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards p01..p03 of the simulated stream, exactly as ``cssl ingest`` makes them from
     TINY_PARAMS (``ingest.source: simulate``): root/<period>/."""
-    from cssl_core.simulate import simulate_period
+    from cssl_core.data.simulate import simulate_period
 
     root = tmp_path_factory.mktemp("shards")
     cfg = SimulateConfig(**TINY_PARAMS["simulate"])

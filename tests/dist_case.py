@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.datasets import default_cifar10_source
 from cssl_core.config import AugmentConfig, ModelConfig, TrainConfig
-from cssl_core.datasets import default_cifar10_source
-from cssl_core.models import Embedder
-from cssl_core.train import ContinualTrainer, FrameSource
+from cssl_core.learn.models import Embedder
+from cssl_core.learn.trainer import ContinualTrainer, FrameSource
 
 CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
 SMALL = ModelConfig(

@@ -19,7 +19,7 @@ import torch
 from dist_case import frames, grads, train_cfg, trainer, weights
 from safetensors.torch import save_file
 
-from cssl_core import distributed as ddp
+from cssl_core.learn import distributed as ddp
 
 LOSSES = ("predictor", "nt_xent", "feature")
 

@@ -11,7 +11,10 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from cssl_core.augment import (
+from benchmarks.datasets import default_cifar10_source
+from cssl_core.config import AugmentConfig
+from cssl_core.data.images import decode_batch
+from cssl_core.learn.augment import (
     BRIGHTNESS,
     CONTRAST,
     HUE,
@@ -34,9 +37,6 @@ from cssl_core.augment import (
     sample_view_params,
     to_grayscale,
 )
-from cssl_core.config import AugmentConfig
-from cssl_core.datasets import default_cifar10_source
-from cssl_core.images import decode_batch
 
 CIFAR = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
 MEAN = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cssl_core import bench_continual as bc
-from cssl_core import datasets as ds
+from benchmarks import continual as bc
+from benchmarks import datasets as ds
 from cssl_core.config import ConfigError, IngestConfig, SimulateConfig
-from cssl_core.images import decode_image
-from cssl_core.metrics import AccuracyMatrix
-from cssl_core.shard import eval_split_for
+from cssl_core.data.images import decode_image
+from cssl_core.data.shard import eval_split_for
+from cssl_core.evaluation.metrics import AccuracyMatrix
 
 CIFAR_CLASSES = [
     "airplane",

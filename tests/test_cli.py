@@ -25,7 +25,7 @@ def _verbs(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> lis
 
 
 VERBS = _verbs(build_parser())
-# `bench continual` hands its arguments to cssl_core.bench_continual's own parser
+# `bench continual` hands its arguments to benchmarks.continual's own parser
 # (argparse.REMAINDER); a leading "--help" never reaches it (argparse rejects it first).
 HELP_BROKEN: set[tuple[str, ...]] = set()
 

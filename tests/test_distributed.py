@@ -19,8 +19,6 @@ from conftest import BIN, TINY_PARAMS
 from dist_case import frames, grads, train_cfg, trainer, weights
 from safetensors.torch import load_file
 
-from cssl_core import distributed as ddp
-from cssl_core.augment import SimCLRAugment
 from cssl_core.config import (
     AugmentConfig,
     ConfigError,
@@ -29,10 +27,12 @@ from cssl_core.config import (
     load_params,
     params_from_dict,
 )
-from cssl_core.launch import torchrun_command
+from cssl_core.data.shard import Shard
+from cssl_core.learn import distributed as ddp
+from cssl_core.learn.augment import SimCLRAugment
+from cssl_core.learn.launch import torchrun_command
+from cssl_core.memory.replay import ReplayMemory
 from cssl_core.period import new_model, train_period, train_period_local
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard
 
 HERE = Path(__file__).resolve().parent
 LOSSES = ("predictor", "nt_xent", "feature")
@@ -126,7 +126,7 @@ def test_alone_the_collectives_are_the_identity_and_global_bn_is_batchnorm() -> 
 def test_the_gpu_jpeg_path_resizes_and_crops_like_the_cpu_path(cifar_jpegs: list[bytes]) -> None:
     """``_decode_jpeg_gpu`` run with torchvision's CPU decoder: same frames as
     ``decode_batch``'s CPU path (the GPU itself is not available here)."""
-    from cssl_core.images import _decode_jpeg_gpu, decode_batch
+    from cssl_core.data.images import _decode_jpeg_gpu, decode_batch
 
     frames = cifar_jpegs[:6]
     for size in (32, 24):
@@ -149,7 +149,7 @@ def test_torchrun_command_standalone_and_multi_node() -> None:
     one = torchrun_command(job, DistributedConfig(nproc_per_node=4), python="py")
     assert one[:3] == ["py", "-m", "torch.distributed.run"]
     assert "--standalone" in one and one[one.index("--nproc-per-node") + 1] == "4"
-    assert one[-3:] == ["-m", "cssl_core.launch", str(job)]
+    assert one[-3:] == ["-m", "cssl_core.learn.launch", str(job)]
     cfg = DistributedConfig(nproc_per_node=8, nnodes=2, rdzv_endpoint="head:29400", rdzv_id="p01")
     many = torchrun_command(job, cfg, python="py")
     assert "--standalone" not in many
@@ -172,7 +172,7 @@ def test_distributed_config_needs_an_endpoint_for_nodes_and_does_not_change_the_
 
 
 def test_scaling_efficiency_is_the_share_of_linear_speed_up() -> None:
-    from cssl_core.bench_scaling import scaling_efficiency
+    from benchmarks.scaling import scaling_efficiency
 
     assert scaling_efficiency(100.0, 200.0, 2) == 1.0
     assert scaling_efficiency(100.0, 150.0, 2) == 0.75
@@ -334,7 +334,7 @@ def test_cssl_refresh_with_nproc_per_node_2_trains_under_torchrun(
 
 @pytest.mark.slow
 def test_bench_scaling_measures_each_process_count_and_the_thread_baseline() -> None:
-    from cssl_core.bench_scaling import format_scaling_benchmark, run_scaling_benchmark
+    from benchmarks.scaling import format_scaling_benchmark, run_scaling_benchmark
 
     tree = json.loads(json.dumps(TINY_PARAMS))
     result = run_scaling_benchmark(params_from_dict(tree), steps=1, warmup=1, frames=32)

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from conftest import BIN, REPO, TINY_PARAMS, Lineage
 
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard
-from cssl_core.storage import LocalStore
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import LocalStore
+from cssl_core.learn.models import Embedder
+from cssl_core.memory.replay import ReplayMemory
 from pipelines.registry import Registry
 
 

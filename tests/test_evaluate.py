@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cssl_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from cssl_core.config import EvalConfig, ModelConfig
-from cssl_core.evaluate import (
+from cssl_core.data.images import encode_jpeg, frame_id
+from cssl_core.data.shard import Frame, Shard, ShardWriter
+from cssl_core.evaluation.evaluate import (
     EvalSet,
     PeriodScores,
     compatibility_top1,
@@ -26,9 +27,8 @@ from cssl_core.evaluate import (
     knn_predict,
     linear_probe_accuracy,
 )
-from cssl_core.images import encode_jpeg, frame_id
-from cssl_core.models import Embedder
-from cssl_core.shard import Frame, Shard, ShardWriter
+from cssl_core.learn.augment import IMAGENET_MEAN, IMAGENET_STD
+from cssl_core.learn.models import Embedder
 
 
 # -- helpers -----------------------------------------------------------------------------

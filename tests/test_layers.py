@@ -26,7 +26,8 @@ def test_cssl_core_sources_do_not_import_orchestration():
 
 def test_importing_cssl_core_loads_no_orchestration_module():
     code = (
-        "import sys, cssl_core, cssl_core.train, cssl_core.replay, cssl_core.evaluate;"
+        "import sys, cssl_core, cssl_core.learn.trainer, cssl_core.memory.replay,"
+        " cssl_core.evaluation.evaluate;"
         "print(sorted(m for m in sys.modules"
         " if m.split('.')[0] in {'prefect','mlflow','pipelines'}))"
     )

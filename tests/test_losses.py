@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cssl_core.losses import (
+from cssl_core.learn.losses import (
     classifier_distill,
     feature_distill,
     nt_xent,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cssl_core.metrics import AccuracyMatrix, MissingAccuracy
+from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
 
 PERIODS = ["p1", "p2", "p3"]
 
@@ -175,9 +175,9 @@ def test_markdown_table() -> None:
     )
 
 
-# -- plots (cssl_core.plots draws an AccuracyMatrix) --------------------------------------
+# -- plots (cssl_core.evaluation.plots draws an AccuracyMatrix) ---------------------------------
 def test_plots_write_valid_png_files_atomically(tmp_path: Path) -> None:
-    from cssl_core.plots import plot_accuracy_curves, plot_accuracy_matrix
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
 
     R = AccuracyMatrix(PERIODS, [[0.8, None, None], [0.9, 0.7, 0.3], [0.6, 0.5, 0.9]])
     out = tmp_path / "figs" / "nested"
@@ -199,7 +199,7 @@ def test_plots_write_valid_png_files_atomically(tmp_path: Path) -> None:
 
 
 def test_plots_handle_a_single_filled_row(tmp_path: Path) -> None:
-    from cssl_core.plots import plot_accuracy_curves, plot_accuracy_matrix
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
 
     R = AccuracyMatrix(["only"])
     R.set("only", "only", 0.5)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cssl_core.config import ModelConfig
-from cssl_core.models import (
+from cssl_core.learn.models import (
     CONFIG_FILE,
     FORMAT_VERSION,
     WEIGHTS_FILE,

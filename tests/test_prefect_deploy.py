@@ -20,7 +20,7 @@ import pytest
 from conftest import BIN, REPO, stop_process, wait_for_http
 from s3_server import free_port
 
-from cssl_core.shard import Shard
+from cssl_core.data.shard import Shard
 from pipelines.registry import Registry
 
 pytestmark = pytest.mark.server

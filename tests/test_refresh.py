@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from conftest import PERIODS, REPO, Lineage, new_lineage
 
 from cssl_core.config import ConfigError, load_params
-from cssl_core.evaluate import extract_features
-from cssl_core.metrics import AccuracyMatrix
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory, list_versions
-from cssl_core.shard import Shard, ShardError
-from cssl_core.storage import LocalStore, open_store
+from cssl_core.data.shard import Shard, ShardError
+from cssl_core.data.storage import LocalStore, open_store
+from cssl_core.evaluation.evaluate import extract_features
+from cssl_core.evaluation.metrics import AccuracyMatrix
+from cssl_core.learn.models import Embedder
+from cssl_core.memory.replay import ReplayMemory, list_versions
 from pipelines.cli import main
 from pipelines.refresh import RefreshBusy, period_lock, refresh, resolve_period, validate
 from pipelines.registry import Registry

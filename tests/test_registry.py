@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from conftest import TINY_PARAMS
 
 from cssl_core.config import ModelConfig
-from cssl_core.evaluate import extract_features
-from cssl_core.models import Embedder
+from cssl_core.evaluation.evaluate import extract_features
+from cssl_core.learn.models import Embedder
 from pipelines.registry import STATUS, Registry, RegistryError
 from pipelines.settings import MODEL_NAME
 

@@ -16,9 +16,11 @@ import pyarrow as pa
 import pytest
 from scipy.stats import chisquare
 
-from cssl_core import replay
-from cssl_core.images import encode_jpeg
-from cssl_core.replay import (
+from cssl_core.data.images import encode_jpeg
+from cssl_core.data.shard import FRAME_SCHEMA
+from cssl_core.data.storage import LocalStore, ObjectStore, open_store
+from cssl_core.memory import replay
+from cssl_core.memory.replay import (
     ReplayBatcher,
     ReplayError,
     ReplayMemory,
@@ -30,8 +32,6 @@ from cssl_core.replay import (
     reservoir_indices,
     water_fill,
 )
-from cssl_core.shard import FRAME_SCHEMA
-from cssl_core.storage import LocalStore, ObjectStore, open_store
 
 pytest_plugins = ["s3_server"]  # fixtures: moto_server, s3_endpoint, s3_bucket
 

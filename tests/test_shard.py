@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from cssl_core.config import IngestConfig
-from cssl_core.images import frame_id
-from cssl_core.shard import (
+from cssl_core.data.images import frame_id
+from cssl_core.data.shard import (
     FRAME_SCHEMA,
     Frame,
     Shard,
@@ -24,7 +24,7 @@ from cssl_core.shard import (
     eval_split_for,
     list_shards,
 )
-from cssl_core.validate import validate_shard
+from cssl_core.data.validate import validate_shard
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -139,8 +139,8 @@ WRITER_CHILD = r"""
 import itertools, sys
 from datetime import datetime, timezone
 import numpy as np
-from cssl_core.images import encode_jpeg
-from cssl_core.shard import Frame, ShardWriter
+from cssl_core.data.images import encode_jpeg
+from cssl_core.data.shard import Frame, ShardWriter
 
 rng = np.random.default_rng(0)
 writer = ShardWriter(sys.argv[1], sys.argv[2], rows_per_group=16)

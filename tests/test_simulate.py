@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from cssl_core.config import SimulateConfig
-from cssl_core.images import decode_image, frame_id
-from cssl_core.shard import Frame, Shard
-from cssl_core.simulate import (
+from cssl_core.data.images import decode_image, frame_id
+from cssl_core.data.shard import Frame, Shard
+from cssl_core.data.simulate import (
     CANVAS,
     EPOCH,
     EVAL_STREAMERS_PER_GAME,

@@ -9,7 +9,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from cssl_core.storage import (
+from cssl_core.data.storage import (
     KeyNotFound,
     LocalStore,
     ObjectStore,

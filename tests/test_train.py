@@ -20,22 +20,20 @@ import torch
 from conftest import CIFAR_PARQUET
 
 from cssl_core.config import AugmentConfig, EvalConfig, ModelConfig, SimulateConfig, TrainConfig
-from cssl_core.evaluate import eval_set_from_shard, evaluate_periods
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Frame, Shard, ShardWriter
-from cssl_core.train import (
+from cssl_core.data.shard import Frame, Shard, ShardWriter
+from cssl_core.evaluation.evaluate import eval_set_from_shard, evaluate_periods
+from cssl_core.learn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from cssl_core.learn.models import Embedder
+from cssl_core.learn.trainer import (
     ContinualTrainer,
     FrameSource,
     TrainingDiverged,
     TrainResult,
     batch_indices,
-    latest_checkpoint,
-    load_checkpoint,
     lr_at,
-    save_checkpoint,
     steps_for,
 )
+from cssl_core.memory.replay import ReplayMemory
 
 SMALL = ModelConfig(
     backbone="resnet10t", input_size=32, projector_hidden=64, projector_dim=32, predictor_hidden=64
@@ -466,7 +464,7 @@ def test_distill_plus_replay_forgets_less_than_finetune(
     -0.006-0.006 (see the test's assertion for the margin)."""
     torch.set_num_threads(2)
     shard1 = write_cifar_shard(tmp_path / "shards", cifar, range(5), train=600)
-    from cssl_core.simulate import simulate_period
+    from cssl_core.data.simulate import simulate_period
 
     simulate_period(
         tmp_path / "shards",
@@ -519,12 +517,12 @@ def test_distill_plus_replay_forgets_less_than_finetune(
 def test_train_benchmark_runs_and_the_full_step_does_no_extra_model_work(
     entry: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A tiny run (JSON out) through ``python -m cssl_core.bench_train``'s ``main`` and through
+    """A tiny run (JSON out) through ``python -m benchmarks.train``'s ``main`` and through
     ``cssl bench train``: one configuration, one timed step."""
     import json
 
-    from cssl_core.bench_train import format_train_benchmark
-    from cssl_core.bench_train import main as module_main
+    from benchmarks.train import format_train_benchmark
+    from benchmarks.train import main as module_main
     from pipelines.cli import main as cli_main
 
     def main(argv: list[str]) -> int:

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from cssl_core.config import IngestConfig
-from cssl_core.images import frame_id
-from cssl_core.ingest import ingest
-from cssl_core.shard import FRAME_SCHEMA, MANIFEST, Shard, ShardError
-from cssl_core.validate import validate_shard
+from cssl_core.data.images import frame_id
+from cssl_core.data.ingest import ingest
+from cssl_core.data.shard import FRAME_SCHEMA, MANIFEST, Shard, ShardError
+from cssl_core.data.validate import validate_shard
 
 
 def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:

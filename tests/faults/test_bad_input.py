@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_override_list
 
-from cssl_core.images import frame_id
-from cssl_core.shard import FRAME_SCHEMA, Shard, ShardError
+from cssl_core.data.images import frame_id
+from cssl_core.data.shard import FRAME_SCHEMA, Shard, ShardError
 from pipelines.cli import EXIT_FAILED, EXIT_OK, main
 
 ODD_CATEGORY = "Pokémon 🎮 日本語\u200b\u0301 ½"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from faultkit import cli_env, cssl_command, tiny_cli_args
 
-from cssl_core.replay import list_versions
-from cssl_core.storage import LocalStore
+from cssl_core.data.storage import LocalStore
+from cssl_core.memory.replay import list_versions
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -28,9 +28,9 @@ from faultkit import cli_env, cssl_command, tiny_cli_args
 
 from cssl_core import period as core
 from cssl_core.config import load_params
-from cssl_core.replay import ReplayMemory, list_versions
-from cssl_core.shard import Shard
-from cssl_core.storage import LocalStore
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import LocalStore
+from cssl_core.memory.replay import ReplayMemory, list_versions
 
 REFRESH_STEP = re.compile(r"p01 train step (\d+)/\d+")
 DRIVER_STEP = re.compile(r"^step (\d+)$", re.M)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import Lineage
 
-from cssl_core.replay import list_versions
-from cssl_core.storage import LocalStore
-from cssl_core.train import ContinualTrainer, TrainingDiverged
+from cssl_core.data.storage import LocalStore
+from cssl_core.learn.trainer import ContinualTrainer, TrainingDiverged
+from cssl_core.memory.replay import list_versions
 from pipelines.refresh import refresh
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

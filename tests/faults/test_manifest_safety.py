@@ -14,9 +14,9 @@ import pytest
 from conftest import PERIODS
 
 from cssl_core import period as core
-from cssl_core.replay import ReplayError, ReplayMemory, manifest_key
-from cssl_core.shard import Shard, ShardError
-from cssl_core.storage import LocalStore, StoreError, open_store
+from cssl_core.data.shard import Shard, ShardError
+from cssl_core.data.storage import LocalStore, StoreError, open_store
+from cssl_core.memory.replay import ReplayError, ReplayMemory, manifest_key
 
 EVIL_KEYS = ["../../../outside.parquet", "/etc/passwd", "..\\..\\outside.parquet", ".hidden"]
 
@@ -63,7 +63,7 @@ def test_tampered_manifests_in_s3(s3_bucket: str, tmp_path: Path, sim_shards: Pa
 def test_nothing_in_the_product_unpickles():
     root = Path(__file__).resolve().parents[2]
     offenders = []
-    for path in [*root.glob("cssl_core/*.py"), *root.glob("pipelines/*.py")]:
+    for path in [*root.glob("cssl_core/**/*.py"), *root.glob("pipelines/*.py")]:
         text = path.read_text(encoding="utf-8")
         for needle in ("import pickle", "pickle.load", "torch.load(", "cloudpickle", "joblib.load"):
             if needle in text:

@@ -22,9 +22,9 @@ from conftest import PERIODS, new_lineage
 from faultkit import FaultProxy, MlflowProcess
 from s3_server import DUMMY_SECRET_KEY, aws_test_environment
 
-from cssl_core.replay import ReplayMemory, list_versions, manifest_key
-from cssl_core.shard import Shard
-from cssl_core.storage import S3Store, StoreError, open_store
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import S3Store, StoreError, open_store
+from cssl_core.memory.replay import ReplayMemory, list_versions, manifest_key
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("prefect_harness")]
 
@@ -243,7 +243,7 @@ def test_s3_outages_during_memory_update_and_artifact_upload_in_a_refresh(
     registry = Registry()
     assert [v.version for v in registry.versions()] == [1] and first["version"] == 1
     assert _aliases(registry) == (1, 1)
-    from cssl_core.models import Embedder
+    from cssl_core.learn.models import Embedder
 
     v1 = registry.get(1)
     assert (

@@ -22,9 +22,9 @@ from conftest import new_lineage
 from PIL import Image
 
 from cssl_core.config import IngestConfig
-from cssl_core.images import frame_id
-from cssl_core.shard import MANIFEST, Shard
-from cssl_core.validate import validate_shard
+from cssl_core.data.images import frame_id
+from cssl_core.data.shard import MANIFEST, Shard
+from cssl_core.data.validate import validate_shard
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

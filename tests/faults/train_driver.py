@@ -15,8 +15,8 @@ from pathlib import Path
 
 from cssl_core import period as core
 from cssl_core.config import load_params
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard
+from cssl_core.data.shard import Shard
+from cssl_core.memory.replay import ReplayMemory
 
 
 def main(argv: list[str]) -> int:

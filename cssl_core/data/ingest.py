@@ -1,7 +1,7 @@
 """Ingestion: raw frames (video files, image folders, Parquet) into one period's shard.
 
-Each kind of source is read as a lazy stream of :class:`~cssl_core.shard.Frame` objects, and
-every frame goes through one :class:`~cssl_core.shard.ShardWriter`, which decodes it with the
+Each kind of source is read as a lazy stream of :class:`~cssl_core.data.shard.Frame` objects, and
+every frame goes through one :class:`~cssl_core.data.shard.ShardWriter`, which decodes it with the
 configured limits, quarantines bad input with its reason, drops exact duplicates, assigns the
 eval split from the content hash and publishes atomically. Nothing here holds more than one
 frame (video) or one record batch (Parquet) at a time, so memory stays flat with input size.
@@ -35,8 +35,8 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from cssl_core.config import IngestConfig
-from cssl_core.images import DecodeLimits, encode_jpeg
-from cssl_core.shard import QUARANTINE, Frame, ShardError, ShardWriter
+from cssl_core.data.images import DecodeLimits, encode_jpeg
+from cssl_core.data.shard import QUARANTINE, Frame, ShardError, ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,14 @@ Under torchrun (``rank``/``world_size`` set, a process group up) the trainer is 
 every rank derives the same global batch (indices, replay draw, augmentation parameters), runs
 the model on its own rows inside DistributedDataParallel, and gathers the outputs with
 gradients, so losses, BatchNorm statistics and gradients are those of the single-process step
-on the same global batch (:mod:`cssl_core.distributed`). Only rank 0 writes checkpoints; every
+on the same global batch (:mod:`cssl_core.learn.distributed`). Only rank 0 writes checkpoints; every
 rank resumes from the newest one.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,22 +31,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cssl_core import distributed as ddp
-from cssl_core.augment import SimCLRAugment
 from cssl_core.config import AugmentConfig, TrainConfig
-from cssl_core.images import decode_batch
-from cssl_core.losses import (
+from cssl_core.data.images import decode_batch
+from cssl_core.learn import distributed as ddp
+from cssl_core.learn.augment import SimCLRAugment
+from cssl_core.learn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from cssl_core.learn.losses import (
     classifier_distill,
     feature_distill,
     nt_xent,
     nt_xent_distill,
     predictor_distill,
 )
-from cssl_core.models import Embedder
-from cssl_core.replay import replay_split
+from cssl_core.learn.models import Embedder
+from cssl_core.memory.replay import replay_split
 
 USES_REPLAY = {"replay", "distill+replay"}
 USES_DISTILL = {"distill", "distill+replay"}
@@ -160,90 +157,6 @@ class FrameSource:
         if self.labels is None:
             return [None] * len(idx)
         return [self.labels[i] for i in idx.tolist()]
-
-
-# -- checkpoints -------------------------------------------------------------------------
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            name = f"optim.{pid}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value.contiguous()
-            else:
-                scalars[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(
-    directory: Path, step: int, model: Embedder, optimizer: torch.optim.Optimizer, run_key: str
-) -> Path:
-    """Write ``step-XXXXXX.safetensors`` atomically (weights-only format, no pickle)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    meta = {"step": str(step), "run_key": run_key, "optimizer": json.dumps(opt_meta)}
-    path = directory / f"step-{step:06d}.safetensors"
-    tmp = directory / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    # Keep this run's two newest; another run's files (a different run_key) are left alone,
-    # so they can never push this run's fresh checkpoint out.
-    for old in _run_checkpoints(directory, run_key)[:-2]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def _run_key_of(path: Path) -> str | None:
-    """The ``run_key`` in a checkpoint's header; None for a torn or foreign file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            return (fh.metadata() or {}).get("run_key")
-    except Exception:  # noqa: BLE001 - a torn or foreign file is skipped, not fatal
-        return None
-
-
-def _run_checkpoints(directory: Path, run_key: str) -> list[Path]:
-    """This run's readable checkpoints, oldest first."""
-    paths = sorted(directory.glob("step-*.safetensors"))
-    return [p for p in paths if _run_key_of(p) == run_key]
-
-
-def latest_checkpoint(directory: Path | None, run_key: str) -> Path | None:
-    """The newest readable checkpoint of this run (a different run's are ignored)."""
-    if directory is None or not directory.is_dir():
-        return None
-    for path in sorted(directory.glob("step-*.safetensors"), reverse=True):
-        if _run_key_of(path) == run_key:
-            return path
-    return None
-
-
-def load_checkpoint(path: Path, model: Embedder, optimizer: torch.optim.Optimizer) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
-    tensors = load_file(str(path))
-    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state, strict=True)
-    opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, json.loads(meta["optimizer"])))
-    return int(meta["step"])
 
 
 # -- the trainer -------------------------------------------------------------------------
@@ -604,7 +517,7 @@ class ContinualTrainer:
 
 def embed_table(model: Embedder, table: pa.Table, batch_size: int = 256) -> np.ndarray:
     """L2-normalised backbone features of a table's frames (for ``diverse`` selection)."""
-    from cssl_core.evaluate import extract_features
+    from cssl_core.evaluation.evaluate import extract_features
 
     images = table.column("image").to_pylist()
     feats = extract_features(model, images, model.cfg.input_size, batch_size=batch_size)

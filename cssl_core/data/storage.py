@@ -20,11 +20,14 @@ back from manifests, so no key can escape the store's root. Failures raise
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,36 +158,45 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f"{_TMP_PREFIX}{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary sibling and ``os.replace``."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one way cssl writes a local file: write to the yielded temporary sibling; when the
+    block ends without an error the file is fsynced and renamed onto ``path`` (a reader sees
+    the old file or the new one, never half of one). On an error the temporary file is removed
+    and ``path`` is untouched."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, **dumps: Any) -> None:
+    """Write ``obj`` as indented JSON (plus a newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, **dumps) + "\n")
+
+
 def atomic_copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a fsynced temporary sibling and ``os.replace``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dst)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
+    """Copy ``src`` to ``dst`` atomically (:func:`atomic_path`)."""
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, length=1 << 20)
 
 
 class LocalStore(ObjectStore):

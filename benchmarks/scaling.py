@@ -2,7 +2,7 @@
 
 Strong scaling: the global batch stays ``train.batch_size`` (strategy ``distill+replay``,
 frames of the Atari stream simulator decoded once into the trainer's cache) and ``N``
-processes split it (:mod:`cssl_core.distributed`: global-batch losses, global BatchNorm, DDP
+processes split it (:mod:`cssl_core.learn.distributed`: global-batch losses, global BatchNorm, DDP
 gradient all-reduce). Every configuration runs the same worker under ``torchrun --standalone``
 (one process too, so start-up and the code path are the same), with ``threads`` torch threads
 per process, and is timed over its last ``steps`` of ``warmup + steps`` steps as images of
@@ -51,10 +51,10 @@ def load_average() -> float:
 
 def run_worker(spec_path: Path, out_path: Path) -> None:
     """Train ``warmup + steps`` steps as this torchrun rank; rank 0 writes the timing."""
-    from cssl_core import distributed as ddp
-    from cssl_core.bench_train import simulated_frames
-    from cssl_core.models import Embedder
-    from cssl_core.train import ContinualTrainer, FrameSource
+    from benchmarks.train import simulated_frames
+    from cssl_core.learn import distributed as ddp
+    from cssl_core.learn.models import Embedder
+    from cssl_core.learn.trainer import ContinualTrainer, FrameSource
 
     spec = json.loads(spec_path.read_text())
     params = params_from_dict(spec["params"])
@@ -102,7 +102,7 @@ def run_config(spec: dict[str, Any], procs: int, threads: int, workdir: Path) ->
     out_path = workdir / f"result-{procs}x{threads}.json"
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc-per-node", str(procs), "-m", "cssl_core.bench_scaling"]
+    cmd += ["--nproc-per-node", str(procs), "-m", "benchmarks.scaling"]
     cmd += ["--worker", str(spec_path), str(out_path)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     load_before = load_average()

@@ -1,4 +1,4 @@
-"""PNG figures of an :class:`~cssl_core.metrics.AccuracyMatrix`.
+"""PNG figures of an :class:`~cssl_core.evaluation.metrics.AccuracyMatrix`.
 
 matplotlib is imported inside each function and drawn on an Agg canvas attached to a bare
 ``Figure`` (no pyplot, no global backend switch), so importing ``cssl_core`` stays cheap
@@ -9,14 +9,13 @@ the same directory, then ``os.replace``.
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cssl_core.metrics import AccuracyMatrix
+from cssl_core.data.storage import atomic_path
+from cssl_core.evaluation.metrics import AccuracyMatrix
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,13 +32,8 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save_atomic(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

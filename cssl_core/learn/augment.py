@@ -306,7 +306,7 @@ def apply_view(images: Tensor, params: ViewParams, size: int) -> Tensor:
 def eval_transform(images: Tensor, size: int | None = None) -> Tensor:
     """Deterministic evaluation/serving transform: uint8 ``(B, 3, H, W)`` -> normalised
     float32. With ``size``, frames not already ``size x size`` are resized (shorter side,
-    antialiased) and centre-cropped, as ``cssl_core.images.decode_batch`` does."""
+    antialiased) and centre-cropped, as ``cssl_core.data.images.decode_batch`` does."""
     _check_batch(images)
     x = images
     if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -319,7 +319,7 @@ def _check_batch(images: Tensor) -> None:
         raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8:
         raise ValueError(
-            f"expected uint8 images (from cssl_core.images.decode_batch), got {images.dtype}"
+            f"expected uint8 images (from cssl_core.data.images.decode_batch), got {images.dtype}"
         )
 
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cssl_core.augment import eval_transform
 from cssl_core.config import EvalConfig
-from cssl_core.images import decode_batch
-from cssl_core.shard import Shard
+from cssl_core.data.images import decode_batch
+from cssl_core.data.shard import Shard
+from cssl_core.learn.augment import eval_transform
 
 Precision = Literal["fp32", "bf16"]
 ArrayLike = torch.Tensor | np.ndarray | Sequence[int]
@@ -43,10 +43,10 @@ def extract_features(
 ) -> torch.Tensor:
     """Backbone features of frames, float32 ``(N, D)`` on the CPU, not L2-normalised.
 
-    ``images`` are encoded frames (decoded with :func:`cssl_core.images.decode_batch`:
+    ``images`` are encoded frames (decoded with :func:`cssl_core.data.images.decode_batch`:
     shorter side resized to ``input_size``, centre crop) or a uint8 ``(N, 3, H, W)`` tensor
     (resized and cropped the same way when not already ``input_size``). Pixels then go
-    through :func:`cssl_core.augment.eval_transform` (scale to ``[0, 1]``, ImageNet mean and
+    through :func:`cssl_core.learn.augment.eval_transform` (scale to ``[0, 1]``, ImageNet mean and
     std), the same transform serving uses.
 
     The model runs in eval mode under ``torch.inference_mode`` (its train/eval state is

@@ -2,7 +2,7 @@
 
 **Full step** (what a period's training does): :meth:`ContinualTrainer.fit` with strategy
 ``distill+replay`` on decode-cached frames: draw the batch's indices and replay frames, make
-two SimCLR views (:class:`~cssl_core.augment.SimCLRAugment`), forward both views through the
+two SimCLR views (:class:`~cssl_core.learn.augment.SimCLRAugment`), forward both views through the
 model, run the frozen teacher on both views, predictor distillation + NT-Xent, backward,
 optimiser step, log. **Bare step**: the same model, teacher and optimiser on two ready,
 normalised view tensors: forward both views, teacher forward on both (no grad), NT-Xent,
@@ -18,7 +18,7 @@ same thread count.
 Frames come from the Atari stream simulator (period 0 = the replay memory, period 1 = the new
 frames), JPEG-encoded at ``model.input_size`` and decoded once into the trainer's cache.
 
-Run it with ``python -m cssl_core.bench_train [--steps 20] [--batch-size 128] [--json]``.
+Run it with ``python -m benchmarks.train [--steps 20] [--batch-size 128] [--json]``.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cssl_core.config import Params, SimulateConfig, TrainConfig
-from cssl_core.losses import nt_xent
-from cssl_core.models import Embedder
-from cssl_core.simulate import simulate_period_frames
-from cssl_core.train import ContinualTrainer, FrameSource, resolve_precision
+from cssl_core.data.simulate import simulate_period_frames
+from cssl_core.learn.losses import nt_xent
+from cssl_core.learn.models import Embedder
+from cssl_core.learn.trainer import ContinualTrainer, FrameSource, resolve_precision
 
 PRECISIONS = ("fp32", "bf16")
 CHANNELS_LAST = ("off", "on")

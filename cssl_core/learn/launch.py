@@ -2,7 +2,7 @@
 
 The refresh flow (and ``cssl train``) stay one process; only training fans out::
 
-    caller (train_period_torchrun)                 torchrun workers: python -m cssl_core.launch JOB
+    caller (train_period_torchrun)                 torchrun: -m cssl_core.learn.launch JOB
     write_job(JOB): params, shard paths,    ──▶    every rank: join the process group, read JOB,
       parent model, replay memory                  train its rows (DDP); rank 0 writes checkpoints,
     python -m torch.distributed.run ...            then JOB/out/model + JOB/out/result.json
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from cssl_core import distributed as ddp
 from cssl_core.config import DistributedConfig, Params, params_from_dict
-from cssl_core.models import Embedder
-from cssl_core.replay import ReplayMemory
-from cssl_core.shard import Shard
-from cssl_core.storage import LocalStore
-from cssl_core.train import StepLog, TrainingDiverged, TrainResult
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import LocalStore
+from cssl_core.learn import distributed as ddp
+from cssl_core.learn.models import Embedder
+from cssl_core.learn.trainer import StepLog, TrainingDiverged, TrainResult
+from cssl_core.memory.replay import ReplayMemory
 
 JOB_FILE = "job.json"
 PARENT_DIR = "parent"
@@ -128,7 +128,7 @@ def read_result(job_dir: Path) -> tuple[Embedder, TrainResult]:
 def torchrun_command(
     job_dir: Path, cfg: DistributedConfig, python: str = sys.executable
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m cssl_core.launch JOB`` for ``cfg``: one node
+    """``python -m torch.distributed.run ... -m cssl_core.learn.launch JOB`` for ``cfg``: one node
     ``--standalone``, several nodes a c10d rendezvous at ``cfg.rdzv_endpoint``."""
     cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc_per_node)]
     cmd += ["--max-restarts", str(cfg.max_restarts)]
@@ -137,7 +137,7 @@ def torchrun_command(
     else:
         cmd += ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d"]
         cmd += ["--rdzv-endpoint", str(cfg.rdzv_endpoint), "--rdzv-id", cfg.rdzv_id]
-    return [*cmd, "-m", "cssl_core.launch", str(job_dir)]
+    return [*cmd, "-m", "cssl_core.learn.launch", str(job_dir)]
 
 
 def run_torchrun(
@@ -260,7 +260,9 @@ def run_worker(job_dir: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m cssl_core.launch JOB_DIR (started by torchrun)", file=sys.stderr)
+        print(
+            "usage: python -m cssl_core.learn.launch JOB_DIR (started by torchrun)", file=sys.stderr
+        )
         return 2
     return run_worker(Path(args[0]))
 

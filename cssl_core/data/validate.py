@@ -6,7 +6,7 @@ image and its ``width``/``height`` the decoded size, and the manifest agrees wit
 (rows per part, totals per split and category, and the fingerprint recomputed from the rows).
 
 Anything else (a Parquet directory without a manifest, bad rows, a stale manifest) is
-rewritten through :class:`~cssl_core.shard.ShardWriter` when ``repair=True``: rows are streamed
+rewritten through :class:`~cssl_core.data.shard.ShardWriter` when ``repair=True``: rows are streamed
 from the old directory into a hidden sibling, bad rows go to the quarantine file with their
 reason, duplicates are dropped and counted, valid rows keep their split, category, ts,
 stream_id and source, and the new directory replaces the old one only once it is complete.
@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cssl_core.config import IngestConfig
-from cssl_core.images import DecodeLimits, ImageRejected, decode_image, frame_id
-from cssl_core.shard import (
+from cssl_core.data.images import DecodeLimits, ImageRejected, decode_image, frame_id
+from cssl_core.data.shard import (
     MANIFEST,
     QUARANTINE,
     SPLITS,
@@ -41,6 +41,7 @@ from cssl_core.shard import (
     ShardWriter,
     check_schema,
 )
+from cssl_core.data.storage import atomic_write_json
 
 _CHECK_COLUMNS = ["frame_id", "period", "category", "split", "image", "width", "height"]
 _REWRITE_COLUMNS = ["stream_id", "ts", "category", "split", "image", "source"]
@@ -54,7 +55,7 @@ class ValidationReport:
     """What :func:`validate_shard` found and did.
 
     ``issues`` counts bad rows per reason (the decode reasons of
-    :data:`cssl_core.images.REASONS`, ``bad_split``, ``duplicate``); ``problems`` lists
+    :data:`cssl_core.data.images.REASONS`, ``bad_split``, ``duplicate``); ``problems`` lists
     one-line findings about the shard as a whole (missing or stale manifest, mismatched ids).
     ``clean`` is about the shard as it was found; ``repaired`` says it was rewritten, in which
     case ``manifest`` and ``stats`` are the new shard's.
@@ -333,17 +334,9 @@ def _rewrite(
             # repair must replace it, so mark the old manifest stale first. If we crash after
             # this line the old shard is still readable and fails validation again.
             stale = dict(scan.manifest, fingerprint=f"stale:{scan.manifest.get('fingerprint')}")
-            _write_json_atomic(path / MANIFEST, stale)
+            atomic_write_json(path / MANIFEST, stale, sort_keys=True)
         manifest = writer.commit()
     return manifest, writer, requarantined
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def validate_shard(

@@ -1,7 +1,7 @@
 """Period datasets for the continual benchmark, each written as one :class:`Shard` per period.
 
-Every builder publishes its periods through :class:`~cssl_core.shard.ShardWriter` (or
-:func:`~cssl_core.ingest.ingest`, which uses it), so the benchmark reads exactly the shards
+Every builder publishes its periods through :class:`~cssl_core.data.shard.ShardWriter` (or
+:func:`~cssl_core.data.ingest.ingest`, which uses it), so the benchmark reads exactly the shards
 the product reads. Builders are deterministic: the same arguments give the same frames, the
 same splits and the same shard fingerprints (rebuilding an existing shard is a no-op).
 
@@ -12,9 +12,9 @@ same splits and the same shard fingerprints (rebuilding an existing shard is a n
   class mix drifts as a window slides around the classes (:func:`drift_mixes`). Each class's
   train (and test) images are dealt out to the periods in proportion to the class's weight
   in each period, so no image appears in two periods.
-* ``stream`` -- the simulated Atari stream of :mod:`cssl_core.simulate`.
+* ``stream`` -- the simulated Atari stream of :mod:`cssl_core.data.simulate`.
 * ``folder:PATH`` -- a user's own data: ``PATH/<period>/<category>/<image>``, read with
-  :func:`~cssl_core.ingest.ingest` (eval split from the content hash).
+  :func:`~cssl_core.data.ingest.ingest` (eval split from the content hash).
 
 CIFAR-10 (Krizhevsky 2009) is read from the JPEG Parquet export at
 ``../shared/data/cifar10-jpeg.parquet`` beside the repository, from ``$CSSL_CIFAR10`` when
@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cssl_core.config import PERIOD_NAME, IngestConfig, SimulateConfig
-from cssl_core.images import encode_jpeg
-from cssl_core.shard import Frame, Shard, ShardError, ShardWriter
+from cssl_core.data.images import encode_jpeg
+from cssl_core.data.shard import Frame, Shard, ShardError, ShardWriter
 
 DatasetKind = Literal["stream", "cifar10", "cifar10-drift", "folder"]
 KINDS: tuple[str, ...] = ("stream", "cifar10", "cifar10-drift", "folder:PATH")
@@ -413,10 +413,10 @@ def build_stream(
     """Simulate ``num_periods`` (default 5) periods of the Atari stream as shards ``p01..``.
 
     Period ``pK`` is always the K-th period of a ``num_periods``-long simulated stream (its
-    games follow :func:`~cssl_core.simulate.game_schedule`); ``period_order`` reorders or
+    games follow :func:`~cssl_core.data.simulate.game_schedule`); ``period_order`` reorders or
     selects among them, and only the chosen periods are simulated.
     """
-    from cssl_core.simulate import simulate_period
+    from cssl_core.data.simulate import simulate_period
 
     total = num_periods or DEFAULT_STREAM_PERIODS
     names = period_names(total)
@@ -466,7 +466,7 @@ def build_folder(
     N. Categories come from the folder below the period; the eval split is
     ``cfg.eval_fraction`` of frames chosen by content hash (the product's ingest path).
     """
-    from cssl_core.ingest import ingest
+    from cssl_core.data.ingest import ingest
 
     path = Path(path).expanduser()
     chosen = select_periods(folder_periods(path), period_order, num_periods)

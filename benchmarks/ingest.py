@@ -2,14 +2,14 @@
 
 Both sides decode the same file with the same threading and the same presentation-time
 sampling at ``fps``; the bare side only converts each sampled frame to an RGB array, while
-:func:`~cssl_core.ingest.ingest` also hashes, deduplicates, JPEG-encodes, validates and writes
+:func:`~cssl_core.data.ingest.ingest` also hashes, deduplicates, JPEG-encodes, validates and writes
 the shard. Every run happens in a fresh Python process (nothing is shared), which
 does the work once untimed (warm-up: page cache, codec set-up, lazy imports), then once timed,
 and reports the wall time and its RSS high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``)
 before and after. The larger inputs are the video looped N times by a PyAV remux
 (packets copied, timestamps shifted), so decoding work grows N-fold while content stays real.
 
-Run it with ``python -m cssl_core.bench_ingest [--video PATH] [--sizes 1 4] [--json]``.
+Run it with ``python -m benchmarks.ingest [--video PATH] [--sizes 1 4] [--json]``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _child_bare(video: str, fps: float) -> dict[str, Any]:
 
 
 def _child_ingest(video: str, fps: float, cfg: dict[str, Any]) -> dict[str, Any]:
-    from cssl_core.ingest import ingest
+    from cssl_core.data.ingest import ingest
 
     config = IngestConfig.model_validate(cfg)
     with tempfile.TemporaryDirectory(prefix="cssl-bench-") as out:
@@ -126,7 +126,7 @@ def _child_ingest(video: str, fps: float, cfg: dict[str, Any]) -> dict[str, Any]
 
 
 _CHILD = (
-    "import json, sys; from cssl_core import bench_ingest as b; "
+    "import json, sys; from benchmarks import ingest as b; "
     "print(json.dumps(getattr(b, sys.argv[1])(*json.loads(sys.argv[2]))))"
 )
 

@@ -62,8 +62,8 @@ from ale_py import ALEInterface, LoggerMode, roms
 from PIL import Image
 
 from cssl_core.config import SimulateConfig
-from cssl_core.images import encode_jpeg
-from cssl_core.shard import Frame, ShardWriter
+from cssl_core.data.images import encode_jpeg
+from cssl_core.data.shard import Frame, ShardWriter
 
 # Games that load in ~0.1 s and play with random actions without getting stuck on a menu.
 GAME_POOL: tuple[str, ...] = (

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cssl_core.images import (
+from cssl_core.data.images import (
     DecodeLimits,
     ImageRejected,
     decode_image,
@@ -40,6 +40,7 @@ from cssl_core.images import (
     is_jpeg,
     resize_shorter_side,
 )
+from cssl_core.data.storage import atomic_write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -302,7 +303,7 @@ class ShardWriter:
             "quarantined": dict(sorted(self.stats.quarantined.items())),
             "quarantine_file": QUARANTINE if self.stats.quarantined else None,
         }
-        _write_json_atomic(self.tmp / MANIFEST, manifest)
+        atomic_write_json(self.tmp / MANIFEST, manifest, sort_keys=True)
         _publish_dir(self.tmp, self.final, manifest["fingerprint"])
         return manifest
 
@@ -323,14 +324,6 @@ class ShardWriter:
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None and not self._closed:
             self.abort()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _publish_dir(tmp: Path, final: Path, fingerprint: str) -> None:

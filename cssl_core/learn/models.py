@@ -17,7 +17,7 @@ training only:
   ``Linear`` over the backbone feature. The trainer feeds it stop-gradient features, so the
   labels never shape the embedding. ``expand_classes`` grows it as new categories appear.
 
-Input is a float batch already normalised by :mod:`cssl_core.augment` (``eval_transform`` or
+Input is a float batch already normalised by :mod:`cssl_core.learn.augment` (``eval_transform`` or
 ``SimCLRAugment``); the model does not normalise. ``model.to(memory_format=torch.channels_last)``
 works as for any module; saving and fingerprints do not depend on the memory format.
 
@@ -30,9 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
 from cssl_core.config import ModelConfig
+from cssl_core.data.storage import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -253,11 +252,9 @@ class Embedder(nn.Module):
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
         }
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-        _atomic_write(
-            out / CONFIG_FILE,
-            lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
-        )
+        with atomic_path(out / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_json(out / CONFIG_FILE, meta, sort_keys=True)
         return out
 
     @classmethod
@@ -309,14 +306,3 @@ class Embedder(nn.Module):
                 "(the files come from different saves or were modified)"
             )
         return model.to(device)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,7 +1,7 @@
 """The replay memory: a small, versioned, immutable sample of past training frames.
 
 After each period ``t`` the memory becomes ``memory(t) = select(memory(t-1) ∪ train(t))``
-and is published through an :class:`~cssl_core.storage.ObjectStore`::
+and is published through an :class:`~cssl_core.data.storage.ObjectStore`::
 
     memory/<period>/part-00000.parquet   frames (the shard's FRAME_SCHEMA, train split only)
     memory/<period>/manifest.json        written LAST; a version exists iff its manifest does
@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cssl_core.shard import FRAME_SCHEMA, ShardError, check_schema
-from cssl_core.storage import ObjectStore, StoreError, validate_key
+from cssl_core.data.shard import FRAME_SCHEMA, ShardError, check_schema
+from cssl_core.data.storage import ObjectStore, StoreError, validate_key
 
 SCHEMA_VERSION = 1
 MEMORY_PREFIX = "memory"

@@ -1,7 +1,7 @@
 """Benchmark: does continual refresh stay close to full retraining at a fraction of the cost?
 
 For every strategy (``finetune``, ``replay``, ``distill``, ``distill+replay``, ``joint``) and
-every seed, the periods of one dataset (:mod:`cssl_core.datasets`) are trained in stream order
+every seed, the periods of one dataset (:mod:`benchmarks.datasets`) are trained in stream order
 with :func:`cssl_core.period.train_period` -- the function the product's refresh flow and DVC
 stages call -- with the previous period's model as parent and the replay memory updated by
 :func:`cssl_core.period.next_memory`. Every strategy gets the same backbone, schedule, steps
@@ -15,8 +15,9 @@ Measured per run:
   ``all`` scores every period), so ``R`` holds the lower triangle plus the superdiagonal that
   forward transfer reads; a randomly initialised model of the same seed gives FWT's baseline;
 * average accuracy, forgetting (Chaudhry et al. 2018), BWT and FWT (Lopez-Paz & Ranzato 2017)
-  from :class:`cssl_core.metrics.AccuracyMatrix`;
-* backward compatibility (Shen et al. 2020, BCT, :func:`cssl_core.evaluate.compatibility_top1`):
+  from :class:`cssl_core.evaluation.metrics.AccuracyMatrix`;
+* backward compatibility (Shen et al. 2020, BCT,
+  :func:`cssl_core.evaluation.evaluate.compatibility_top1`):
   the final model's features of every period's eval frames query a gallery of every period's
   reference frames embedded by the period-1 model, against the period-1 model querying
   its own gallery;
@@ -36,21 +37,19 @@ accuracy within 3 points of ``joint`` at no more than 40% of ``joint``'s cumulat
 Each is reported as measured pass/miss; presets are sized for time, never tuned on the eval
 splits.
 
-Run it with ``python -m cssl_core.bench_continual --dataset cifar10 --out DIR`` (see ``--help``).
+Run it with ``python -m benchmarks.continual --dataset cifar10 --out DIR`` (see ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +60,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from benchmarks.datasets import BenchDataset, DatasetError, build_dataset, parse_dataset
 from cssl_core.config import (
     DEFAULT_PARAMS_FILE,
     ConfigError,
@@ -68,13 +68,13 @@ from cssl_core.config import (
     apply_overrides,
     params_from_dict,
 )
-from cssl_core.datasets import BenchDataset, DatasetError, build_dataset, parse_dataset
-from cssl_core.metrics import AccuracyMatrix
-from cssl_core.shard import Shard
+from cssl_core.data.shard import Shard
+from cssl_core.data.storage import atomic_path, atomic_write_json, atomic_write_text
+from cssl_core.evaluation.metrics import AccuracyMatrix
 
 STRATEGIES: tuple[str, ...] = ("finetune", "replay", "distill", "distill+replay", "joint")
 PRESETS: tuple[str, ...] = ("default", "paper", "smoke")
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 METRICS = ("knn", "linear")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 CANDIDATE, LOWER, UPPER = "distill+replay", "finetune", "joint"
@@ -288,8 +288,8 @@ def count_step_flops(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cssl_core.learn.trainer import steps_for
     from cssl_core.period import train_period
-    from cssl_core.train import steps_for
 
     one = params.model_copy(update={"train": params.train.model_copy(update={"steps": 1})})
     steps = steps_for(params.train.strategy, 1, params.period_index(period))
@@ -328,9 +328,9 @@ def run_strategy(
     Training runs on ``device`` (default CPU); models are scored on the CPU, where
     :func:`~cssl_core.period.evaluate_model` extracts features.
     """
+    from cssl_core.learn.trainer import USES_REPLAY
+    from cssl_core.memory.replay import ReplayMemory
     from cssl_core.period import evaluate_model, next_memory, train_period
-    from cssl_core.replay import ReplayMemory
-    from cssl_core.train import USES_REPLAY
 
     strategy = params.train.strategy
     names = [s.period for s in shards]
@@ -399,7 +399,7 @@ def compatibility(
     each period, embedded by ``old`` (the period-1 model). Queries: as many eval frames of
     each period, embedded by ``new`` (the final model) and by ``old``.
     """
-    from cssl_core.evaluate import compatibility_top1, encode_labels, extract_features
+    from cssl_core.evaluation.evaluate import compatibility_top1, encode_labels, extract_features
 
     size, cap = params.model.input_size, bench.compat_frames_per_period
     if ctx.gallery is None:
@@ -443,7 +443,7 @@ def machine_info() -> dict[str, Any]:
     import torch
     import torchvision
 
-    from cssl_core.train import resolve_precision
+    from cssl_core.learn.trainer import resolve_precision
 
     cpu = platform.processor() or "unknown"
     try:
@@ -742,10 +742,7 @@ def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[d
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, allow_nan=False)
 
 
 def _pm(stat: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
@@ -840,12 +837,10 @@ def format_markdown(results: Mapping[str, Any]) -> str:
 
 def write_outputs(out: Path, results: Mapping[str, Any], runs: Sequence[Run]) -> list[Path]:
     """``results.json``, ``results.md`` and the figures of the first seed."""
-    from cssl_core.plots import plot_accuracy_curves, plot_accuracy_matrix
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
 
     _write_json(out / RESULTS_JSON, results)
-    tmp = out / f".{RESULTS_MD}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(format_markdown(results), encoding="utf-8")
-    os.replace(tmp, out / RESULTS_MD)
+    atomic_write_text(out / RESULTS_MD, format_markdown(results))
     written = [out / RESULTS_JSON, out / RESULTS_MD]
     first_seed = results["command"]["seeds"][0]
     mine = [r for r in runs if r.seed == first_seed]
@@ -893,12 +888,8 @@ def plot_average_accuracy(runs: Sequence[Run], path: Path) -> Path:
     ax.set_ylim(0.0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -1000,10 +991,10 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cssl_core.bench_continual``: exit 0 when the benchmark ran (goals may miss),
+    """``python -m benchmarks.continual``: exit 0 when the benchmark ran (goals may miss),
     1 on an error (one line on stderr), 2 on bad usage."""
     parser = argparse.ArgumentParser(
-        prog="python -m cssl_core.bench_continual",
+        prog="python -m benchmarks.continual",
         description="Continual refresh strategies vs fine-tuning and joint retraining.",
     )
     add_arguments(parser)

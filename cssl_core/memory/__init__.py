@@ -1,0 +1,1 @@
+"""Stage 3, memory: the versioned replay memory and how frames are selected into it."""
