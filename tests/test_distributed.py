@@ -9,6 +9,7 @@ The torchrun tests start real ``torchrun --standalone --nproc-per-node 2`` jobs 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ from cssl_core.config import (
     AugmentConfig,
     ConfigError,
     DistributedConfig,
+    ModelConfig,
     Params,
     load_params,
     params_from_dict,
@@ -31,11 +33,13 @@ from cssl_core.data.shard import Shard
 from cssl_core.learn import distributed as ddp
 from cssl_core.learn.augment import SimCLRAugment
 from cssl_core.learn.launch import torchrun_command
+from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
 from cssl_core.period import new_model, train_period, train_period_local
 
 HERE = Path(__file__).resolve().parent
 LOSSES = ("predictor", "nt_xent", "feature")
+SMALL_MODEL = ModelConfig(input_size=32, projector_hidden=64, projector_dim=32, predictor_hidden=64)
 
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -121,6 +125,38 @@ def test_alone_the_collectives_are_the_identity_and_global_bn_is_batchnorm() -> 
     ref = torch.nn.BatchNorm1d(4)
     torch.testing.assert_close(converted(x), ref(x))
     assert set(converted.state_dict()) == {f"0.{k}" for k in ref.state_dict()}
+
+
+@pytest.mark.parametrize("backbone", ["regnetx_002", "resnet10t"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_batchnorm_conversion_keeps_every_backbone_exact(backbone: str, device: str) -> None:
+    """Both conversion paths (global BN on CPU, SyncBatchNorm on GPUs; the model stays on the
+    CPU, alone a converted layer is plain BN) give the original model's outputs in train and
+    eval mode. regnetx_002 uses timm's BatchNormAct2d (BN with a fused activation), which a
+    plain BN in its place would silently drop."""
+    cfg = SMALL_MODEL.model_copy(update={"backbone": backbone})
+    torch.manual_seed(0)
+    original = Embedder(cfg)
+    converted = ddp.convert_batchnorm(copy.deepcopy(original), torch.device(device))
+    kinds = {type(m).__name__ for m in converted.modules()}
+    assert not kinds & {"BatchNorm1d", "BatchNorm2d", "BatchNormAct2d"}, kinds
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        original.train(train)
+        converted.train(train)
+        want, got = original(x), converted(x)
+        torch.testing.assert_close(got.features, want.features, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.projection, want.projection, atol=1e-6, rtol=1e-6)
+    assert set(converted.state_dict()) == set(original.state_dict())
+
+
+def test_batchnorm_conversion_refuses_a_batchnorm_it_cannot_convert_exactly() -> None:
+    from timm.layers.split_batchnorm import SplitBatchNorm2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SplitBatchNorm2d(4, num_splits=2))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="SplitBatchNorm2d"):
+            ddp.convert_batchnorm(model, torch.device(device))
 
 
 def test_the_gpu_jpeg_path_resizes_and_crops_like_the_cpu_path(cifar_jpegs: list[bytes]) -> None:

@@ -238,26 +238,75 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class GlobalBatchNormAct2d(GlobalBatchNorm):
+    """timm's ``BatchNormAct2d`` (BatchNorm, then dropout and a fused activation) with the
+    global batch's statistics: :class:`GlobalBatchNorm`, then the original ``drop`` and
+    ``act`` modules (carried over by :func:`convert_batchnorm`)."""
+
+    def __init__(self, *args: Any, drop: nn.Module, act: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ALREADY_GLOBAL = (GlobalBatchNorm, nn.SyncBatchNorm)
+
+
+def _check_convertible(module: nn.Module) -> None:
+    """Every BatchNorm in ``module`` must be one this module converts exactly: torch's plain
+    BatchNorm layers and timm's ``BatchNormAct2d``. Anything else (a subclass with its own
+    forward) would silently lose what its forward adds, so it is refused by name."""
+    from timm.layers import BatchNormAct2d
+
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            continue
+        if type(child) in (*_PLAIN_BN, BatchNormAct2d) or isinstance(child, _ALREADY_GLOBAL):
+            continue
+        raise ValueError(
+            f"cannot make {name or 'the model'} ({type(child).__name__}) a global-batch "
+            "BatchNorm exactly; train this backbone with one process (distributed.nproc_per_node=1)"
+        )
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm of ``module`` global across ranks (parameters and buffers are
-    shared with the originals, so an optimiser and a checkpoint see the same tensors)."""
+    shared with the originals, so an optimiser and a checkpoint see the same tensors).
+
+    On GPUs timm's ``convert_sync_batchnorm`` (torch's fused ``SyncBatchNorm``; timm's
+    ``BatchNormAct2d`` becomes ``SyncBatchNormAct`` and keeps its activation), elsewhere
+    :class:`GlobalBatchNorm` / :class:`GlobalBatchNormAct2d`. Alone (one process) a
+    converted model computes exactly what the original does.
+    """
+    _check_convertible(module)
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module)
     return _to_global(module)
 
 
 def _to_global(module: nn.Module) -> nn.Module:
+    from timm.layers import BatchNormAct2d
+
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-        module, GlobalBatchNorm | nn.SyncBatchNorm
+        module, _ALREADY_GLOBAL
     ):
-        out = GlobalBatchNorm(
+        shape = (
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
         )
+        if isinstance(module, BatchNormAct2d):
+            out = GlobalBatchNormAct2d(*shape, drop=module.drop, act=module.act)
+        else:
+            out = GlobalBatchNorm(*shape)
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean = module.running_mean
