@@ -33,14 +33,13 @@ from cssl_core.evaluation.evaluate import (
 )
 from cssl_core.learn.distributed import DistEnv, resolve_device
 from cssl_core.learn.models import Embedder
+from cssl_core.learn.scoring import embed_table, ssl_loss_per_frame
 from cssl_core.learn.trainer import (
     USES_DISTILL,
     ContinualTrainer,
     FrameSource,
     StepLog,
     TrainResult,
-    embed_table,
-    ssl_loss_per_frame,
     steps_for,
 )
 from cssl_core.memory.replay import ReplayMemory

@@ -326,6 +326,47 @@ def test_hard_keeps_the_highest_scores_balanced_by_period() -> None:
     assert m3.manifest["periods"] == {"p1": 5, "p2": 5}
 
 
+def test_a_frames_hard_score_does_not_depend_on_the_batching(cifar_jpegs: list[bytes]) -> None:
+    """The same frame scores the same whatever the batch size and its position: 20 frames
+    scored in one batch, in batches of 6 (a partial last batch of 2) and shuffled in
+    batches of 7. A per-batch NT-Xent scales with log(2B - 1), so the partial batch's
+    frames would look easy and never be kept."""
+    import torch
+
+    from cssl_core.config import AugmentConfig, ModelConfig
+    from cssl_core.data.images import frame_id
+    from cssl_core.learn.losses import nt_xent
+    from cssl_core.learn.models import Embedder
+    from cssl_core.learn.scoring import nt_xent_against_all, ssl_loss_per_frame
+
+    torch.manual_seed(0)
+    model = Embedder(
+        ModelConfig(
+            backbone="resnet10t",
+            input_size=32,
+            projector_hidden=64,
+            projector_dim=32,
+            predictor_hidden=64,
+        )
+    )
+    images = cifar_jpegs[:20]
+    table = pa.table({"frame_id": [frame_id(b) for b in images], "image": images})
+
+    def scores(t: pa.Table, batch_size: int) -> np.ndarray:
+        return ssl_loss_per_frame(model, AugmentConfig(), t, 0.2, seed=3, batch_size=batch_size)
+
+    whole = scores(table, 256)
+    assert whole.shape == (20,) and np.isfinite(whole).all()
+    np.testing.assert_allclose(scores(table, 6), whole, rtol=1e-4, atol=1e-5)
+    order = np.random.default_rng(0).permutation(20)
+    np.testing.assert_allclose(scores(table.take(order), 7), whole[order], rtol=1e-4, atol=1e-5)
+    assert len(set(np.round(whole, 4))) > 10  # frames do differ: the test can see a mix-up
+    # The score is NT-Xent with the whole scored set as one batch, however it is blocked.
+    z1, z2 = torch.randn(2, 1500, 8, generator=torch.Generator().manual_seed(0))
+    reference = nt_xent(z1, z2, 0.2, reduction="none").reshape(2, -1).mean(0)
+    torch.testing.assert_close(nt_xent_against_all(z1, z2, 0.2), reference)
+
+
 # -- invariants for every strategy -------------------------------------------------------------
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -510,41 +509,3 @@ class ContinualTrainer:
             images_per_second=seen / wall if wall > 0 else 0.0,
             history=history,
         )
-
-
-# -- scoring for replay selection ---------------------------------------------------------
-
-
-def embed_table(model: Embedder, table: pa.Table, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised backbone features of a table's frames (for ``diverse`` selection)."""
-    from cssl_core.evaluation.evaluate import extract_features
-
-    images = table.column("image").to_pylist()
-    feats = extract_features(model, images, model.cfg.input_size, batch_size=batch_size)
-    return F.normalize(feats, dim=1).numpy()
-
-
-@torch.inference_mode()
-def ssl_loss_per_frame(
-    model: Embedder,
-    augment: AugmentConfig,
-    table: pa.Table,
-    temperature: float,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Per-frame NT-Xent loss of two fresh views, averaged over both (for ``hard`` selection)."""
-    size = model.cfg.input_size
-    augmenter = SimCLRAugment(augment, size)
-    images = table.column("image").to_pylist()
-    was_training = model.training
-    model.eval()
-    scores = []
-    for i in range(0, len(images), batch_size):
-        x = decode_batch(images[i : i + batch_size], size)
-        v1, v2 = augmenter(x, step_generator(seed, i, stream=4))
-        z1, z2 = model(v1).projection.float(), model(v2).projection.float()
-        per_anchor = nt_xent(z1, z2, temperature, reduction="none")
-        scores.append(per_anchor.reshape(2, -1).mean(0))
-    model.train(was_training)
-    return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)
