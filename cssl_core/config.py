@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     replay_ratio: float = Field(0.5, ge=0, lt=1)
     classifier: bool = Field(False, description="Kaizen-style continual classifier on labels")
     classifier_weight: float = Field(1.0, ge=0)
+    classifier_temperature: float = Field(
+        2.0, gt=0, description="temperature of Kaizen's distillation of the old classifier"
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = Field(50, ge=1)

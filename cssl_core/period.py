@@ -140,13 +140,13 @@ def train_period_local(
     device = device or resolve_device(cfg.device, env)
     index = params.period_index(period)
     train_table = shard.read(split="train")
+    if cfg.strategy == "joint" and history:
+        train_table = pa.concat_tables([s.read(split="train") for s in history] + [train_table])
     categories = _categories(train_table) if cfg.classifier else []
     teacher = None
     replay: FrameSource | None = None
     if cfg.strategy == "joint" or parent is None:
         model = new_model(params, categories)
-        if cfg.strategy == "joint" and history:
-            train_table = pa.concat_tables([s.read(split="train") for s in history] + [train_table])
     else:
         model = copy.deepcopy(parent).train().requires_grad_(True)
         if cfg.classifier:

@@ -413,6 +413,56 @@ def test_the_classifier_learns_while_the_backbone_gets_no_gradient_from_it(
     assert [h.ssl for h in on_result.history] == [h.ssl for h in off_result.history]
 
 
+def test_the_kaizen_distillation_temperature_is_config_with_the_old_default(
+    two_class_frames: tuple[list[bytes], list[str]],
+) -> None:
+    """``train.classifier_temperature`` (default 2.0, the value that was hard-coded) sets
+    the temperature of the classifier distillation: the classifier term moves with it, the
+    SSL term does not."""
+    images, labels = two_class_frames
+    assert TrainConfig().classifier_temperature == 2.0
+
+    def first_step(**kw: object) -> tuple[float, float]:
+        torch.manual_seed(0)
+        parent = Embedder(SMALL, ["airplane", "automobile"])  # two old classes: KL is not 0
+        student = parent.frozen_copy().train().requires_grad_(True)
+        student.expand_classes(["bird"])
+        cfg = train_cfg(strategy="distill", steps=1, batch_size=16, classifier=True, **kw)
+        trainer = ContinualTrainer(cfg, AugmentConfig(), student, teacher=parent.frozen_copy())
+        [log] = trainer.fit(FrameSource(images, 32, labels)).history
+        return log.ssl, log.classifier
+
+    default, two, five = (
+        first_step(),
+        first_step(classifier_temperature=2.0),
+        first_step(classifier_temperature=5.0),
+    )
+    assert default == two
+    assert five[0] == two[0] and five[1] != two[1]
+
+
+def test_joint_with_the_classifier_knows_the_categories_of_every_period_it_trains_on(
+    sim_shards: Path,
+) -> None:
+    from conftest import TINY_PARAMS
+
+    from cssl_core.config import params_from_dict
+    from cssl_core.period import train_period_local
+
+    tree = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "steps": 1}}
+    tree["train"] |= {"strategy": "joint", "classifier": True}
+    params = params_from_dict(tree)
+    shards = [Shard.open(sim_shards / p) for p in ("p01", "p02")]
+    wanted = sorted(
+        {c for s in shards for c in s.read(split="train").column("category").to_pylist() if c}
+    )
+    assert set(wanted) > set(shards[1].manifest["categories"])  # p01 adds categories
+    model, _ = train_period_local(
+        params, "p02", shards[1], None, ReplayMemory.empty(32), history=shards[:1]
+    )
+    assert model.categories == wanted
+
+
 # -- forgetting over two periods ------------------------------------------------------------
 
 FORGET_MODEL = ModelConfig(

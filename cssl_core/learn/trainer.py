@@ -418,7 +418,9 @@ class ContinualTrainer:
             loss = F.cross_entropy(logits[known], target)
         if frozen is not None and "logits" in frozen:
             n_old = frozen["logits"].shape[1]
-            loss = loss + classifier_distill(logits[:, :n_old], frozen["logits"], 2.0)
+            loss = loss + classifier_distill(
+                logits[:, :n_old], frozen["logits"], self.cfg.classifier_temperature
+            )
         return loss
 
     # -- the loop ------------------------------------------------------------------------
