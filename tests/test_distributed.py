@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (gloo on CPU): a DDP step equals the single-process
 step on the same global batch, ranks stay identical, an elastic restart resumes exactly, and
-``train_period`` fans out through torchrun and back.
+``train_period`` (the training of ``run_period``) fans out through torchrun and back.
 
 The torchrun tests start real ``torchrun --standalone --nproc-per-node 2`` jobs of
 ``dist_worker.py`` (the training case is ``dist_case.py``: real CIFAR-10 frames, resnet10t at
@@ -32,10 +32,11 @@ from cssl_core.config import (
 from cssl_core.data.shard import Shard
 from cssl_core.learn import distributed as ddp
 from cssl_core.learn.augment import SimCLRAugment
+from cssl_core.learn.job import train_in_process
 from cssl_core.learn.launch import torchrun_command
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
-from cssl_core.period import new_model, train_period, train_period_local
+from cssl_core.period import PeriodInputs, new_model, train_period
 
 HERE = Path(__file__).resolve().parent
 LOSSES = ("predictor", "nt_xent", "feature")
@@ -325,18 +326,17 @@ def test_train_period_with_two_processes_runs_torchrun_and_matches_one_process(
     shard = Shard.open(sim_shards / "p01")
     memory = ReplayMemory.empty(params.replay.capacity)
     seen: list[int] = []
+    inputs = PeriodInputs(
+        params=two, period="p01", shard=shard, memory=memory, checkpoint_dir=tmp_path / "ckpt"
+    )
     model, result = train_period(
-        two,
-        "p01",
-        shard,
-        None,
-        memory,
-        checkpoint_dir=tmp_path / "ckpt",
-        on_step=lambda log, rate: seen.append(log.step) if rate > 0 else None,
+        inputs, on_step=lambda log, rate: seen.append(log.step) if rate > 0 else None
     )
     assert seen == [0, 1] and result.steps == 2 and result.resumed_from == 0
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002.safetensors"]
-    local, _ = train_period_local(params, "p01", shard, None, memory)
+    local, _ = train_in_process(
+        PeriodInputs(params=params, period="p01", shard=shard, memory=memory)
+    )
     got, ref, init = (m.state_dict() for m in (model, local, new_model(params)))
     assert rel_distance(got, ref, init) < 5e-3
     assert rel_distance(init, ref, init) == pytest.approx(1.0)

@@ -112,6 +112,11 @@ class StudentOutputs:
         )
 
 
+# A pytree node, so DistributedDataParallel sees each tensor of the forward's output (an
+# unregistered dataclass would be one opaque leaf to its output handling).
+torch.export.register_dataclass(StudentOutputs, serialized_type_name="cssl_core.StudentOutputs")
+
+
 @dataclass(frozen=True)
 class TeacherOutputs:
     """The frozen previous model on the same two views (no gradient).
