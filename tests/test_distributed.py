@@ -343,6 +343,44 @@ def test_train_period_with_two_processes_runs_torchrun_and_matches_one_process(
 
 
 @pytest.mark.slow
+def test_a_torchrun_period_asked_to_stop_checkpoints_and_resumes_bit_identical(
+    sim_shards: Path, tmp_path: Path
+) -> None:
+    """``should_stop`` in the caller: torchrun gets SIGTERM, passes it to both ranks, which
+    agree on one step, checkpoint it (rank 0) and exit; the caller raises
+    TrainingInterrupted. The rerun resumes there and ends bit-identical to an uninterrupted
+    two-process run."""
+    from cssl_core.period import TrainingInterrupted
+
+    tree = json.loads(json.dumps(TINY_PARAMS))
+    tree["train"] |= {"steps": 6, "channels_last": "off", "checkpoint_every": 50}
+    tree["distributed"] = {"nproc_per_node": 2}
+    params = params_from_dict(tree)
+    shard = Shard.open(sim_shards / "p01")
+
+    def inputs(ckpt: Path) -> PeriodInputs:
+        memory = ReplayMemory.empty(params.replay.capacity)
+        return PeriodInputs(
+            params=params, period="p01", shard=shard, memory=memory, checkpoint_dir=ckpt
+        )
+
+    whole, _ = train_period(inputs(tmp_path / "whole"))
+    seen: list[int] = []
+    with pytest.raises(TrainingInterrupted) as info:
+        train_period(
+            inputs(tmp_path / "ckpt"),
+            on_step=lambda log, _rate: seen.append(log.step),
+            should_stop=lambda: len(seen) >= 1,
+        )
+    k = info.value.step
+    assert 1 <= k < 6 and info.value.checkpoint == tmp_path / "ckpt" / f"step-{k:06d}.safetensors"
+    assert info.value.checkpoint.is_file()
+    resumed, result = train_period(inputs(tmp_path / "ckpt"))
+    assert result.resumed_from == k and result.steps == 6
+    assert resumed.state_fingerprint() == whole.state_fingerprint()
+
+
+@pytest.mark.slow
 def test_cssl_refresh_with_nproc_per_node_2_trains_under_torchrun(
     sim_shards: Path, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:

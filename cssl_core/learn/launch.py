@@ -103,7 +103,7 @@ def write_job(job_dir: Path, inputs: PeriodInputs) -> Path:
         memory_period=inputs.memory.period if len(inputs.memory) else None,
         checkpoint_dir=str((inputs.checkpoint_dir or job_dir / "checkpoints").resolve()),
     )
-    atomic_write_json(job_dir / JOB_FILE, job.model_dump(mode="json"), indent=2)
+    atomic_write_json(job_dir / JOB_FILE, job.model_dump(mode="json"))
     shutil.rmtree(job_dir / OUT_DIR, ignore_errors=True)
     return job_dir
 
