@@ -40,6 +40,7 @@ from cssl_core.evaluation.evaluate import (
     evaluate_periods,
 )
 from cssl_core.learn.job import OnStep, PeriodInputs, ShouldStop, new_model, train_in_process
+from cssl_core.learn.launch import train_torchrun
 from cssl_core.learn.models import Embedder
 from cssl_core.learn.scoring import embed_table, ssl_loss_per_frame
 from cssl_core.learn.trainer import TrainingInterrupted, TrainResult
@@ -95,8 +96,6 @@ def train_period(
     as one process on the same global batches; ``device`` is then each rank's own), else in
     this process on ``device`` (default: ``train.device``)."""
     if inputs.params.distributed.launches_processes:
-        from cssl_core.learn.launch import train_torchrun
-
         return train_torchrun(inputs, on_step=on_step, should_stop=should_stop)
     return train_in_process(inputs, on_step=on_step, should_stop=should_stop, device=device)
 
