@@ -19,6 +19,7 @@ from cssl_core.data.shard import Shard
 from cssl_core.data.storage import LocalStore
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
+from cssl_core.period import PeriodInputs
 
 PERIODS = ("p01", "p02")
 
@@ -32,6 +33,7 @@ def params() -> Params:
 
 
 def dvc_driver(params: Params, shards: Path, out: Path) -> dict[str, tuple[str, str]]:
+    from cssl_core.period import memory_matches
     from pipelines.dvc_stages import memory_root, model_dir, train_stage
 
     got = {}
@@ -40,6 +42,11 @@ def dvc_driver(params: Params, shards: Path, out: Path) -> dict[str, tuple[str, 
         model = Embedder.load(model_dir(out / "models", period))
         memory = ReplayMemory.load(LocalStore(memory_root(out / "memory", period)), period)
         got[period] = (model.state_fingerprint(), memory.fingerprint)
+        assert memory_matches(params, memory)  # made with these replay settings...
+        bigger = params.model_copy(
+            update={"replay": params.replay.model_copy(update={"capacity": 64})}
+        )
+        assert not memory_matches(bigger, memory)  # ...and with no others
     return got
 
 
@@ -81,3 +88,21 @@ def test_the_flow_the_dvc_stages_and_the_benchmark_agree_bit_for_bit(
     assert dvc == flow == bench
     assert len({w for w, _ in dvc.values()}) == 2  # two different models, two memories
     assert len({m for _, m in dvc.values()}) == 2
+
+
+def test_period_inputs_refuse_a_shard_or_a_memory_of_another_period(
+    params: Params, sim_shards: Path
+) -> None:
+    p01, p02 = (Shard.open(sim_shards / p) for p in PERIODS)
+    empty = ReplayMemory.empty(params.replay.capacity)
+    with pytest.raises(ValueError, match="holds period 'p01', not 'p02'"):
+        PeriodInputs(params=params, period="p02", shard=p01, memory=empty)
+    with pytest.raises(ValueError, match="unknown period 'p09'"):
+        PeriodInputs(params=params, period="p09", shard=p01, memory=empty)
+    table = p02.read(split="train")
+    of_p02 = empty.update(table, "p02", "reservoir", params.replay.capacity, seed=0)
+    with pytest.raises(ValueError, match="continues from 'p01', but the replay memory given"):
+        PeriodInputs(params=params, period="p02", shard=p02, memory=of_p02)
+    inputs = PeriodInputs(params=params, period="p02", shard=p02, memory=empty, history=[p01])
+    assert inputs.history == (p01,) and inputs.steps == params.train.steps
+    assert inputs.strategy.uses_distill is False  # no parent given: plain SimCLR
