@@ -223,15 +223,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         means, variances = every[:, :channels], every[:, channels : 2 * channels]
         counts = every[:, 2 * channels :].detach()
         mean, var = combine_moments(means, variances, counts)
-        if self.track_running_stats and self.running_mean is not None:
+        batches, running_mean, running_var = (
+            self.num_batches_tracked,
+            self.running_mean,
+            self.running_var,
+        )
+        if (
+            self.track_running_stats
+            and batches is not None
+            and running_mean is not None
+            and running_var is not None
+        ):
             n = float(counts.sum())
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                tracked = float(self.num_batches_tracked)
+                batches.add_(1)
+                tracked = float(batches)
                 m = 1.0 / tracked if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 unbiased = var.detach() * (n / max(1.0, n - 1))
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+                running_var.mul_(1 - m).add_(unbiased, alpha=m)
         y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)

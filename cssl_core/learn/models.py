@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -169,7 +169,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             f"unknown backbone {name!r}: not a timm model name; set model.backbone to one of "
             "timm.list_models() (e.g. resnet18)"
         )
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     pretrained_cfg = get_pretrained_cfg(name)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs["img_size"] = cfg.input_size
@@ -235,7 +235,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg)
-        self.num_features: int = int(self.backbone.num_features)
+        self.num_features: int = int(getattr(self.backbone, "num_features"))  # noqa: B009
         self.projector = mlp(self.num_features, cfg.projector_hidden, cfg.projector_dim)
         self.predictor = mlp(cfg.projector_dim, cfg.predictor_hidden, cfg.projector_dim)
         self.feature_predictor = mlp(self.num_features, cfg.predictor_hidden, self.num_features)

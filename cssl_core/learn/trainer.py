@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import torch
@@ -277,7 +277,8 @@ class ContinualTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
@@ -308,7 +309,7 @@ class ContinualTrainer:
         )
         module = ddp.wrap_ddp(module, self.device)
         if self.cfg.compile:
-            module = torch.compile(module)
+            module = cast(nn.Module, torch.compile(module))
         return module
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -429,11 +430,12 @@ class ContinualTrainer:
         """Kaizen: CE of the classifier on stop-gradient features (``logits``) plus
         distillation toward the frozen classifier on the old classes."""
         index = {c: i for i, c in enumerate(self.model.categories)}
-        known = [i for i, c in enumerate(labels) if c in index]
+        known = [(row, index[c]) for row, c in enumerate(labels) if c is not None and c in index]
         loss = torch.zeros((), device=logits.device)
         if known:
-            target = torch.tensor([index[labels[i]] for i in known], device=logits.device)
-            loss = F.cross_entropy(logits[known], target)
+            rows = [row for row, _ in known]
+            target = torch.tensor([k for _, k in known], device=logits.device)
+            loss = F.cross_entropy(logits[rows], target)
         if frozen is not None and frozen.logits is not None:
             n_old = frozen.logits.shape[1]
             loss = loss + classifier_distill(
