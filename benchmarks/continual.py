@@ -1,12 +1,13 @@
 """Benchmark: does continual refresh stay close to full retraining at a fraction of the cost?
 
 For every strategy (``finetune``, ``replay``, ``distill``, ``distill+replay``, ``joint``) and
-every seed, the periods of one dataset (:mod:`benchmarks.datasets`) are trained in stream order
-with :func:`cssl_core.period.train_period` -- the function the product's refresh flow and DVC
-stages call -- with the previous period's model as parent and the replay memory updated by
-:func:`cssl_core.period.next_memory`. Every strategy gets the same backbone, schedule, steps
-per period and seed; ``joint`` retrains from scratch on all periods so far with ``t`` times
-the steps, exactly as the product does (that is its cost).
+every seed, the periods of one dataset (:mod:`benchmarks.datasets`) run in stream order through
+:func:`cssl_core.period.run_stream` -- :func:`cssl_core.period.run_period`, the function the
+product's refresh flow and DVC stages call, in a loop -- with the previous period's model as
+parent and the replay memory of the previous period (updated after every period, whatever the
+strategy, as the product does). Every strategy gets the same backbone, schedule, steps per
+period and seed; ``joint`` retrains from scratch on all periods so far with ``t`` times the
+steps, exactly as the product does (that is its cost).
 
 Measured per run:
 
@@ -27,9 +28,11 @@ Measured per run:
   times the steps run. Step cost does not depend on the data, so it is counted once for the
   first period and once for a later one per strategy.
 
-Period 1 does not depend on the strategy: ``train_period`` trains it as plain SimCLR from the
-seed's initialisation for all of them (no parent, no memory; ``joint`` has no history yet), so
-it is trained and evaluated once per seed and its cost is charged to every strategy.
+Period 1 does not depend on the strategy: it trains as plain SimCLR from the seed's
+initialisation for all of them (no parent, no memory; ``joint`` has no history yet,
+:meth:`cssl_core.learn.strategy.StrategySpec.for_period`), and its replay memory depends only
+on the replay settings, so it is run and evaluated once per seed and its cost is charged to
+every strategy.
 
 Goals checked (means over seeds, on ``gate.metric``): ``distill+replay`` average accuracy at
 least ``finetune``'s + 5 points; its forgetting at most half of ``finetune``'s; its average
@@ -72,8 +75,9 @@ from cssl_core.config import (
 from cssl_core.data.shard import Shard
 from cssl_core.data.storage import atomic_path, atomic_write_json, atomic_write_text
 from cssl_core.evaluation.metrics import AccuracyMatrix
+from cssl_core.learn.strategy import STRATEGY_NAMES
 
-STRATEGIES: tuple[str, ...] = ("finetune", "replay", "distill", "distill+replay", "joint")
+STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
 METRICS = ("knn", "linear")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 CANDIDATE, LOWER, UPPER = "distill+replay", "finetune", "joint"
@@ -213,7 +217,9 @@ def with_run(params: Params, strategy: str, seed: int) -> Params:
 
 @dataclass
 class PeriodRecord:
-    """What training one period cost and produced."""
+    """What training one period cost and produced (``memory_frames``: the replay memory the
+    period trained with; ``weights_sha256`` and ``memory_fingerprint``: the model and replay
+    memory it produced, comparable with the flow's registry tags and the DVC outputs)."""
 
     period: str
     steps: int
@@ -225,6 +231,8 @@ class PeriodRecord:
     flops_per_step: float
     memory_frames: int
     eval_wall_s: float
+    weights_sha256: str = ""
+    memory_fingerprint: str = ""
 
     @property
     def flops(self) -> float:
@@ -270,31 +278,27 @@ class Run:
         }
 
 
-def count_step_flops(
-    params: Params,
-    period: str,
-    shard: Shard,
-    parent: Any,
-    memory: Any,
-    history: Sequence[Shard],
-    device: Any = None,
-) -> float:
+def count_step_flops(inputs: Any, device: Any = None) -> float:
     """FLOPs of one training step of this period, counted on a throwaway one-step run.
 
-    Runs :func:`train_period` with ``train.steps=1`` under ``FlopCounterMode`` (matmuls and
+    Trains ``inputs`` (:class:`~cssl_core.period.PeriodInputs`) with ``train.steps=1``
+    through :func:`~cssl_core.period.train_period` under ``FlopCounterMode`` (matmuls and
     convolutions, forward and backward; the frozen teacher's forward for the distill
-    strategies) and divides by the steps it ran (``joint`` runs ``t`` steps per ``steps``).
+    strategies; no memory update) and divides by the steps it ran (``joint`` runs ``t``
+    steps per ``steps``).
     """
+    import dataclasses
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cssl_core.learn.trainer import steps_for
     from cssl_core.period import train_period
 
+    params = inputs.params
     one = params.model_copy(update={"train": params.train.model_copy(update={"steps": 1})})
-    steps = steps_for(params.train.strategy, 1, params.period_index(period))
+    one_step = dataclasses.replace(inputs, params=one, checkpoint_dir=None)
     with FlopCounterMode(display=False) as counter:
-        train_period(one, period, shard, parent, memory, history=history, device=device)
-    return counter.get_total_flops() / steps
+        train_period(one_step, device=device)
+    return counter.get_total_flops() / one_step.steps
 
 
 @dataclass
@@ -324,53 +328,60 @@ def run_strategy(
 ) -> Run:
     """Train every period with ``params.train.strategy`` and score it (see module docs).
 
-    Training runs on ``device`` (default CPU); models are scored on the CPU, where
+    The periods run through :func:`cssl_core.period.run_stream`, the product's period loop
+    (model and replay memory of every period, whatever the strategy). Training runs on
+    ``device`` (default CPU); models come back on the CPU, where
     :func:`~cssl_core.period.evaluate_model` extracts features.
     """
-    from cssl_core.learn.trainer import USES_REPLAY
     from cssl_core.memory.replay import ReplayMemory
-    from cssl_core.period import evaluate_model, next_memory, train_period
+    from cssl_core.period import PeriodInputs, evaluate_model, run_stream
 
     strategy = params.train.strategy
     names = [s.period for s in shards]
     R = {m: AccuracyMatrix(names) for m in METRICS}
     run = Run(strategy, ctx.seed, R)
+    first = ctx.first["result"] if ctx.first is not None else None
+    stream = run_stream(params, shards, first=first, device=device)
     memory = ReplayMemory.empty(params.replay.capacity)
     parent = first_model = None
     for t, shard in enumerate(shards):
-        period, history = shard.period, list(shards[:t])
+        period = shard.period
         key = ("*" if t == 0 else strategy, t > 0)
         if key not in flops_cache:
-            flops_cache[key] = count_step_flops(
-                params, period, shard, parent, memory, history, device
+            inputs = PeriodInputs(
+                params=params,
+                period=period,
+                shard=shard,
+                memory=memory,
+                parent=parent,
+                history=tuple(shards[:t]),
             )
+            flops_cache[key] = count_step_flops(inputs, device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = next(stream)
         if t == 0 and ctx.first is not None:
-            model, record, scores = (ctx.first[k] for k in ("model", "record", "scores"))
-            record = copy.copy(record)
+            record, scores = copy.copy(ctx.first["record"]), ctx.first["scores"]
         else:
-            t0, c0 = time.perf_counter(), time.process_time()
-            model, result = train_period(
-                params, period, shard, parent, memory, history=history, device=device
-            )
-            model.to("cpu")
             period_wall, period_cpu = time.perf_counter() - t0, time.process_time() - c0
             t0 = time.perf_counter()
             wanted = eval_periods(names, t, bench.eval_scope)
-            scores = evaluate_model(model, {p: ctx.eval_sets[p] for p in wanted}, params)
+            scores = evaluate_model(result.model, {p: ctx.eval_sets[p] for p in wanted}, params)
             record = PeriodRecord(
                 period=period,
-                steps=result.steps,
-                train_wall_s=result.wall_seconds,
+                steps=result.train.steps,
+                train_wall_s=result.train.wall_seconds,
                 period_wall_s=period_wall,
                 period_cpu_s=period_cpu,
-                images_per_second=result.images_per_second,
-                final_loss=result.final_loss,
+                images_per_second=result.train.images_per_second,
+                final_loss=result.train.final_loss,
                 flops_per_step=flops_cache[key],
                 memory_frames=len(memory),
                 eval_wall_s=time.perf_counter() - t0,
+                weights_sha256=result.model.state_fingerprint(),
+                memory_fingerprint=result.memory.fingerprint,
             )
             if t == 0:
-                ctx.first = {"model": model, "record": record, "scores": scores}
+                ctx.first = {"result": result, "record": record, "scores": scores}
         for p, s in scores.items():
             for m in METRICS:
                 R[m].set(period, p, float(getattr(s, m)))
@@ -380,11 +391,9 @@ def run_strategy(
             f"{record.train_wall_s:.1f}s train, {record.eval_wall_s:.1f}s eval, "
             f"kNN avg {R['knn'].average_accuracy(period):.3f}"
         )
-        if strategy in USES_REPLAY and t < len(shards) - 1:
-            memory = next_memory(params, memory, shard, model, period)
         if t == 0:
-            first_model = model
-        parent = model
+            first_model = result.model
+        parent, memory = result.model, result.memory
     run.compatibility = compatibility(first_model, parent, ctx, params, bench)
     return run
 

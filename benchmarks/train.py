@@ -51,7 +51,8 @@ from cssl_core.config import Params, SimulateConfig, params_from_dict
 from cssl_core.data.simulate import simulate_period_frames
 from cssl_core.learn.losses import nt_xent
 from cssl_core.learn.models import Embedder
-from cssl_core.learn.trainer import USES_DISTILL, ContinualTrainer, FrameSource, resolve_precision
+from cssl_core.learn.strategy import strategy_spec
+from cssl_core.learn.trainer import ContinualTrainer, FrameSource, resolve_precision
 
 PRECISIONS = ("fp32", "bf16")
 CHANNELS_LAST = ("off", "on")
@@ -149,7 +150,7 @@ def fresh_trainer(params: Params, device: torch.device, steps: int = 1) -> Conti
     teacher (a copy of it) when the strategy distils."""
     torch.manual_seed(params.train.seed)
     model = Embedder(params.model)
-    teacher = model.frozen_copy() if params.train.strategy in USES_DISTILL else None
+    teacher = model.frozen_copy() if strategy_spec(params.train.strategy).uses_distill else None
     cfg = params.train.model_copy(update={"steps": steps})
     return ContinualTrainer(cfg, params.augment, model, teacher=teacher, device=device)
 

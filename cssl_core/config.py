@@ -14,10 +14,21 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from cssl_core.learn.strategy import STRATEGY_NAMES, strategy_spec
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -99,8 +110,22 @@ class AugmentConfig(_Section):
     blur_p: float = Field(0.0, ge=0, le=1)
 
 
-Strategy = Literal["finetune", "replay", "distill", "distill+replay", "joint"]
+def _known_strategy(name: str) -> str:
+    try:
+        strategy_spec(name)
+    except ValueError as exc:  # one line naming the choices, without pydantic's prefix
+        raise PydanticCustomError("unknown_strategy", str(exc)) from None
+    return name
+
+
+Strategy = Annotated[
+    str,
+    AfterValidator(_known_strategy),
+    WithJsonSchema({"type": "string", "enum": list(STRATEGY_NAMES)}),
+]
+"""A name of :data:`cssl_core.learn.strategy.STRATEGIES` (the one list of strategies)."""
 DistillLoss = Literal["predictor", "nt_xent", "feature"]
+"""A name of :data:`cssl_core.learn.distill.DISTILL_TERMS` (a test keeps the two equal)."""
 
 
 class TrainConfig(_Section):
@@ -121,6 +146,9 @@ class TrainConfig(_Section):
     replay_ratio: float = Field(0.5, ge=0, lt=1)
     classifier: bool = Field(False, description="Kaizen-style continual classifier on labels")
     classifier_weight: float = Field(1.0, ge=0)
+    classifier_temperature: float = Field(
+        2.0, gt=0, description="temperature of Kaizen's distillation of the old classifier"
+    )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = Field(50, ge=1)

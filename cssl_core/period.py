@@ -1,24 +1,32 @@
-"""One period of continual refresh as plain functions: the one code path for two drivers.
+"""One period of continual refresh, and the loop over periods: the one code path of every
+driver.
 
-The Prefect flow (``pipelines/refresh.py``) and the DVC stages (``cssl train`` /
-``cssl evaluate``) both call these, so a period reproduced with ``dvc repro`` runs exactly
-the code the scheduled refresh ran.
+The Prefect flow (``pipelines/refresh.py``), the DVC stages (``cssl train`` / ``cssl
+evaluate``, :mod:`pipelines.dvc_stages`) and ``cssl bench continual``
+(:mod:`benchmarks.continual`) all train a period with :func:`run_period` (the benchmark
+through :func:`run_stream`, the same function in a loop), so a period reproduced with
+``dvc repro`` or measured by the benchmark runs exactly the code the scheduled refresh ran::
 
     shard(t) ──publish──▶ store/shards/t            (eval sets of later periods come from here)
-    parent(t-1) + shard(t) + memory(t-1) ──train_period──▶ model(t)
-    memory(t-1) ∪ shard(t) ──next_memory──▶ memory(t)
+    PeriodInputs(params, t, shard(t), memory(t-1), parent(t-1), history)
+        ──run_period──▶ PeriodResult(model(t), train result, memory(t))
+                        memory(t) = select(memory(t-1) ∪ shard(t)), never saved here
     model(t) × eval sets 1..t ──evaluate_model──▶ accuracy row R[t][·]
+
+What the strategy means for a period (replay? distillation? from scratch?) is decided by
+:mod:`cssl_core.learn.strategy` only.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -31,162 +39,177 @@ from cssl_core.evaluation.evaluate import (
     eval_set_from_shard,
     evaluate_periods,
 )
-from cssl_core.learn.distributed import DistEnv, resolve_device
+from cssl_core.learn.job import OnStep, PeriodInputs, ShouldStop, new_model, train_in_process
+from cssl_core.learn.launch import train_torchrun
 from cssl_core.learn.models import Embedder
-from cssl_core.learn.trainer import (
-    USES_DISTILL,
-    ContinualTrainer,
-    FrameSource,
-    StepLog,
-    TrainResult,
-    embed_table,
-    ssl_loss_per_frame,
-    steps_for,
-)
+from cssl_core.learn.scoring import embed_table, ssl_loss_per_frame
+from cssl_core.learn.trainer import TrainingInterrupted, TrainResult
+from cssl_core.memory import replay
 from cssl_core.memory.replay import ReplayMemory
 
 SHARDS_PREFIX = "shards"
 
-
-# -- models ------------------------------------------------------------------------------
-
-
-def new_model(params: Params, categories: Sequence[str] = ()) -> Embedder:
-    """A freshly initialised embedder; the same seed gives the same weights."""
-    torch.manual_seed(params.train.seed)
-    return Embedder(params.model, categories)
-
-
-def run_key(
-    params: Params, period: str, shard: Shard, parent: Embedder | None, memory: ReplayMemory
-) -> str:
-    """Identifies one period's training inputs, so a checkpoint is resumed only by its run."""
-    parts = [
-        params.config_hash(),
-        period,
-        shard.fingerprint,
-        parent.state_fingerprint() if parent is not None else "scratch",
-        memory.fingerprint if len(memory) else "empty",
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+__all__ = [  # the drivers' API; PeriodInputs, new_model and TrainingInterrupted re-exported
+    "SHARDS_PREFIX",
+    "PeriodInputs",
+    "PeriodResult",
+    "TrainingInterrupted",
+    "accuracy_row",
+    "eval_sets_for",
+    "evaluate_model",
+    "memory_matches",
+    "new_model",
+    "next_memory",
+    "publish_shard",
+    "run_period",
+    "run_stream",
+    "scoring_config",
+    "selection_config",
+    "shard_prefix",
+    "stored_shard",
+    "train_period",
+]
 
 
-# -- training ----------------------------------------------------------------------------
+# -- one period ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodResult:
+    """What one period produced: ``model`` (on the CPU), the training ``train`` result, and
+    ``memory``, the replay memory after this period (not saved: see :func:`run_period`)."""
+
+    model: Embedder
+    train: TrainResult
+    memory: ReplayMemory
 
 
 def train_period(
-    params: Params,
-    period: str,
-    shard: Shard,
-    parent: Embedder | None,
-    memory: ReplayMemory,
+    inputs: PeriodInputs,
     *,
-    history: Sequence[Shard] = (),
-    checkpoint_dir: Path | None = None,
-    on_step: Callable[[StepLog, float], None] | None = None,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
     device: torch.device | None = None,
 ) -> tuple[Embedder, TrainResult]:
-    """Train the model of ``period`` from its parent (the current champion).
+    """Train the model of ``inputs.period`` (no memory update): under torchrun when
+    ``params.distributed`` asks for more than one process (data-parallel, the same result
+    as one process on the same global batches; ``device`` is then each rank's own), else in
+    this process on ``device`` (default: ``train.device``)."""
+    if inputs.params.distributed.launches_processes:
+        return train_torchrun(inputs, on_step=on_step, should_stop=should_stop)
+    return train_in_process(inputs, on_step=on_step, should_stop=should_stop, device=device)
 
-    ``joint`` ignores the parent and memory and trains from scratch on the train splits of
-    ``history`` (all earlier shards) plus this shard, for t times the steps: the upper bound
-    and the cost baseline. The first period (no parent) is plain SimCLR for every strategy.
 
-    With more than one process in ``params.distributed`` the training runs under torchrun
-    (:func:`cssl_core.learn.launch.train_period_torchrun`, data-parallel, same result as one
-    process on the same global batches); otherwise in this process.
+def run_period(
+    inputs: PeriodInputs,
+    *,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    device: torch.device | None = None,
+) -> PeriodResult:
+    """Period ``t``: train model(t) from ``inputs`` (:func:`train_period`), then select
+    memory(t) from memory(t-1) ∪ shard(t) with model(t) (:func:`next_memory`), whatever the
+    strategy (a strategy without replay still leaves the memory a later one may use).
+
+    ``on_step(log, images_per_second)`` is called after every training step. When
+    ``should_stop()`` says yes after a step, the step is checkpointed (with
+    ``inputs.checkpoint_dir``) and :class:`TrainingInterrupted` is raised; a rerun with the
+    same inputs resumes there and ends bit-identical to an uninterrupted run.
+
+    Nothing is written except checkpoints: the caller saves model(t) and memory(t) where
+    its lineage lives (the flow only for the version it promotes or keeps as the lineage,
+    the DVC stage into its outputs, the benchmark nowhere). The model is returned on the
+    CPU, where evaluation and the memory update run.
     """
-    if params.distributed.launches_processes:
-        from cssl_core.learn.launch import train_period_torchrun
-
-        return train_period_torchrun(
-            params,
-            period,
-            shard,
-            parent,
-            memory,
-            history=history,
-            checkpoint_dir=checkpoint_dir,
-            on_step=on_step,
-        )
-    return train_period_local(
-        params,
-        period,
-        shard,
-        parent,
-        memory,
-        history=history,
-        checkpoint_dir=checkpoint_dir,
-        on_step=on_step,
-        device=device,
-    )
+    model, result = train_period(inputs, on_step=on_step, should_stop=should_stop, device=device)
+    model = model.to("cpu")
+    memory = next_memory(inputs.params, inputs.memory, inputs.shard, model, inputs.period)
+    return PeriodResult(model, result, memory)
 
 
-def train_period_local(
+def run_stream(
     params: Params,
-    period: str,
-    shard: Shard,
-    parent: Embedder | None,
-    memory: ReplayMemory,
+    shards: Sequence[Shard],
     *,
-    history: Sequence[Shard] = (),
-    checkpoint_dir: Path | None = None,
-    on_step: Callable[[StepLog, float], None] | None = None,
+    first: PeriodResult | None = None,
+    checkpoint_root: Path | None = None,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
     device: torch.device | None = None,
-    env: DistEnv = DistEnv(),
-) -> tuple[Embedder, TrainResult]:
-    """:func:`train_period` in this process, as rank ``env.rank`` of ``env.world_size``
-    (a torchrun worker passes its place in the job; a plain call is rank 0 of 1)."""
-    cfg = params.train
-    device = device or resolve_device(cfg.device, env)
-    index = params.period_index(period)
-    train_table = shard.read(split="train")
-    categories = _categories(train_table) if cfg.classifier else []
-    teacher = None
-    replay: FrameSource | None = None
-    if cfg.strategy == "joint" or parent is None:
-        model = new_model(params, categories)
-        if cfg.strategy == "joint" and history:
-            train_table = pa.concat_tables([s.read(split="train") for s in history] + [train_table])
-    else:
-        model = copy.deepcopy(parent).train().requires_grad_(True)
-        if cfg.classifier:
-            model.expand_classes(categories)
-        if cfg.strategy in USES_DISTILL:
-            teacher = parent.frozen_copy()
-        if len(memory):
-            replay = FrameSource.from_table(memory.table, params.model.input_size, device=device)
-    effective = cfg
-    if parent is None and cfg.strategy in USES_DISTILL:
-        effective = cfg.model_copy(update={"strategy": "finetune"})
-    trainer = ContinualTrainer(
-        effective,
-        params.augment,
-        model,
-        teacher=teacher,
-        device=device,
-        checkpoint_dir=checkpoint_dir,
-        run_key=run_key(params, period, shard, parent, memory),
-        rank=env.rank,
-        world_size=env.world_size,
-        on_step=on_step,
+) -> Iterator[PeriodResult]:
+    """The periods of ``shards`` in stream order, each continuing from the one before
+    (parent = the previous model, memory = the previous memory, history = the earlier
+    shards): :func:`run_period` in a loop, yielding each period's result as it is done.
+
+    ``shards`` must be ``params.periods`` from the first on. ``first``, when given, is the
+    result of the first period computed earlier (period 1 does not depend on the strategy,
+    so a benchmark shares it); it is yielded as is. ``checkpoint_root / <period>`` holds each
+    period's checkpoints (None: no checkpoints).
+    """
+    names = [s.period for s in shards]
+    if names != params.period_names[: len(names)]:
+        raise ValueError(
+            f"run_stream needs the periods of params.yaml from the first on, got {names}"
+        )
+    memory = ReplayMemory.empty(params.replay.capacity)
+    parent: Embedder | None = None
+    for t, shard in enumerate(shards):
+        if t == 0 and first is not None:
+            result = first
+        else:
+            inputs = PeriodInputs(
+                params=params,
+                period=shard.period,
+                shard=shard,
+                memory=memory,
+                parent=parent,
+                history=tuple(shards[:t]),
+                checkpoint_dir=checkpoint_root / shard.period if checkpoint_root else None,
+            )
+            result = run_period(inputs, on_step=on_step, should_stop=should_stop, device=device)
+        yield result
+        parent, memory = result.model, result.memory
+
+
+# -- the replay memory -----------------------------------------------------------------------
+
+
+def scoring_config(params: Params) -> dict[str, Any]:
+    """What ``hard`` selection's per-frame score depends on besides the model (recorded in
+    the memory's ``selection_config``)."""
+    return {
+        "temperature": params.train.temperature,
+        "augment": params.augment.model_dump(mode="json"),
+        "input_size": params.model.input_size,
+    }
+
+
+def selection_config(params: Params) -> dict[str, Any]:
+    """The ``selection_config`` a memory made with ``params`` records
+    (:func:`cssl_core.memory.replay.selection_config`)."""
+    cfg = params.replay
+    scoring = scoring_config(params) if cfg.selection == "hard" else None
+    return replay.selection_config(
+        cfg.selection, cfg.capacity, params.train.seed, cfg.candidate_pool, scoring
     )
-    frames = FrameSource.from_table(train_table, params.model.input_size, device=device)
-    result = trainer.fit(frames, replay, steps=steps_for(cfg.strategy, cfg.steps, index))
-    return model, result
 
 
-def _categories(table: pa.Table) -> list[str]:
-    return sorted({c for c in table.column("category").to_pylist() if c is not None})
+def memory_matches(params: Params, memory: ReplayMemory) -> bool:
+    """Whether ``memory`` was selected with the replay settings ``params`` ask for; False for
+    a memory whose manifest predates the record (rebuild it)."""
+    return memory.made_with(selection_config(params))
 
 
 def next_memory(
     params: Params, memory: ReplayMemory, shard: Shard, model: Embedder, period: str
 ) -> ReplayMemory:
-    """``memory(t) = select(memory(t-1) ∪ shard(t))`` with the configured strategy."""
+    """``memory(t) = select(memory(t-1) ∪ shard(t))`` with the configured selection; the
+    manifest records :func:`selection_config` and, for ``diverse``/``hard``, the selecting
+    model's fingerprint. Nothing is saved."""
     cfg = params.replay
+    pooled = cfg.selection in replay.POOL_SELECTIONS
 
-    def score(table: pa.Table):  # noqa: ANN202 - numpy array
+    def score(table: pa.Table) -> np.ndarray:
         return ssl_loss_per_frame(
             model, params.augment, table, params.train.temperature, seed=params.train.seed
         )
@@ -200,6 +223,8 @@ def next_memory(
         embed_fn=lambda table: embed_table(model, table),
         score_fn=score,
         candidate_pool=cfg.candidate_pool,
+        scoring=scoring_config(params) if cfg.selection == "hard" else None,
+        selected_by=model.state_fingerprint() if pooled else None,
     )
 
 

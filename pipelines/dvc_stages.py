@@ -1,7 +1,8 @@
 """The DVC stages ``train@<period>`` and ``evaluate@<period>``: files in, files out.
 
-They call the same ``cssl_core.period`` functions as the Prefect tasks, without MLflow or a
-server, so ``dvc repro train@p03`` reproduces period p03's model from its inputs:
+They run the same ``cssl_core.period.run_period`` as the Prefect flow and the benchmark,
+without MLflow or a server, so ``dvc repro train@p03`` reproduces period p03's model from its
+inputs:
 
     data/shards/<period>/                  the period's shard (stage ingest@<period>)
     data/models/<period>.model/            model.safetensors + config.json
@@ -21,6 +22,7 @@ from cssl_core import period as core
 from cssl_core.config import Params
 from cssl_core.data.shard import Shard
 from cssl_core.data.storage import LocalStore, atomic_write_json
+from cssl_core.learn.job import OnStep, ShouldStop
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
 
@@ -34,29 +36,44 @@ def memory_root(memory: Path, period: str) -> Path:
 
 
 def train_stage(
-    params: Params, period: str, shards: Path, models: Path, memory: Path
+    params: Params,
+    period: str,
+    shards: Path,
+    models: Path,
+    memory: Path,
+    *,
+    checkpoint_dir: Path | None = None,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> dict[str, Any]:
+    """``train@<period>``: :func:`cssl_core.period.run_period` on the files of the previous
+    period, then the model and replay memory of this period into the stage's outputs (a
+    stale memory there, made with other settings, is replaced: DVC owns the directory)."""
     index = params.period_index(period)
     previous = params.periods[period].previous
     chain = params.period_names[: index + 1]
-    shard = Shard.open(shards / period)
-    history = [Shard.open(shards / p) for p in chain[:-1]]
-    parent = Embedder.load(model_dir(models, previous)) if previous else None
-    old = (
-        ReplayMemory.load(LocalStore(memory_root(memory, previous)), previous)
-        if previous
-        else ReplayMemory.empty(params.replay.capacity)
+    inputs = core.PeriodInputs(
+        params=params,
+        period=period,
+        shard=Shard.open(shards / period),
+        memory=(
+            ReplayMemory.load(LocalStore(memory_root(memory, previous)), previous)
+            if previous
+            else ReplayMemory.empty(params.replay.capacity)
+        ),
+        parent=Embedder.load(model_dir(models, previous)) if previous else None,
+        history=tuple(Shard.open(shards / p) for p in chain[:-1]),
+        checkpoint_dir=checkpoint_dir,
     )
-    model, result = core.train_period(params, period, shard, parent, old, history=history)
-    new = core.next_memory(params, old, shard, model, period)
-    new.save(LocalStore(memory_root(memory, period)), period)
-    out = model.save(model_dir(models, period))
+    result = core.run_period(inputs, on_step=on_step, should_stop=should_stop)
+    result.memory.save(LocalStore(memory_root(memory, period)), period, replace=True)
+    out = result.model.save(model_dir(models, period))
     return {
         "period": period,
         "model_dir": str(out),
-        "weights_sha256": model.state_fingerprint(),
-        "steps": result.steps,
-        "images_per_second": result.images_per_second,
+        "weights_sha256": result.model.state_fingerprint(),
+        "steps": result.train.steps,
+        "images_per_second": result.train.images_per_second,
     }
 
 

@@ -186,9 +186,19 @@ def train(
     parent: Embedder | None,
     memory: ReplayMemory,
     history: list[Shard],
-) -> tuple[Embedder, dict[str, Any]]:
+) -> tuple[Embedder, dict[str, Any], ReplayMemory]:
+    """Model(t) and memory(t) of the period (``cssl_core.period.run_period``; nothing saved)."""
     logger = get_run_logger()
-    steps = core.steps_for(params.train.strategy, params.train.steps, params.period_index(period))
+    inputs = core.PeriodInputs(
+        params=params,
+        period=period,
+        shard=shard,
+        memory=memory,
+        parent=parent,
+        history=tuple(history),
+        checkpoint_dir=state_dir() / "checkpoints" / period,
+    )
+    steps = inputs.steps
     every = max(1, steps // 10)
 
     def on_step(log: Any, images_per_s: float) -> None:
@@ -199,16 +209,8 @@ def train(
                 f"{images_per_s:.0f} img/s"
             )
 
-    model, result = core.train_period(
-        params,
-        period,
-        shard,
-        parent,
-        memory,
-        history=history,
-        checkpoint_dir=state_dir() / "checkpoints" / period,
-        on_step=on_step,
-    )
+    out = core.run_period(inputs, on_step=on_step)
+    result = out.train
     info = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,
@@ -216,14 +218,7 @@ def train(
         "images_per_second": result.images_per_second,
         "history": [asdict(h) for h in result.history],
     }
-    return model, info
-
-
-@task(**COMPUTE)
-def update_memory(
-    params: Params, memory: ReplayMemory, shard: Shard, model: Embedder, period: str
-) -> ReplayMemory:
-    return core.next_memory(params, memory, shard, model, period)
+    return out.model, info, out.memory
 
 
 @task(**COMPUTE)
@@ -433,14 +428,15 @@ def refresh(
 
         with tracked_run(registry, f"refresh-{period}") as run_id:
             t0 = time.perf_counter()
-            model, train_info = train(params, period, new_shard, parent, memory, history)
+            model, train_info, new_memory = train(
+                params, period, new_shard, parent, memory, history
+            )
             t_train = time.perf_counter() - t0
 
             store = open_store(store_uri)
             if ReplayMemory.exists(store, period):
                 new_memory = ReplayMemory.load(store, period)
             else:
-                new_memory = update_memory(params, memory, new_shard, model, period)
                 save_memory(store_uri, new_memory, period)
 
             t0 = time.perf_counter()

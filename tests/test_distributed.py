@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (gloo on CPU): a DDP step equals the single-process
 step on the same global batch, ranks stay identical, an elastic restart resumes exactly, and
-``train_period`` fans out through torchrun and back.
+``train_period`` (the training of ``run_period``) fans out through torchrun and back.
 
 The torchrun tests start real ``torchrun --standalone --nproc-per-node 2`` jobs of
 ``dist_worker.py`` (the training case is ``dist_case.py``: real CIFAR-10 frames, resnet10t at
@@ -9,6 +9,7 @@ The torchrun tests start real ``torchrun --standalone --nproc-per-node 2`` jobs 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ from cssl_core.config import (
     AugmentConfig,
     ConfigError,
     DistributedConfig,
+    ModelConfig,
     Params,
     load_params,
     params_from_dict,
@@ -30,12 +32,15 @@ from cssl_core.config import (
 from cssl_core.data.shard import Shard
 from cssl_core.learn import distributed as ddp
 from cssl_core.learn.augment import SimCLRAugment
+from cssl_core.learn.job import train_in_process
 from cssl_core.learn.launch import torchrun_command
+from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
-from cssl_core.period import new_model, train_period, train_period_local
+from cssl_core.period import PeriodInputs, new_model, train_period
 
 HERE = Path(__file__).resolve().parent
 LOSSES = ("predictor", "nt_xent", "feature")
+SMALL_MODEL = ModelConfig(input_size=32, projector_hidden=64, projector_dim=32, predictor_hidden=64)
 
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -121,6 +126,38 @@ def test_alone_the_collectives_are_the_identity_and_global_bn_is_batchnorm() -> 
     ref = torch.nn.BatchNorm1d(4)
     torch.testing.assert_close(converted(x), ref(x))
     assert set(converted.state_dict()) == {f"0.{k}" for k in ref.state_dict()}
+
+
+@pytest.mark.parametrize("backbone", ["regnetx_002", "resnet10t"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_batchnorm_conversion_keeps_every_backbone_exact(backbone: str, device: str) -> None:
+    """Both conversion paths (global BN on CPU, SyncBatchNorm on GPUs; the model stays on the
+    CPU, alone a converted layer is plain BN) give the original model's outputs in train and
+    eval mode. regnetx_002 uses timm's BatchNormAct2d (BN with a fused activation), which a
+    plain BN in its place would silently drop."""
+    cfg = SMALL_MODEL.model_copy(update={"backbone": backbone})
+    torch.manual_seed(0)
+    original = Embedder(cfg)
+    converted = ddp.convert_batchnorm(copy.deepcopy(original), torch.device(device))
+    kinds = {type(m).__name__ for m in converted.modules()}
+    assert not kinds & {"BatchNorm1d", "BatchNorm2d", "BatchNormAct2d"}, kinds
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for train in (True, False):
+        original.train(train)
+        converted.train(train)
+        want, got = original(x), converted(x)
+        torch.testing.assert_close(got.features, want.features, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.projection, want.projection, atol=1e-6, rtol=1e-6)
+    assert set(converted.state_dict()) == set(original.state_dict())
+
+
+def test_batchnorm_conversion_refuses_a_batchnorm_it_cannot_convert_exactly() -> None:
+    from timm.layers.split_batchnorm import SplitBatchNorm2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), SplitBatchNorm2d(4, num_splits=2))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="SplitBatchNorm2d"):
+            ddp.convert_batchnorm(model, torch.device(device))
 
 
 def test_the_gpu_jpeg_path_resizes_and_crops_like_the_cpu_path(cifar_jpegs: list[bytes]) -> None:
@@ -289,21 +326,58 @@ def test_train_period_with_two_processes_runs_torchrun_and_matches_one_process(
     shard = Shard.open(sim_shards / "p01")
     memory = ReplayMemory.empty(params.replay.capacity)
     seen: list[int] = []
+    inputs = PeriodInputs(
+        params=two, period="p01", shard=shard, memory=memory, checkpoint_dir=tmp_path / "ckpt"
+    )
     model, result = train_period(
-        two,
-        "p01",
-        shard,
-        None,
-        memory,
-        checkpoint_dir=tmp_path / "ckpt",
-        on_step=lambda log, rate: seen.append(log.step) if rate > 0 else None,
+        inputs, on_step=lambda log, rate: seen.append(log.step) if rate > 0 else None
     )
     assert seen == [0, 1] and result.steps == 2 and result.resumed_from == 0
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002.safetensors"]
-    local, _ = train_period_local(params, "p01", shard, None, memory)
+    local, _ = train_in_process(
+        PeriodInputs(params=params, period="p01", shard=shard, memory=memory)
+    )
     got, ref, init = (m.state_dict() for m in (model, local, new_model(params)))
     assert rel_distance(got, ref, init) < 5e-3
     assert rel_distance(init, ref, init) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_a_torchrun_period_asked_to_stop_checkpoints_and_resumes_bit_identical(
+    sim_shards: Path, tmp_path: Path
+) -> None:
+    """``should_stop`` in the caller: torchrun gets SIGTERM, passes it to both ranks, which
+    agree on one step, checkpoint it (rank 0) and exit; the caller raises
+    TrainingInterrupted. The rerun resumes there and ends bit-identical to an uninterrupted
+    two-process run."""
+    from cssl_core.period import TrainingInterrupted
+
+    tree = json.loads(json.dumps(TINY_PARAMS))
+    tree["train"] |= {"steps": 6, "channels_last": "off", "checkpoint_every": 50}
+    tree["distributed"] = {"nproc_per_node": 2}
+    params = params_from_dict(tree)
+    shard = Shard.open(sim_shards / "p01")
+
+    def inputs(ckpt: Path) -> PeriodInputs:
+        memory = ReplayMemory.empty(params.replay.capacity)
+        return PeriodInputs(
+            params=params, period="p01", shard=shard, memory=memory, checkpoint_dir=ckpt
+        )
+
+    whole, _ = train_period(inputs(tmp_path / "whole"))
+    seen: list[int] = []
+    with pytest.raises(TrainingInterrupted) as info:
+        train_period(
+            inputs(tmp_path / "ckpt"),
+            on_step=lambda log, _rate: seen.append(log.step),
+            should_stop=lambda: len(seen) >= 1,
+        )
+    k = info.value.step
+    assert 1 <= k < 6 and info.value.checkpoint == tmp_path / "ckpt" / f"step-{k:06d}.safetensors"
+    assert info.value.checkpoint.is_file()
+    resumed, result = train_period(inputs(tmp_path / "ckpt"))
+    assert result.resumed_from == k and result.steps == 6
+    assert resumed.state_fingerprint() == whole.state_fingerprint()
 
 
 @pytest.mark.slow

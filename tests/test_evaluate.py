@@ -207,6 +207,17 @@ def test_compatibility_drops_to_chance_for_a_rotated_embedding() -> None:
     assert compatibility_top1(new_query, gallery, query_y, gallery_y) < 0.2
 
 
+def test_compatibility_skips_unlabelled_queries_and_never_counts_an_unlabelled_hit() -> None:
+    """Labels -1 are unlabelled frames. Query 0 (class 0) finds gallery 0 (class 0): a hit.
+    Query 1 (class 1) finds the unlabelled gallery 1: a miss, not a hit. Query 2 is
+    unlabelled (it would find the unlabelled gallery 1 and match -1 == -1): skipped."""
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    query = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.0, 1.0]])
+    assert compatibility_top1(query, gallery, [0, 1, -1], [0, -1, 1]) == 0.5
+    with pytest.raises(ValueError, match="no labelled query"):
+        compatibility_top1(query[2:], gallery, [-1], [0, -1, 1])
+
+
 def test_compatibility_needs_the_same_dimension() -> None:
     with pytest.raises(ValueError, match="same space"):
         compatibility_top1(torch.randn(3, 8), torch.randn(5, 4), [0, 1, 2], [0, 1, 2, 0, 1])

@@ -76,6 +76,17 @@ def test_fwt_by_hand_with_sequence_and_mapping_baselines() -> None:
         R.fwt({"p2": 0.2})
 
 
+def test_fwt_refuses_a_nan_or_non_finite_baseline_it_reads() -> None:
+    R = full()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MissingAccuracy, match=r"fwt: baseline for period 'p3' is"):
+            R.fwt([0.1, 0.2, bad])
+        with pytest.raises(MissingAccuracy, match=r"fwt: baseline for period 'p2' is"):
+            R.fwt({"p2": bad, "p3": 0.25})
+    # b_1 is never read: NaN there is fine (that is how a mapping's missing b_1 is filled).
+    assert R.fwt([float("nan"), 0.2, 0.25]) == pytest.approx(-0.025, abs=1e-12)
+
+
 def test_first_period_has_no_forgetting_or_transfer() -> None:
     R = AccuracyMatrix(PERIODS)
     R.set("p1", "p1", 0.7)

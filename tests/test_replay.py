@@ -326,6 +326,47 @@ def test_hard_keeps_the_highest_scores_balanced_by_period() -> None:
     assert m3.manifest["periods"] == {"p1": 5, "p2": 5}
 
 
+def test_a_frames_hard_score_does_not_depend_on_the_batching(cifar_jpegs: list[bytes]) -> None:
+    """The same frame scores the same whatever the batch size and its position: 20 frames
+    scored in one batch, in batches of 6 (a partial last batch of 2) and shuffled in
+    batches of 7. A per-batch NT-Xent scales with log(2B - 1), so the partial batch's
+    frames would look easy and never be kept."""
+    import torch
+
+    from cssl_core.config import AugmentConfig, ModelConfig
+    from cssl_core.data.images import frame_id
+    from cssl_core.learn.losses import nt_xent
+    from cssl_core.learn.models import Embedder
+    from cssl_core.learn.scoring import nt_xent_against_all, ssl_loss_per_frame
+
+    torch.manual_seed(0)
+    model = Embedder(
+        ModelConfig(
+            backbone="resnet10t",
+            input_size=32,
+            projector_hidden=64,
+            projector_dim=32,
+            predictor_hidden=64,
+        )
+    )
+    images = cifar_jpegs[:20]
+    table = pa.table({"frame_id": [frame_id(b) for b in images], "image": images})
+
+    def scores(t: pa.Table, batch_size: int) -> np.ndarray:
+        return ssl_loss_per_frame(model, AugmentConfig(), t, 0.2, seed=3, batch_size=batch_size)
+
+    whole = scores(table, 256)
+    assert whole.shape == (20,) and np.isfinite(whole).all()
+    np.testing.assert_allclose(scores(table, 6), whole, rtol=1e-4, atol=1e-5)
+    order = np.random.default_rng(0).permutation(20)
+    np.testing.assert_allclose(scores(table.take(order), 7), whole[order], rtol=1e-4, atol=1e-5)
+    assert len(set(np.round(whole, 4))) > 10  # frames do differ: the test can see a mix-up
+    # The score is NT-Xent with the whole scored set as one batch, however it is blocked.
+    z1, z2 = torch.randn(2, 1500, 8, generator=torch.Generator().manual_seed(0))
+    reference = nt_xent(z1, z2, 0.2, reduction="none").reshape(2, -1).mean(0)
+    torch.testing.assert_close(nt_xent_against_all(z1, z2, 0.2), reference)
+
+
 # -- invariants for every strategy -------------------------------------------------------------
 
 
@@ -477,6 +518,67 @@ def test_memory_round_trip(store: ObjectStore) -> None:
     assert (
         nxt.fingerprint == saved[-1].update(frames("p4", 4), "p4", "reservoir", 12, 1).fingerprint
     )
+
+
+def test_a_memory_records_the_selection_config_that_made_it(tmp_path: Path) -> None:
+    """A memory is reused only by a config that would have made it: the manifest records the
+    selection config (and, for model-scored selections, the selecting model), a memory made
+    with another selection or capacity does not match, and a manifest from before the field
+    existed matches nothing (unknown config: rebuild)."""
+    store = LocalStore(tmp_path)
+    config = replay.selection_config("reservoir", capacity=4, seed=0, candidate_pool=25)
+    m1 = ReplayMemory.empty(4).update(frames("p1", 10), "p1", "reservoir", capacity=4, seed=0)
+    assert m1.selection_config == config and m1.made_with(config)
+    assert not m1.made_with(replay.selection_config("reservoir", 5, 0, 25))
+    assert not m1.made_with(replay.selection_config("balanced", 4, 0, 25))
+    # the pool size and scoring only count for the selections that use them
+    assert m1.made_with(replay.selection_config("reservoir", 4, 0, 99, scoring={"t": 0.2}))
+    scoring = {"temperature": 0.2}
+    hard = ReplayMemory.empty(4).update(
+        frames("p1", 10),
+        "p1",
+        "hard",
+        4,
+        0,
+        score_fn=hash_score,
+        scoring=scoring,
+        selected_by="model-sha",
+    )
+    assert hard.made_with(replay.selection_config("hard", 4, 0, 4096, scoring=scoring))
+    assert not hard.made_with(replay.selection_config("hard", 4, 0, 4096, {"temperature": 0.5}))
+    assert hard.manifest["selected_by"] == "model-sha"
+
+    m1.save(store)
+    assert ReplayMemory.load(store, "p1").made_with(config)
+    key = tmp_path / "memory" / "p1" / "manifest.json"
+    old = json.loads(key.read_text())
+    del old["selection_config"]  # a manifest written before the field existed
+    key.write_text(json.dumps(old))
+    legacy = ReplayMemory.load(store, "p1")
+    assert legacy.selection_config is None and not legacy.made_with(config)
+
+
+def test_replace_publishes_a_memory_made_with_another_config(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    reservoir = ReplayMemory.empty(4).update(frames("p1", 10), "p1", "reservoir", 4, seed=0)
+    balanced = ReplayMemory.empty(6).update(frames("p1", 10), "p1", "balanced", 6, seed=0)
+    reservoir.save(store)
+    with pytest.raises(ReplayError, match="already holds different content"):
+        balanced.save(store)
+    published = balanced.save(store, replace=True)
+    loaded = ReplayMemory.load(store, "p1")
+    assert loaded.fingerprint == balanced.fingerprint == published["fingerprint"]
+    assert loaded.made_with(replay.selection_config("balanced", 6, 0, 4096))
+    assert store.list("memory/p1/") == ["memory/p1/manifest.json", "memory/p1/part-00000.parquet"]
+    # same frames, other config (a bigger capacity keeps the same 10 frames): the manifest is
+    # rewritten with replace, left alone without it
+    bigger = ReplayMemory.empty(20).update(frames("p1", 10), "p1", "reservoir", 20, seed=0)
+    same = ReplayMemory.empty(30).update(frames("p1", 10), "p1", "reservoir", 30, seed=0)
+    bigger.save(store, replace=True)
+    assert same.fingerprint == bigger.fingerprint
+    assert same.save(store)["capacity"] == 20
+    assert same.save(store, replace=True)["capacity"] == 30
+    assert ReplayMemory.load(store, "p1").made_with(replay.selection_config("reservoir", 30, 0, 1))
 
 
 def test_interrupted_save_keeps_previous_version(

@@ -9,6 +9,7 @@ the Atari stream simulator for the forgetting test) and a small timm backbone (r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from cssl_core.learn.trainer import (
     ContinualTrainer,
     FrameSource,
     TrainingDiverged,
+    TrainingInterrupted,
     TrainResult,
     batch_indices,
     lr_at,
-    steps_for,
 )
 from cssl_core.memory.replay import ReplayMemory
 
@@ -147,11 +148,41 @@ def test_rank_slices_partition_the_global_batch_and_are_deterministic() -> None:
     assert not torch.equal(batch_indices(40, 8, 0, seed=3), batch_indices(40, 8, 0, seed=4))
 
 
-def test_joint_gets_steps_for_every_period_seen() -> None:
-    assert steps_for("joint", 50, 0) == 50
-    assert steps_for("joint", 50, 3) == 200
-    for strategy in ("finetune", "replay", "distill", "distill+replay"):
-        assert steps_for(strategy, 50, 3) == 50
+def test_the_strategy_table_is_the_one_place_that_knows_a_strategy() -> None:
+    from typing import get_args
+
+    from cssl_core.config import ConfigError, DistillLoss, load_params
+    from cssl_core.learn.distill import DISTILL_TERMS
+    from cssl_core.learn.strategy import STRATEGY_NAMES, strategy_spec
+
+    assert STRATEGY_NAMES == STRATEGIES
+    flags = {
+        n: (s.uses_replay, s.uses_distill, s.from_scratch)
+        for n in STRATEGY_NAMES
+        for s in [strategy_spec(n)]
+    }
+    assert flags == {
+        "finetune": (False, False, False),
+        "replay": (True, False, False),
+        "distill": (False, True, False),
+        "distill+replay": (True, True, False),
+        "joint": (False, False, True),
+    }
+    # joint retrains on all t periods seen, so it gets t times the steps
+    assert strategy_spec("joint").steps_for(0, 50) == 50
+    assert strategy_spec("joint").steps_for(3, 50) == 200
+    for name in ("finetune", "replay", "distill", "distill+replay"):
+        assert strategy_spec(name).steps_for(3, 50) == 50
+    # the first period (no parent): plain SimCLR from scratch whatever the strategy
+    for name in STRATEGY_NAMES:
+        first = strategy_spec(name).for_period(has_parent=False)
+        assert (first.uses_replay, first.uses_distill, first.from_scratch) == (False, False, True)
+        assert strategy_spec(name).for_period(has_parent=True) == strategy_spec(name)
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'; train.strategy is one of"):
+        strategy_spec("ewc")
+    with pytest.raises(ConfigError, match="train.strategy: unknown strategy 'ewc'"):
+        load_params(None, ["train.strategy=ewc"])
+    assert set(get_args(DistillLoss)) == set(DISTILL_TERMS)
 
 
 def test_frame_source_cached_and_per_batch_decoding_agree(
@@ -178,6 +209,7 @@ def run(
     checkpoint_dir: Path | None,
     fail_at: int | None = None,
     run_key: str = "run-a",
+    should_stop: Callable[[], bool] | None = None,
     **cfg_kw: object,
 ) -> tuple[Embedder, TrainResult]:
     """Six distill+replay steps from seed-0 weights (teacher = the initial weights)."""
@@ -192,7 +224,11 @@ def run(
         run_key=run_key,
         fail_at_step=fail_at,
     )
-    result = trainer.fit(FrameSource(images[:64], 32, labels[:64]), FrameSource(images[64:], 32))
+    result = trainer.fit(
+        FrameSource(images[:64], 32, labels[:64]),
+        FrameSource(images[64:], 32),
+        should_stop=should_stop,
+    )
     return model, result
 
 
@@ -221,6 +257,31 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
         "step-000004.safetensors",
         "step-000006.safetensors",
     ]
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])
+def test_a_run_asked_to_stop_checkpoints_that_step_and_resumes_bit_identical(
+    tmp_path: Path, two_class_frames: tuple[list[bytes], list[str]], stop_after: int
+) -> None:
+    """``should_stop`` fires after step k (3: between two periodic checkpoints, 4: on one):
+    the trainer checkpoints step k, raises TrainingInterrupted, and the rerun resumes at k
+    and ends with the weights of an uninterrupted run."""
+    whole, whole_result = run(two_class_frames, tmp_path / "a")
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) == stop_after
+
+    with pytest.raises(TrainingInterrupted, match=rf"after step {stop_after} of 6") as info:
+        run(two_class_frames, tmp_path / "b", should_stop=should_stop)
+    assert info.value.step == stop_after
+    assert info.value.checkpoint == tmp_path / "b" / f"step-{stop_after:06d}.safetensors"
+    assert info.value.checkpoint.is_file()
+    resumed, result = run(two_class_frames, tmp_path / "b", should_stop=lambda: False)
+    assert result.resumed_from == stop_after
+    assert [h.loss for h in result.history] == [h.loss for h in whole_result.history[stop_after:]]
+    assert resumed.state_fingerprint() == whole.state_fingerprint()
 
 
 def test_another_runs_checkpoints_are_ignored_and_never_crowd_out_this_runs(
@@ -331,6 +392,46 @@ def test_a_huge_learning_rate_raises_training_diverged(
     assert not (tmp_path / f"step-{step + 1:06d}.safetensors").exists()
 
 
+# -- precision -------------------------------------------------------------------------------
+
+
+def test_under_bf16_autocast_every_loss_is_computed_in_fp32(
+    two_class_frames: tuple[list[bytes], list[str]],
+) -> None:
+    """The forward runs in bf16, the losses must not: the step's SSL and distillation terms
+    equal the fp32 losses of the very (bf16-rounded) outputs the model produced. Computed
+    under autocast, NT-Xent's similarity matmul would run in bf16 (off by ~1e-3)."""
+    from cssl_core.learn.losses import nt_xent, predictor_distill
+
+    images, labels = two_class_frames
+    model = model_at(0)
+    teacher = model_at(1).frozen_copy()
+    seen: dict[str, list[torch.Tensor]] = {"z": [], "p": [], "zt": []}
+    for name, module in (
+        ("z", model.projector),
+        ("p", model.predictor),
+        ("zt", teacher.projector),
+    ):
+        module.register_forward_hook(
+            lambda _m, _i, out, _n=name: seen[_n].append(out.detach().clone())
+        )
+    cfg = train_cfg(strategy="distill", steps=1, batch_size=32, precision="bf16")
+    [log] = (
+        ContinualTrainer(cfg, AugmentConfig(), model, teacher=teacher)
+        .fit(FrameSource(images, 32, labels))
+        .history
+    )
+    assert all(t.dtype == torch.bfloat16 for ts in seen.values() for t in ts)  # bf16 forward
+    z1, z2 = (t.float() for t in seen["z"])
+    p1, p2 = (t.float() for t in seen["p"])
+    zt1, zt2 = (t.float() for t in seen["zt"])
+    ssl = float(nt_xent(z1, z2, cfg.temperature))
+    distill = float(predictor_distill(p1, p2, zt1, zt2, cfg.distill_temperature))
+    assert log.ssl == pytest.approx(ssl, rel=1e-6, abs=1e-6)
+    assert log.distill == pytest.approx(distill, rel=1e-6, abs=1e-6)
+    assert log.loss == pytest.approx(ssl + cfg.distill_weight * distill, rel=1e-6, abs=1e-6)
+
+
 # -- the strategies' pieces -----------------------------------------------------------------
 
 
@@ -411,6 +512,61 @@ def test_the_classifier_learns_while_the_backbone_gets_no_gradient_from_it(
     different = [k for k in shared if not torch.equal(on_state[k], off_state[k])]
     assert different == []
     assert [h.ssl for h in on_result.history] == [h.ssl for h in off_result.history]
+
+
+def test_the_kaizen_distillation_temperature_is_config_with_the_old_default(
+    two_class_frames: tuple[list[bytes], list[str]],
+) -> None:
+    """``train.classifier_temperature`` (default 2.0, the value that was hard-coded) sets
+    the temperature of the classifier distillation: the classifier term moves with it, the
+    SSL term does not."""
+    images, labels = two_class_frames
+    assert TrainConfig().classifier_temperature == 2.0
+
+    def first_step(**kw: object) -> tuple[float, float]:
+        torch.manual_seed(0)
+        parent = Embedder(SMALL, ["airplane", "automobile"])  # two old classes: KL is not 0
+        student = parent.frozen_copy().train().requires_grad_(True)
+        student.expand_classes(["bird"])
+        cfg = train_cfg(strategy="distill", steps=1, batch_size=16, classifier=True, **kw)
+        trainer = ContinualTrainer(cfg, AugmentConfig(), student, teacher=parent.frozen_copy())
+        [log] = trainer.fit(FrameSource(images, 32, labels)).history
+        return log.ssl, log.classifier
+
+    default, two, five = (
+        first_step(),
+        first_step(classifier_temperature=2.0),
+        first_step(classifier_temperature=5.0),
+    )
+    assert default == two
+    assert five[0] == two[0] and five[1] != two[1]
+
+
+def test_joint_with_the_classifier_knows_the_categories_of_every_period_it_trains_on(
+    sim_shards: Path,
+) -> None:
+    from conftest import TINY_PARAMS
+
+    from cssl_core.config import params_from_dict
+    from cssl_core.period import PeriodInputs, train_period
+
+    tree = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "steps": 1}}
+    tree["train"] |= {"strategy": "joint", "classifier": True}
+    params = params_from_dict(tree)
+    shards = [Shard.open(sim_shards / p) for p in ("p01", "p02")]
+    wanted = sorted(
+        {c for s in shards for c in s.read(split="train").column("category").to_pylist() if c}
+    )
+    assert set(wanted) > set(shards[1].manifest["categories"])  # p01 adds categories
+    inputs = PeriodInputs(
+        params=params,
+        period="p02",
+        shard=shards[1],
+        memory=ReplayMemory.empty(32),
+        history=tuple(shards[:1]),
+    )
+    model, _ = train_period(inputs)
+    assert model.categories == wanted
 
 
 # -- forgetting over two periods ------------------------------------------------------------

@@ -97,7 +97,9 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     scale = size / min(w, h)
     if scale == 1:
         return img
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    return img.resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR
+    )
 
 
 def is_jpeg(data: bytes) -> bool:

@@ -291,6 +291,7 @@ class ShardWriter:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.quarantined.items()))
             detail = f" (quarantined: {reasons})" if reasons else ""
             raise ShardError(f"shard {self.period}: no valid frames to write{detail}")
+        fingerprint = self._fingerprint.hexdigest()
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "period": self.period,
@@ -298,13 +299,13 @@ class ShardWriter:
             "splits": dict(sorted(self._splits.items())),
             "categories": dict(sorted(self._categories.items())),
             "parts": self._parts,
-            "fingerprint": self._fingerprint.hexdigest(),
+            "fingerprint": fingerprint,
             "duplicates_dropped": self.stats.duplicates,
             "quarantined": dict(sorted(self.stats.quarantined.items())),
             "quarantine_file": QUARANTINE if self.stats.quarantined else None,
         }
         atomic_write_json(self.tmp / MANIFEST, manifest, sort_keys=True)
-        _publish_dir(self.tmp, self.final, manifest["fingerprint"])
+        _publish_dir(self.tmp, self.final, fingerprint)
         return manifest
 
     def abort(self) -> None:

@@ -284,7 +284,10 @@ class _Player:
         self.ale = ALEInterface()
         self.ale.setInt("random_seed", seed % (2**31))
         self.ale.setFloat("repeat_action_probability", 0.0)
-        self.ale.loadROM(roms.get_rom_path(game))
+        rom = roms.get_rom_path(game)
+        if rom is None:
+            raise ValueError(f"ale-py ships no ROM for the game {game!r}")
+        self.ale.loadROM(rom)
         self.actions = self.ale.getMinimalActionSet()
         self.rng = np.random.default_rng(seed)
         self.action = self.actions[0]
@@ -557,7 +560,7 @@ class _Overlay:
         # few pixels (a person moving in front of the webcam).
         self.inner = style.cam.w - 4
         face = Image.fromarray((_faces()[style.face] * 255).astype(np.uint8))
-        big = face.resize((self.inner + 6, self.inner + 6), Image.BILINEAR)
+        big = face.resize((self.inner + 6, self.inner + 6), Image.Resampling.BILINEAR)
         tint = np.array(style.cam_tint, dtype=np.float32)
         self.face = np.asarray(big, np.float32)[..., None] * tint
         self.chat = None if style.chat is None else _Chat(style.chat, style, rng)
@@ -567,7 +570,7 @@ class _Overlay:
         style = self.style
         canvas = self.backdrop.copy()
         view = Image.fromarray(screen).resize(
-            (style.view.w, style.view.h), Image.BILINEAR, box=self.zoom
+            (style.view.w, style.view.h), Image.Resampling.BILINEAR, box=self.zoom
         )
         canvas[style.view.rows, style.view.cols] = np.asarray(view.convert("RGB", style.grade))
         chat = self.chat
@@ -629,7 +632,9 @@ def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) ->
                     player.advance(int(play_rng.integers(*GAP_EMULATOR_FRAMES, endpoint=True)))
                 for j in range(clip.frames):
                     canvas = overlay.compose(player.capture())
-                    img = Image.fromarray(canvas).resize((cfg.size, cfg.size), Image.BILINEAR)
+                    img = Image.fromarray(canvas).resize(
+                        (cfg.size, cfg.size), Image.Resampling.BILINEAR
+                    )
                     yield Frame(
                         image=encode_jpeg(img),
                         stream_id=stream_id,

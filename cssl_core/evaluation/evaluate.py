@@ -315,6 +315,10 @@ def compatibility_top1(
     criterion): downstream users can keep their old index. Pass the old model's features
     for both arguments to get ``M(old, old)``. Exact similarity ties go to the first
     gallery item.
+
+    Unlabelled frames (code ``-1``): an unlabelled query has no right answer and is left out
+    of ``Q``; an unlabelled gallery item stays in the index (it can be retrieved) but is
+    never a hit. No labelled query at all is an error.
     """
     query = F.normalize(_feats(new_query_feats, "new_query_feats"), dim=1)
     gallery = F.normalize(_feats(old_gallery_feats, "old_gallery_feats"), dim=1)
@@ -325,6 +329,10 @@ def compatibility_top1(
         )
     yq = _labels(query_labels, query.shape[0], "query_labels", allow_negative=True)
     yg = _labels(gallery_labels, gallery.shape[0], "gallery_labels", allow_negative=True)
+    labelled = torch.nonzero(yq >= 0).flatten()
+    if labelled.numel() == 0:
+        raise ValueError("compatibility_top1: no labelled query (every query label is -1)")
+    query, yq = query[labelled], yq[labelled]
     hits = 0
     for start in range(0, query.shape[0], batch_size):
         nearest = (query[start : start + batch_size] @ gallery.T).argmax(dim=1)

@@ -188,7 +188,8 @@ class AccuracyMatrix:
         Lopez-Paz & Ranzato 2017 (GEM) Sec. 2, where ``b_j`` is the accuracy of a randomly
         initialised model on period ``j``'s eval set. ``baseline`` lists ``b`` for every
         period in order (or maps period name to ``b``); ``b_1`` is never read. Needs the
-        entries just above the diagonal. ``0.0`` when ``T = 1``.
+        entries just above the diagonal. ``0.0`` when ``T = 1``. A baseline it reads that is
+        NaN or infinite raises :class:`MissingAccuracy` (a NaN would silently make FWT NaN).
         """
         t = self._row_pos(i)
         if isinstance(baseline, Mapping):
@@ -206,6 +207,12 @@ class AccuracyMatrix:
             b = [float(x) for x in baseline]
         if t == 0:
             return 0.0
+        for j in range(1, t + 1):
+            if not math.isfinite(b[j]):
+                raise MissingAccuracy(
+                    f"fwt: baseline for period {self._periods[j]!r} is {b[j]}; evaluate a "
+                    "randomly initialised model on that period first"
+                )
         self._need([(j - 1, j) for j in range(1, t + 1)], "fwt")
         return float(np.mean([self._r[j - 1, j] - b[j] for j in range(1, t + 1)]))
 

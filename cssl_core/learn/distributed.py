@@ -223,41 +223,100 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         means, variances = every[:, :channels], every[:, channels : 2 * channels]
         counts = every[:, 2 * channels :].detach()
         mean, var = combine_moments(means, variances, counts)
-        if self.track_running_stats and self.running_mean is not None:
+        batches, running_mean, running_var = (
+            self.num_batches_tracked,
+            self.running_mean,
+            self.running_var,
+        )
+        if (
+            self.track_running_stats
+            and batches is not None
+            and running_mean is not None
+            and running_var is not None
+        ):
             n = float(counts.sum())
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                tracked = float(self.num_batches_tracked)
+                batches.add_(1)
+                tracked = float(batches)
                 m = 1.0 / tracked if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 unbiased = var.detach() * (n / max(1.0, n - 1))
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+                running_var.mul_(1 - m).add_(unbiased, alpha=m)
         y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
         if self.affine:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         return y.to(x.dtype)
 
 
+class GlobalBatchNormAct2d(GlobalBatchNorm):
+    """timm's ``BatchNormAct2d`` (BatchNorm, then dropout and a fused activation) with the
+    global batch's statistics: :class:`GlobalBatchNorm`, then the original ``drop`` and
+    ``act`` modules (carried over by :func:`convert_batchnorm`)."""
+
+    def __init__(self, *args: Any, drop: nn.Module, act: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ALREADY_GLOBAL = (GlobalBatchNorm, nn.SyncBatchNorm)
+
+
+def _check_convertible(module: nn.Module) -> None:
+    """Every BatchNorm in ``module`` must be one this module converts exactly: torch's plain
+    BatchNorm layers and timm's ``BatchNormAct2d``. Anything else (a subclass with its own
+    forward) would silently lose what its forward adds, so it is refused by name."""
+    from timm.layers import BatchNormAct2d
+
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+            continue
+        if type(child) in (*_PLAIN_BN, BatchNormAct2d) or isinstance(child, _ALREADY_GLOBAL):
+            continue
+        raise ValueError(
+            f"cannot make {name or 'the model'} ({type(child).__name__}) a global-batch "
+            "BatchNorm exactly; train this backbone with one process (distributed.nproc_per_node=1)"
+        )
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm of ``module`` global across ranks (parameters and buffers are
-    shared with the originals, so an optimiser and a checkpoint see the same tensors)."""
+    shared with the originals, so an optimiser and a checkpoint see the same tensors).
+
+    On GPUs timm's ``convert_sync_batchnorm`` (torch's fused ``SyncBatchNorm``; timm's
+    ``BatchNormAct2d`` becomes ``SyncBatchNormAct`` and keeps its activation), elsewhere
+    :class:`GlobalBatchNorm` / :class:`GlobalBatchNormAct2d`. Alone (one process) a
+    converted model computes exactly what the original does.
+    """
+    _check_convertible(module)
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module)
     return _to_global(module)
 
 
 def _to_global(module: nn.Module) -> nn.Module:
+    from timm.layers import BatchNormAct2d
+
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-        module, GlobalBatchNorm | nn.SyncBatchNorm
+        module, _ALREADY_GLOBAL
     ):
-        out = GlobalBatchNorm(
+        shape = (
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
         )
+        if isinstance(module, BatchNormAct2d):
+            out = GlobalBatchNormAct2d(*shape, drop=module.drop, act=module.act)
+        else:
+            out = GlobalBatchNorm(*shape)
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean = module.running_mean
@@ -279,6 +338,16 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any rank (one all-reduce; the flag
+    itself alone), so all ranks take the same branch, e.g. stopping after the same step."""
+    if not _active():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def barrier() -> None:

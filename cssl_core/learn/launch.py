@@ -2,12 +2,17 @@
 
 The refresh flow (and ``cssl train``) stay one process; only training fans out::
 
-    caller (train_period_torchrun)                 torchrun: -m cssl_core.learn.launch JOB
-    write_job(JOB): params, shard paths,    ──▶    every rank: join the process group, read JOB,
-      parent model, replay memory                  train its rows (DDP); rank 0 writes checkpoints,
-    python -m torch.distributed.run ...            then JOB/out/model + JOB/out/result.json
+    caller (train_torchrun)                        torchrun: -m cssl_core.learn.launch JOB
+    write_job(JOB, PeriodInputs): params,    ──▶   every rank: join the process group,
+      shard paths, parent model, memory            read_job(JOB) -> the same PeriodInputs,
+    python -m torch.distributed.run ...            train its rows (DDP); rank 0 writes
+                                                   checkpoints, then JOB/out/model + result.json
     progress lines (rank 0's stdout)         ◀──   elastic restart: all ranks resume the newest
     read_result(JOB) -> (Embedder, TrainResult)      checkpoint (--max-restarts)
+
+Stopping: when the caller's ``should_stop`` says yes, torchrun gets SIGTERM and passes it to
+the ranks, whose handler asks the trainer to stop after the current step; rank 0 checkpoints
+it and the caller raises :class:`~cssl_core.learn.trainer.TrainingInterrupted`.
 
 Multi-node: every node runs the same ``torchrun`` command (:func:`torchrun_command`, with the
 same ``--rdzv-endpoint`` and ``--rdzv-id``); ``JOB`` and the checkpoint directory must then be
@@ -18,9 +23,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -28,13 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cssl_core.config import DistributedConfig, Params, params_from_dict
+from cssl_core.config import DistributedConfig, params_from_dict
 from cssl_core.data.shard import Shard
-from cssl_core.data.storage import LocalStore
+from cssl_core.data.storage import LocalStore, atomic_write_json
 from cssl_core.learn import distributed as ddp
+from cssl_core.learn.job import OnStep, PeriodInputs, ShouldStop, train_in_process
 from cssl_core.learn.models import Embedder
-from cssl_core.learn.trainer import StepLog, TrainingDiverged, TrainResult
+from cssl_core.learn.trainer import StepLog, TrainingDiverged, TrainingInterrupted, TrainResult
 from cssl_core.memory.replay import ReplayMemory
 
 JOB_FILE = "job.json"
@@ -44,6 +54,7 @@ OUT_DIR = "out"
 MODEL_DIR = "model"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
+INTERRUPTED_FILE = "interrupted.json"
 PROGRESS = "cssl-progress "
 """Prefix of rank 0's progress lines on stdout (one JSON object each)."""
 
@@ -52,57 +63,73 @@ class DistributedTrainingFailed(RuntimeError):
     """torchrun exited non-zero (after its restarts) or left no result."""
 
 
+class JobFile(BaseModel):
+    """``job.json``: :class:`~cssl_core.learn.job.PeriodInputs` with its objects as paths
+    (the parent model and the replay memory are saved inside the job directory)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    params: dict[str, Any]
+    period: str
+    shard: str
+    history: list[str]
+    parent_dir: str | None
+    memory_dir: str | None
+    memory_period: str | None
+    checkpoint_dir: str
+
+
 # -- the job directory -------------------------------------------------------------------
 
 
-def write_job(
-    job_dir: Path,
-    params: Params,
-    period: str,
-    shard: Shard,
-    parent: Embedder | None,
-    memory: ReplayMemory,
-    history: Sequence[Shard] = (),
-    checkpoint_dir: Path | None = None,
-) -> Path:
-    """Write everything the workers need into ``job_dir`` (created, left for the workers)."""
+def write_job(job_dir: Path, inputs: PeriodInputs) -> Path:
+    """Write ``inputs`` into ``job_dir`` (created, left for the workers): the parent model
+    and the replay memory as files, everything else in ``job.json``. Without a checkpoint
+    directory the job gets one inside ``job_dir``, so an elastic restart can resume."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    if parent is not None:
-        parent.save(job_dir / PARENT_DIR)
-    if len(memory):
-        memory.save(LocalStore(job_dir / MEMORY_DIR))
-    spec = {
-        "params": params.model_dump(mode="json"),
-        "period": period,
-        "shard": str(Path(shard.path).resolve()),
-        "history": [str(Path(s.path).resolve()) for s in history],
-        "parent": parent is not None,
-        "memory_period": memory.period if len(memory) else None,
-        "checkpoint_dir": str((checkpoint_dir or job_dir / "checkpoints").resolve()),
-    }
-    (job_dir / JOB_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    if inputs.parent is not None:
+        inputs.parent.save(job_dir / PARENT_DIR)
+    memory_dir = None
+    if len(inputs.memory):
+        inputs.memory.save(LocalStore(job_dir / MEMORY_DIR))
+        memory_dir = str((job_dir / MEMORY_DIR).resolve())
+    job = JobFile(
+        params=inputs.params.model_dump(mode="json"),
+        period=inputs.period,
+        shard=str(Path(inputs.shard.path).resolve()),
+        history=[str(Path(s.path).resolve()) for s in inputs.history],
+        parent_dir=str((job_dir / PARENT_DIR).resolve()) if inputs.parent is not None else None,
+        memory_dir=memory_dir,
+        memory_period=inputs.memory.period if len(inputs.memory) else None,
+        checkpoint_dir=str((inputs.checkpoint_dir or job_dir / "checkpoints").resolve()),
+    )
+    atomic_write_json(job_dir / JOB_FILE, job.model_dump(mode="json"))
     shutil.rmtree(job_dir / OUT_DIR, ignore_errors=True)
     return job_dir
 
 
-def read_job(job_dir: Path) -> dict[str, Any]:
-    """The job's inputs as objects: params, period, shard, parent, memory, history."""
-    spec = json.loads((job_dir / JOB_FILE).read_text())
-    params = params_from_dict(spec["params"], str(job_dir / JOB_FILE))
+def read_job(job_dir: Path) -> PeriodInputs:
+    """The :class:`PeriodInputs` that :func:`write_job` wrote (one-line error if invalid)."""
+    where = job_dir / JOB_FILE
+    try:
+        job = JobFile.model_validate_json(where.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as exc:
+        raise DistributedTrainingFailed(f"{where}: not a readable job file ({exc})") from None
+    params = params_from_dict(job.params, str(where))
     memory = (
-        ReplayMemory.load(LocalStore(job_dir / MEMORY_DIR), spec["memory_period"])
-        if spec["memory_period"]
+        ReplayMemory.load(LocalStore(Path(job.memory_dir)), job.memory_period)
+        if job.memory_dir and job.memory_period
         else ReplayMemory.empty(params.replay.capacity)
     )
-    return {
-        "params": params,
-        "period": spec["period"],
-        "shard": Shard.open(spec["shard"]),
-        "parent": Embedder.load(job_dir / PARENT_DIR) if spec["parent"] else None,
-        "memory": memory,
-        "history": [Shard.open(p) for p in spec["history"]],
-        "checkpoint_dir": Path(spec["checkpoint_dir"]),
-    }
+    return PeriodInputs(
+        params=params,
+        period=job.period,
+        shard=Shard.open(job.shard),
+        memory=memory,
+        parent=Embedder.load(job.parent_dir) if job.parent_dir else None,
+        history=tuple(Shard.open(p) for p in job.history),
+        checkpoint_dir=Path(job.checkpoint_dir),
+    )
 
 
 def read_result(job_dir: Path) -> tuple[Embedder, TrainResult]:
@@ -111,6 +138,10 @@ def read_result(job_dir: Path) -> tuple[Embedder, TrainResult]:
     if (out / ERROR_FILE).is_file():
         error = json.loads((out / ERROR_FILE).read_text())
         raise TrainingDiverged(error["message"])
+    if (out / INTERRUPTED_FILE).is_file():
+        info = json.loads((out / INTERRUPTED_FILE).read_text())
+        checkpoint = Path(info["checkpoint"]) if info["checkpoint"] else None
+        raise TrainingInterrupted(info["step"], info["total_steps"], checkpoint)
     if not (out / RESULT_FILE).is_file():
         raise DistributedTrainingFailed(f"the workers left no result in {out}")
     raw = json.loads((out / RESULT_FILE).read_text())
@@ -142,18 +173,24 @@ def torchrun_command(
 
 def run_torchrun(
     command: Sequence[str],
-    on_progress: Callable[[StepLog, float], None] | None = None,
+    on_progress: OnStep | None = None,
     echo: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> None:
     """Run torchrun, turning rank 0's progress lines into ``on_progress`` calls; any other
-    output goes to ``echo`` (stderr by default). Raises when torchrun exits non-zero."""
+    output goes to ``echo`` (stderr by default). When ``should_stop`` says yes (polled every
+    0.2 s), torchrun gets SIGTERM, which it passes on to the ranks. Raises when torchrun
+    exits non-zero."""
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
-        assert proc.stdout is not None
+        if should_stop is not None:
+            threading.Thread(target=_stop_on_request, args=(proc, should_stop), daemon=True).start()
+        if proc.stdout is None:
+            raise DistributedTrainingFailed("torchrun started without an output pipe")
         for raw in proc.stdout:
             line = raw.rstrip("\n")
             if line.startswith(PROGRESS):
@@ -170,28 +207,42 @@ def run_torchrun(
         raise DistributedTrainingFailed(f"torchrun exited with {rc}: {last}")
 
 
-def train_period_torchrun(
-    params: Params,
-    period: str,
-    shard: Shard,
-    parent: Embedder | None,
-    memory: ReplayMemory,
+def _stop_on_request(proc: subprocess.Popen[str], should_stop: ShouldStop) -> None:
+    while proc.poll() is None:
+        if should_stop():
+            proc.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.2)
+
+
+def train_torchrun(
+    inputs: PeriodInputs,
     *,
-    history: Sequence[Shard] = (),
-    checkpoint_dir: Path | None = None,
-    on_step: Callable[[StepLog, float], None] | None = None,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
     job_dir: Path | None = None,
 ) -> tuple[Embedder, TrainResult]:
-    """:func:`cssl_core.period.train_period` in ``params.distributed`` torchrun processes.
+    """Train ``inputs``' period in ``params.distributed`` torchrun processes; the same
+    result as :func:`~cssl_core.learn.job.train_in_process` on the same global batches.
 
-    ``job_dir`` defaults to a temporary directory, removed afterwards; checkpoints go to
-    ``checkpoint_dir`` (default: inside the job directory), so a rerun resumes them.
+    ``job_dir`` defaults to a temporary directory, removed afterwards. Checkpoints go to
+    ``inputs.checkpoint_dir`` (default: inside the job directory, so elastic restarts still
+    resume), and a rerun with the same inputs resumes them.
     """
     owned = job_dir is None
     job = Path(tempfile.mkdtemp(prefix="cssl-torchrun-")) if job_dir is None else job_dir
     try:
-        write_job(job, params, period, shard, parent, memory, history, checkpoint_dir)
-        run_torchrun(torchrun_command(job, params.distributed), on_progress=on_step)
+        write_job(job, inputs)
+        try:
+            run_torchrun(
+                torchrun_command(job, inputs.params.distributed),
+                on_progress=on_step,
+                should_stop=should_stop,
+            )
+        except DistributedTrainingFailed:
+            if (job / OUT_DIR / INTERRUPTED_FILE).is_file():
+                read_result(job)  # raises TrainingInterrupted with rank 0's checkpoint
+            raise
         return read_result(job)
     finally:
         if owned:
@@ -201,7 +252,7 @@ def train_period_torchrun(
 # -- the worker (torchrun side) ------------------------------------------------------------
 
 
-def _progress_printer(env: ddp.DistEnv) -> Callable[[StepLog, float], None] | None:
+def _progress_printer(env: ddp.DistEnv) -> OnStep | None:
     if not env.is_main:
         return None
 
@@ -213,34 +264,38 @@ def _progress_printer(env: ddp.DistEnv) -> Callable[[StepLog, float], None] | No
 
 
 def run_worker(job_dir: Path) -> int:
-    """One rank of the job: train, and on rank 0 publish the model and result."""
-    from cssl_core.period import train_period_local
+    """One rank of the job: train, and on rank 0 publish the model and result.
 
+    SIGTERM (torchrun passes on the caller's) asks the trainer to stop after the current
+    step; rank 0 then records the checkpointed step in ``out/interrupted.json``. A diverged
+    or interrupted run exits 0, so torchrun does not restart it.
+    """
     env = ddp.env_from()
-    job = read_job(job_dir)
-    params: Params = job["params"]
-    if params.train.num_threads:
-        torch.set_num_threads(params.train.num_threads)
-    device = ddp.resolve_device(params.train.device, env)
+    inputs = read_job(job_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if inputs.params.train.num_threads:
+        torch.set_num_threads(inputs.params.train.num_threads)
+    device = ddp.resolve_device(inputs.params.train.device, env)
     ddp.init_process_group(env, device)
     out = job_dir / OUT_DIR
     try:
-        model, result = train_period_local(
-            params,
-            job["period"],
-            job["shard"],
-            job["parent"],
-            job["memory"],
-            history=job["history"],
-            checkpoint_dir=job["checkpoint_dir"],
+        model, result = train_in_process(
+            inputs,
             on_step=_progress_printer(env),
+            should_stop=stop.is_set,
             device=device,
             env=env,
         )
     except TrainingDiverged as exc:  # every rank sees the same loss: stop, do not restart
         if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ERROR_FILE).write_text(json.dumps({"message": str(exc)}) + "\n")
+            atomic_write_json(out / ERROR_FILE, {"message": str(exc)})
+        return 0
+    except TrainingInterrupted as exc:  # every rank stops after the same step
+        if env.is_main:
+            checkpoint = str(exc.checkpoint) if exc.checkpoint else None
+            info = {"step": exc.step, "total_steps": exc.total_steps, "checkpoint": checkpoint}
+            atomic_write_json(out / INTERRUPTED_FILE, info)
         return 0
     finally:
         ddp.destroy_process_group()
@@ -251,9 +306,7 @@ def run_worker(job_dir: Path) -> int:
             "world_size": env.world_size,
             "restart_count": env.restart_count,
         }
-        tmp = out / f".{RESULT_FILE}.tmp"
-        tmp.write_text(json.dumps(payload) + "\n")
-        tmp.replace(out / RESULT_FILE)
+        atomic_write_json(out / RESULT_FILE, payload)
     return 0
 
 

@@ -28,11 +28,13 @@ loading is strict (any missing, unexpected or mis-shaped tensor is an error).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import timm
 import torch
@@ -65,6 +67,84 @@ class EmbedderOutput:
     projection: Tensor
 
 
+Head = Literal["projection", "predictor", "feature_predictor"]
+"""A student head whose two-view outputs a loss reads (see :class:`StudentOutputs`)."""
+TeacherOutput = Literal["projection", "features"]
+"""What a loss takes from the frozen teacher (see :class:`TeacherOutputs`)."""
+
+
+@dataclass(frozen=True)
+class StudentOutputs:
+    """One training forward of both views (:class:`cssl_core.learn.trainer.TwoViews`).
+
+    ``z1, z2``: ``(B, projector_dim)`` SimCLR projections (always).
+    ``p1, p2``: CaSSLe predictor of the projections, ``(B, projector_dim)``, when a loss
+    needs the ``predictor`` head. ``q1, q2``: PFR predictor of the backbone features,
+    ``(B, num_features)``, when a loss needs ``feature_predictor``. ``logits``: Kaizen
+    classifier on stop-gradient view-1 features, ``(B, len(categories))``, with
+    ``train.classifier``.
+    """
+
+    z1: Tensor
+    z2: Tensor
+    p1: Tensor | None = None
+    p2: Tensor | None = None
+    q1: Tensor | None = None
+    q2: Tensor | None = None
+    logits: Tensor | None = None
+
+    def pair(self, head: Head) -> tuple[Tensor, Tensor]:
+        """Both views' outputs of ``head``; an error if the forward did not compute it."""
+        pairs = {
+            "projection": (self.z1, self.z2),
+            "predictor": (self.p1, self.p2),
+            "feature_predictor": (self.q1, self.q2),
+        }
+        a, b = pairs[head]
+        if a is None or b is None:
+            raise RuntimeError(f"the training forward did not compute the {head} head")
+        return a, b
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> StudentOutputs:
+        """Every tensor through ``fn`` (e.g. cast to fp32 and gather across ranks)."""
+        return dataclasses.replace(
+            self, **{k: fn(v) for k, v in vars(self).items() if v is not None}
+        )
+
+
+# A pytree node, so DistributedDataParallel sees each tensor of the forward's output (an
+# unregistered dataclass would be one opaque leaf to its output handling).
+torch.export.register_dataclass(StudentOutputs, serialized_type_name="cssl_core.StudentOutputs")
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """The frozen previous model on the same two views (no gradient).
+
+    ``z1, z2``: projections, ``f1, f2``: backbone features (each pair only when a loss
+    takes it), ``logits``: the old classifier on view-1 features (Kaizen), when both the
+    student and the teacher have a classifier.
+    """
+
+    z1: Tensor | None = None
+    z2: Tensor | None = None
+    f1: Tensor | None = None
+    f2: Tensor | None = None
+    logits: Tensor | None = None
+
+    def pair(self, output: TeacherOutput) -> tuple[Tensor, Tensor]:
+        a, b = {"projection": (self.z1, self.z2), "features": (self.f1, self.f2)}[output]
+        if a is None or b is None:
+            raise RuntimeError(f"the teacher's {output} were not computed")
+        return a, b
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TeacherOutputs:
+        """Every tensor through ``fn``."""
+        return dataclasses.replace(
+            self, **{k: fn(v) for k, v in vars(self).items() if v is not None}
+        )
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """``Linear-BN-ReLU-Linear``: the SimCLR projector and CaSSLe predictor shape."""
     return nn.Sequential(
@@ -89,7 +169,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             f"unknown backbone {name!r}: not a timm model name; set model.backbone to one of "
             "timm.list_models() (e.g. resnet18)"
         )
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     pretrained_cfg = get_pretrained_cfg(name)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs["img_size"] = cfg.input_size
@@ -155,7 +235,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg)
-        self.num_features: int = int(self.backbone.num_features)
+        self.num_features: int = int(getattr(self.backbone, "num_features"))  # noqa: B009
         self.projector = mlp(self.num_features, cfg.projector_hidden, cfg.projector_dim)
         self.predictor = mlp(cfg.projector_dim, cfg.predictor_hidden, cfg.projector_dim)
         self.feature_predictor = mlp(self.num_features, cfg.predictor_hidden, self.num_features)

@@ -5,10 +5,18 @@ frames from the replay memory), makes two SimCLR views, and minimises
 
     L = L_NT-Xent(z1, z2) + lambda_D * L_distill(current, frozen)  [+ lambda_C * L_classifier]
 
-where the distillation term (strategies ``distill`` and ``distill+replay``) pulls the current
-model toward the frozen previous model. Everything that makes a step random (batch indices,
-replay draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint
-ends with exactly the weights of an uninterrupted run (on CPU).
+where the distillation term (when the strategy distils, :mod:`cssl_core.learn.strategy`; the
+term is ``train.distill_loss`` of :mod:`cssl_core.learn.distill`) pulls the current model
+toward the frozen previous model. Everything that makes a step random (batch indices, replay
+draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint ends
+with exactly the weights of an uninterrupted run (on CPU).
+
+Under bf16 autocast only the forward runs in bf16: its outputs are cast to fp32 and every loss
+is computed with autocast off (a similarity matmul in bf16 is off by ~1e-3).
+
+A caller can stop a run cleanly: ``fit(..., should_stop=...)`` is asked after every step; when
+it says yes, rank 0 writes a checkpoint of that step and :class:`TrainingInterrupted` is raised,
+so a rerun resumes there and ends bit-identical to an uninterrupted run.
 
 Under torchrun (``rank``/``world_size`` set, a process group up) the trainer is data-parallel:
 every rank derives the same global batch (indices, replay draw, augmentation parameters), runs
@@ -25,9 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -38,22 +45,28 @@ from cssl_core.data.images import decode_batch
 from cssl_core.learn import distributed as ddp
 from cssl_core.learn.augment import SimCLRAugment
 from cssl_core.learn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from cssl_core.learn.losses import (
-    classifier_distill,
-    feature_distill,
-    nt_xent,
-    nt_xent_distill,
-    predictor_distill,
-)
-from cssl_core.learn.models import Embedder
+from cssl_core.learn.distill import DistillTerm, distill_term
+from cssl_core.learn.losses import classifier_distill, nt_xent
+from cssl_core.learn.models import Embedder, StudentOutputs, TeacherOutputs
+from cssl_core.learn.strategy import StrategySpec, strategy_spec
 from cssl_core.memory.replay import replay_split
-
-USES_REPLAY = {"replay", "distill+replay"}
-USES_DISTILL = {"distill", "distill+replay"}
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the period stops and nothing is promoted."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """The caller asked the run to stop (``should_stop``); rank 0 checkpointed ``step`` first,
+    so a rerun with the same inputs resumes there. The caller should exit non-zero."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint"
+        super().__init__(
+            f"training stopped on request after step {step} of {total_steps} ({where}); "
+            "rerun the same command to resume"
+        )
+        self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
 
 
 # -- pure helpers ------------------------------------------------------------------------
@@ -94,11 +107,6 @@ def batch_indices(
     else:  # tiny sets: sample with replacement so the batch keeps its size
         idx = torch.randint(n, (batch,), generator=step_generator(seed, step, stream=1))
     return idx[rank::world_size]
-
-
-def steps_for(strategy: str, steps: int, period_index: int) -> int:
-    """Training steps for a period: ``joint`` retrains on all t periods, so it gets t times."""
-    return steps * (period_index + 1) if strategy == "joint" else steps
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -185,14 +193,23 @@ class TrainResult:
         return self.history[-1].loss if self.history else float("nan")
 
 
+@dataclass(frozen=True)
+class LossTerms:
+    """The parts of one step's loss, as plain numbers (for the step log)."""
+
+    ssl: float
+    distill: float
+    classifier: float
+
+
 class TwoViews(nn.Module):
     """One training forward: both views through the model and the heads the loss needs.
 
     DistributedDataParallel wraps this module: one call per step, and every head that gets a
-    gradient runs inside it, so DDP sees each parameter's gradient. Returns ``z1, z2``
-    (projections) and, when asked for, ``p1, p2`` (CaSSLe predictor of the projections),
-    ``q1, q2`` (PFR predictor of the features) and ``logits`` (classifier on stop-gradient
-    view-1 features).
+    gradient runs inside it, so DDP sees each parameter's gradient. Returns
+    :class:`~cssl_core.learn.models.StudentOutputs`: the projections always, the CaSSLe
+    predictor (``predictor``) and PFR feature predictor (``feature_predictor``) outputs when
+    asked for, and classifier logits on stop-gradient view-1 features (``classifier``).
     """
 
     def __init__(
@@ -203,26 +220,29 @@ class TwoViews(nn.Module):
         self.predictor, self.feature_predictor = predictor, feature_predictor
         self.classifier = classifier
 
-    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> StudentOutputs:
         model = self.model
         out1, out2 = model(v1), model(v2)
-        out = {"z1": out1.projection, "z2": out2.projection}
-        if self.predictor:
-            out |= {"p1": model.predict(out1.projection), "p2": model.predict(out2.projection)}
-        if self.feature_predictor:
-            out["q1"] = model.predict_features(out1.features)
-            out["q2"] = model.predict_features(out2.features)
-        if self.classifier:
-            out["logits"] = model.classify(out1.features.detach())
-        return out
+        z1, z2 = out1.projection, out2.projection
+        return StudentOutputs(
+            z1=z1,
+            z2=z2,
+            p1=model.predict(z1) if self.predictor else None,
+            p2=model.predict(z2) if self.predictor else None,
+            q1=model.predict_features(out1.features) if self.feature_predictor else None,
+            q2=model.predict_features(out2.features) if self.feature_predictor else None,
+            logits=model.classify(out1.features.detach()) if self.classifier else None,
+        )
 
 
 @dataclass
 class ContinualTrainer:
     """Train ``model`` for one period.
 
-    ``teacher`` is the frozen previous model (required by the distill strategies);
-    ``replay`` holds the replay memory's frames (used by the replay strategies). ``rank`` and
+    ``strategy`` is what this period does (default: the spec of ``cfg.strategy``; a period
+    driver passes :meth:`StrategySpec.for_period`'s effective spec). ``teacher`` is the
+    frozen previous model (required when the strategy distils); ``replay`` (in :meth:`fit`)
+    holds the replay memory's frames (used when the strategy replays). ``rank`` and
     ``world_size`` place this process in a torchrun job (see the module docstring).
     """
 
@@ -237,12 +257,17 @@ class ContinualTrainer:
     world_size: int = 1
     on_step: Callable[[StepLog, float], None] | None = None
     fail_at_step: int | None = None  # fault injection for tests: raise after this step
+    strategy: StrategySpec | None = None
 
     def __post_init__(self) -> None:
-        if self.cfg.strategy in USES_DISTILL and self.teacher is None:
-            raise ValueError(f"strategy {self.cfg.strategy!r} needs the frozen previous model")
+        self.spec = self.strategy or strategy_spec(self.cfg.strategy)
+        if self.spec.uses_distill and self.teacher is None:
+            raise ValueError(f"strategy {self.spec.name!r} needs the frozen previous model")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+        self.distill: DistillTerm | None = None
+        if self.spec.uses_distill and self.cfg.distill_weight > 0:
+            self.distill = distill_term(self.cfg.distill_loss)
         self.autocast_dtype = resolve_precision(self.cfg.precision, self.device)
         cl = self.cfg.channels_last
         self.channels_last = cl == "on" or (cl == "auto" and self.autocast_dtype is not None)
@@ -252,7 +277,8 @@ class ContinualTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
@@ -268,25 +294,22 @@ class ContinualTrainer:
             return Lars(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
         return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
 
-    def _uses_distill(self) -> bool:
-        return self.cfg.strategy in USES_DISTILL and self.cfg.distill_weight > 0
-
     def _uses_classifier(self) -> bool:
         return self.cfg.classifier and self.model.classifier is not None
 
     def build_forward(self) -> nn.Module:
-        """The per-step forward module: :class:`TwoViews`, in DDP under torchrun, compiled
-        when ``train.compile`` is on."""
-        distill = self._uses_distill()
+        """The per-step forward module: :class:`TwoViews` with the heads the distillation
+        term reads, in DDP under torchrun, compiled when ``train.compile`` is on."""
+        head = self.distill.student_head if self.distill is not None else "projection"
         module: nn.Module = TwoViews(
             self.model,
-            predictor=distill and self.cfg.distill_loss == "predictor",
-            feature_predictor=distill and self.cfg.distill_loss == "feature",
+            predictor=head == "predictor",
+            feature_predictor=head == "feature_predictor",
             classifier=self._uses_classifier(),
         )
         module = ddp.wrap_ddp(module, self.device)
         if self.cfg.compile:
-            module = torch.compile(module)
+            module = cast(nn.Module, torch.compile(module))
         return module
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +323,14 @@ class ContinualTrainer:
             return x.pin_memory().to(self.device, non_blocking=True)
         return x
 
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast for the forward when the precision asks for it (else a no-op)."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
     # -- one step ------------------------------------------------------------------------
     def global_batch(
         self, step: int, frames: FrameSource, replay: FrameSource | None, n_new: int, n_replay: int
@@ -308,7 +339,8 @@ class ContinualTrainer:
         idx = batch_indices(len(frames), n_new, step, self.cfg.seed)
         ridx = torch.zeros(0, dtype=torch.long)
         if n_replay:
-            assert replay is not None
+            if replay is None:
+                raise ValueError("a batch with replay rows needs the replay frames")
             ridx = torch.randperm(len(replay), generator=step_generator(self.cfg.seed, step, 2))
             ridx = ridx[:n_replay]
         return idx, ridx
@@ -326,7 +358,8 @@ class ContinualTrainer:
         r, w = self.rank, self.world_size
         x = frames.get(idx[r::w])
         if len(ridx):
-            assert replay is not None
+            if replay is None:
+                raise ValueError("a batch with replay rows needs the replay frames")
             x = torch.cat([x, replay.get(ridx[r::w]).to(x.device)])
         x = self._to_device(x)
         g = step_generator(self.cfg.seed, step, stream=3)
@@ -340,92 +373,90 @@ class ContinualTrainer:
         return self._prepare(v1), self._prepare(v2)
 
     def _global(self, x: torch.Tensor) -> torch.Tensor:
-        return ddp.to_global_batch(x, *self._layout)
+        """fp32, then this rank's rows -> the global batch (identity for one process)."""
+        return ddp.to_global_batch(x.float(), *self._layout)
 
     def loss_terms(
         self, v1: torch.Tensor, v2: torch.Tensor, labels: list[str | None]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, LossTerms]:
         """The step's loss from this rank's views and the GLOBAL batch's labels.
 
-        Outputs are gathered across ranks (identity for one process) before any loss, so
-        each term is computed on the global batch in global row order.
+        The forward (student and teacher) runs under the trainer's autocast; its outputs are
+        cast to fp32 and gathered across ranks (identity for one process), and every loss is
+        computed in fp32 with autocast off, on the global batch in global row order.
         """
         cfg = self.cfg
         forward = self._forward if self._forward is not None else self.build_forward()
-        local = forward(v1, v2)
-        out = {k: self._global(v.float()) for k, v in local.items()}
-        ssl = nt_xent(out["z1"], out["z2"], cfg.temperature)
-        total = ssl
-        distill = torch.zeros((), device=ssl.device)
-        frozen: dict[str, torch.Tensor] | None = None
-        if self._uses_distill():
-            frozen = self._frozen_outputs(v1, v2)
-            distill = self._distill(out, frozen)
-            total = total + cfg.distill_weight * distill
-        clf = torch.zeros((), device=ssl.device)
-        if self._uses_classifier():
-            clf = self._classifier_loss(out["logits"], labels, frozen)
-            total = total + cfg.classifier_weight * clf
-        terms = {
-            "ssl": float(ssl.detach()),
-            "distill": float(distill.detach()),
-            "classifier": float(clf.detach()),
-        }
+        with self._autocast():
+            local: StudentOutputs = forward(v1, v2)
+            frozen_local = self._teacher_outputs(v1, v2)
+        student = local.map(self._global)
+        frozen = frozen_local.map(self._global) if frozen_local is not None else None
+        with torch.autocast(self.device.type, enabled=False):
+            ssl = nt_xent(student.z1, student.z2, cfg.temperature)
+            total = ssl
+            distill = torch.zeros((), device=ssl.device)
+            if self.distill is not None and frozen is not None:
+                distill = self.distill(student, frozen, cfg.distill_temperature)
+                total = total + cfg.distill_weight * distill
+            clf = torch.zeros((), device=ssl.device)
+            if student.logits is not None:
+                clf = self._classifier_loss(student.logits, labels, frozen)
+                total = total + cfg.classifier_weight * clf
+        terms = LossTerms(float(ssl.detach()), float(distill.detach()), float(clf.detach()))
         return total, terms
 
     @torch.no_grad()
-    def _frozen_outputs(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The frozen model on this rank's views, gathered to the global batch."""
+    def _teacher_outputs(self, v1: torch.Tensor, v2: torch.Tensor) -> TeacherOutputs | None:
+        """The frozen model on this rank's views: what the distillation term takes from it,
+        and the old classifier's logits for Kaizen. None when nothing is distilled."""
         teacher = self.teacher
-        assert teacher is not None
+        if self.distill is None or teacher is None:
+            return None
         f1, f2 = teacher(v1), teacher(v2)
-        if self.cfg.distill_loss == "feature":
-            out = {"f1": f1.features, "f2": f2.features}
-        else:
-            out = {"z1": f1.projection, "z2": f2.projection}
+        logits = None
         if self._uses_classifier() and teacher.classifier is not None and teacher.categories:
-            out["logits"] = teacher.classify(f1.features)
-        return {k: self._global(v.float()) for k, v in out.items()}
-
-    def _distill(
-        self, out: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        t = cfg.distill_temperature
-        if cfg.distill_loss == "predictor":
-            return predictor_distill(out["p1"], out["p2"], frozen["z1"], frozen["z2"], t)
-        if cfg.distill_loss == "nt_xent":
-            return 0.5 * (
-                nt_xent_distill(out["z1"], frozen["z1"], t)
-                + nt_xent_distill(out["z2"], frozen["z2"], t)
-            )
-        return 0.5 * (
-            feature_distill(out["q1"], frozen["f1"]) + feature_distill(out["q2"], frozen["f2"])
-        )
+            logits = teacher.classify(f1.features)
+        if self.distill.teacher_output == "features":
+            return TeacherOutputs(f1=f1.features, f2=f2.features, logits=logits)
+        return TeacherOutputs(z1=f1.projection, z2=f2.projection, logits=logits)
 
     def _classifier_loss(
         self,
         logits: torch.Tensor,
         labels: list[str | None],
-        frozen: dict[str, torch.Tensor] | None,
+        frozen: TeacherOutputs | None,
     ) -> torch.Tensor:
         """Kaizen: CE of the classifier on stop-gradient features (``logits``) plus
         distillation toward the frozen classifier on the old classes."""
         index = {c: i for i, c in enumerate(self.model.categories)}
-        known = [i for i, c in enumerate(labels) if c in index]
+        known = [(row, index[c]) for row, c in enumerate(labels) if c is not None and c in index]
         loss = torch.zeros((), device=logits.device)
         if known:
-            target = torch.tensor([index[labels[i]] for i in known], device=logits.device)
-            loss = F.cross_entropy(logits[known], target)
-        if frozen is not None and "logits" in frozen:
-            n_old = frozen["logits"].shape[1]
-            loss = loss + classifier_distill(logits[:, :n_old], frozen["logits"], 2.0)
+            rows = [row for row, _ in known]
+            target = torch.tensor([k for _, k in known], device=logits.device)
+            loss = F.cross_entropy(logits[rows], target)
+        if frozen is not None and frozen.logits is not None:
+            n_old = frozen.logits.shape[1]
+            loss = loss + classifier_distill(
+                logits[:, :n_old], frozen.logits, self.cfg.classifier_temperature
+            )
         return loss
 
     # -- the loop ------------------------------------------------------------------------
     def fit(
-        self, frames: FrameSource, replay: FrameSource | None = None, steps: int | None = None
+        self,
+        frames: FrameSource,
+        replay: FrameSource | None = None,
+        steps: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainResult:
+        """Train for ``steps`` (default ``cfg.steps``), resuming this run's newest checkpoint.
+
+        ``should_stop`` is asked after every step (under torchrun, the ranks agree: any rank's
+        yes stops all of them); a yes checkpoints that step (rank 0, when there is a
+        checkpoint directory) and raises :class:`TrainingInterrupted`.
+        """
         cfg = self.cfg
         total_steps = steps if steps is not None else cfg.steps
         model = self.model.to(self.device)
@@ -443,7 +474,7 @@ class ContinualTrainer:
         ckpt = latest_checkpoint(self.checkpoint_dir, self.run_key)
         if ckpt is not None:
             start = load_checkpoint(ckpt, model, optimizer)
-        use_replay = cfg.strategy in USES_REPLAY and replay is not None and len(replay) > 0
+        use_replay = self.spec.uses_replay and replay is not None and len(replay) > 0
         n_new, n_replay = replay_split(
             cfg.batch_size, cfg.replay_ratio, len(replay) if use_replay and replay else 0
         )
@@ -466,12 +497,7 @@ class ContinualTrainer:
                 lr = lr_at(step, cfg, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                ):
-                    loss, terms = self.loss_terms(v1, v2, labels)
+                loss, terms = self.loss_terms(v1, v2, labels)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
@@ -482,21 +508,30 @@ class ContinualTrainer:
                 loss.backward()
                 optimizer.step()
                 seen += n_new + n_replay
-                log = StepLog(
-                    step, loss_value, terms["ssl"], terms["distill"], terms["classifier"], lr
-                )
+                log = StepLog(step, loss_value, terms.ssl, terms.distill, terms.classifier, lr)
                 history.append(log)
                 if self.on_step is not None:
                     self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
                 done = step + 1
+                saved = None
                 if (
                     self.rank == 0
                     and self.checkpoint_dir is not None
                     and (done % cfg.checkpoint_every == 0 or done == total_steps)
                 ):
-                    save_checkpoint(self.checkpoint_dir, done, model, optimizer, self.run_key)
+                    saved = save_checkpoint(
+                        self.checkpoint_dir, done, model, optimizer, self.run_key
+                    )
                 if self.fail_at_step is not None and done >= self.fail_at_step:
                     raise RuntimeError(f"injected failure after step {done}")
+                if should_stop is not None and done < total_steps:
+                    if ddp.any_rank(should_stop(), self.device):
+                        if saved is None and self.rank == 0 and self.checkpoint_dir is not None:
+                            saved = save_checkpoint(
+                                self.checkpoint_dir, done, model, optimizer, self.run_key
+                            )
+                        ddp.barrier()  # every rank leaves after rank 0's checkpoint is down
+                        raise TrainingInterrupted(done, total_steps, saved)
         finally:
             self._forward = None
         wall = time.perf_counter() - t0
@@ -510,41 +545,3 @@ class ContinualTrainer:
             images_per_second=seen / wall if wall > 0 else 0.0,
             history=history,
         )
-
-
-# -- scoring for replay selection ---------------------------------------------------------
-
-
-def embed_table(model: Embedder, table: pa.Table, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised backbone features of a table's frames (for ``diverse`` selection)."""
-    from cssl_core.evaluation.evaluate import extract_features
-
-    images = table.column("image").to_pylist()
-    feats = extract_features(model, images, model.cfg.input_size, batch_size=batch_size)
-    return F.normalize(feats, dim=1).numpy()
-
-
-@torch.inference_mode()
-def ssl_loss_per_frame(
-    model: Embedder,
-    augment: AugmentConfig,
-    table: pa.Table,
-    temperature: float,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Per-frame NT-Xent loss of two fresh views, averaged over both (for ``hard`` selection)."""
-    size = model.cfg.input_size
-    augmenter = SimCLRAugment(augment, size)
-    images = table.column("image").to_pylist()
-    was_training = model.training
-    model.eval()
-    scores = []
-    for i in range(0, len(images), batch_size):
-        x = decode_batch(images[i : i + batch_size], size)
-        v1, v2 = augmenter(x, step_generator(seed, i, stream=4))
-        z1, z2 = model(v1).projection.float(), model(v2).projection.float()
-        per_anchor = nt_xent(z1, z2, temperature, reduction="none")
-        scores.append(per_anchor.reshape(2, -1).mean(0))
-    model.train(was_training)
-    return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)

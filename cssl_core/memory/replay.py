@@ -9,7 +9,14 @@ and is published through an :class:`~cssl_core.data.storage.ObjectStore`::
 An interrupted save leaves parts without a manifest: the version stays invisible, the
 previous version stays the latest, and the next save of that period clears the leftovers.
 A published version never changes: saving the same content again is a no-op (the content
-fingerprint matches), saving different content under the same period raises.
+fingerprint matches), saving different content under the same period raises, unless the
+caller replaces a version it found stale (``save(..., replace=True)``).
+
+The manifest records the config that made the memory (``selection_config``: selection,
+capacity, seed, and for the model-scored selections the pool size and what the score
+depends on) and, for those, the selecting model's fingerprint (``selected_by``), so a memory
+is reused only by a config that would have made it (:meth:`ReplayMemory.made_with`). A
+manifest from before these fields loads as a memory of unknown config.
 
 Selection strategies (``ReplayConfig.selection``):
 
@@ -301,6 +308,39 @@ def _scores(score_fn: ScoreFn, table: pa.Table) -> np.ndarray:
     return scores
 
 
+# -- what a selection depends on ---------------------------------------------------------------
+
+POOL_SELECTIONS = ("diverse", "hard")
+"""Selections that score a candidate pool with the current model (``embed_fn``/``score_fn``)."""
+
+
+def selection_config(
+    selection: str,
+    capacity: int,
+    seed: int,
+    candidate_pool: int,
+    scoring: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything a selection depends on besides the frames and the model, as recorded in a
+    memory's manifest (``selection_config``): a memory is reused only by a config that gives
+    the same dict. ``candidate_pool`` and ``scoring`` (what ``embed_fn``/``score_fn`` depend
+    on, e.g. the loss temperature and the augmentation) count only for the selections that
+    score a pool (:data:`POOL_SELECTIONS`)."""
+    pooled = selection in POOL_SELECTIONS
+    return json.loads(
+        json.dumps(
+            {
+                "selection": selection,
+                "capacity": capacity,
+                "seed": seed,
+                "candidate_pool": candidate_pool if pooled else None,
+                "scoring": dict(scoring) if pooled and scoring else None,
+            },
+            sort_keys=True,
+        )
+    )
+
+
 # -- the memory --------------------------------------------------------------------------------
 
 
@@ -359,6 +399,19 @@ class ReplayMemory:
         return self._manifest["selection"]
 
     @property
+    def selection_config(self) -> dict[str, Any] | None:
+        """The config that made this memory (:func:`selection_config`); None for an empty
+        memory and for a manifest written before the field existed (unknown config)."""
+        config = self._manifest.get("selection_config")
+        return json.loads(json.dumps(config)) if config is not None else None
+
+    def made_with(self, config: Mapping[str, Any]) -> bool:
+        """Whether this memory was selected with ``config`` (a :func:`selection_config`);
+        False when its config is unknown, so the caller rebuilds it."""
+        recorded = self.selection_config
+        return recorded is not None and recorded == json.loads(json.dumps(dict(config)))
+
+    @property
     def seen(self) -> int:
         """How many train frames were offered to this memory over its whole history."""
         return int(self._manifest["seen"])
@@ -381,6 +434,8 @@ class ReplayMemory:
         embed_fn: EmbedFn | None = None,
         score_fn: ScoreFn | None = None,
         candidate_pool: int = 4096,
+        scoring: Mapping[str, Any] | None = None,
+        selected_by: str | None = None,
     ) -> ReplayMemory:
         """``select(self ∪ train(new_frames))``: a NEW memory for ``period``; self is unchanged.
 
@@ -388,7 +443,10 @@ class ReplayMemory:
         considered and all of them must belong to ``period``. ``embed_fn`` (``diverse``) maps
         a table to L2-normalised ``(rows, D)`` embeddings; ``score_fn`` (``hard``) maps a
         table to per-frame losses ``(rows,)``, higher = harder. Both are called once, on the
-        memory plus at most ``candidate_pool`` seeded-random new frames.
+        memory plus at most ``candidate_pool`` seeded-random new frames. ``scoring`` (what
+        those functions depend on besides the model) goes into the manifest's
+        ``selection_config``, and ``selected_by`` (the model's fingerprint) into its
+        ``selected_by``, for the selections that score a pool.
         """
         _check_period(period)
         if selection not in SELECTIONS:
@@ -440,7 +498,7 @@ class ReplayMemory:
                 )
                 keep = rows[chosen]
         table = _canonical(pool.take(np.sort(keep)))
-        pool_size = candidate_pool if selection in ("diverse", "hard") else None
+        pooled = selection in POOL_SELECTIONS
         manifest = _content_manifest(
             table,
             [*self._manifest["history"], period],
@@ -448,8 +506,12 @@ class ReplayMemory:
             selection,
             seed,
             self.seen + num_new,
-            pool_size,
+            candidate_pool if pooled else None,
         )
+        manifest["selection_config"] = selection_config(
+            selection, capacity, seed, candidate_pool, scoring
+        )
+        manifest["selected_by"] = selected_by if pooled else None
         return ReplayMemory(table, manifest)
 
     # -- sampling for training ---------------------------------------------------------------
@@ -475,12 +537,21 @@ class ReplayMemory:
 
     # -- persistence -------------------------------------------------------------------------
     def save(
-        self, store: ObjectStore, period: str | None = None, rows_per_part: int = 4096
+        self,
+        store: ObjectStore,
+        period: str | None = None,
+        rows_per_part: int = 4096,
+        *,
+        replace: bool = False,
     ) -> dict[str, Any]:
         """Publish this version under ``memory/<period>/``; returns the published manifest.
 
         Parts first, manifest last. An existing version with the same fingerprint makes this
-        a no-op; one with a different fingerprint raises :class:`ReplayError`.
+        a no-op; one with a different fingerprint raises :class:`ReplayError`. With
+        ``replace`` (the caller decided the published version is stale, e.g. made with
+        another selection config) a version that differs in content or manifest is
+        withdrawn first (its manifest deleted, so it is invisible, never half replaced) and
+        this one is published in its place.
         """
         if self.period is None:
             raise ReplayError("an empty memory has no period; call update() before save()")
@@ -491,13 +562,17 @@ class ReplayMemory:
         prefix, key = version_prefix(self.period), manifest_key(self.period)
         if store.exists(key):
             published = read_manifest(store, self.period)
-            if published["fingerprint"] == self.fingerprint:
+            same_content = published["fingerprint"] == self.fingerprint
+            if same_content and (not replace or _same_version(published, self._manifest)):
                 return published
-            raise ReplayError(
-                f"{store.key_uri(key)} already holds different content (fingerprint "
-                f"{published['fingerprint'][:12]} != {self.fingerprint[:12]}); versions are "
-                "immutable, so rerun with the inputs that made it or save under a new period"
-            )
+            if replace:
+                store.delete(key)
+            else:
+                raise ReplayError(
+                    f"{store.key_uri(key)} already holds different content (fingerprint "
+                    f"{published['fingerprint'][:12]} != {self.fingerprint[:12]}); versions are "
+                    "immutable, so rerun with the inputs that made it or save under a new period"
+                )
         for leftover in store.list(prefix):  # an interrupted save left invisible parts
             store.delete(leftover)
         parts = []
@@ -628,6 +703,13 @@ def _content_manifest(
         "uncategorised": uncategorised,
         "fingerprint": fingerprint(table),
     }
+
+
+def _same_version(published: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    """Whether a published manifest describes ``manifest``'s version (parts aside)."""
+    return {k: v for k, v in published.items() if k != "parts"} == json.loads(
+        json.dumps(dict(manifest))
+    )
 
 
 def _write_manifest(store: ObjectStore, key: str, manifest: Mapping[str, Any]) -> None:

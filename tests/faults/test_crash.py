@@ -1,11 +1,11 @@
 """Fault 1: kill -9 of a training process at random steps, then rerun it.
 
 The training runs as a separate process in its own process group (``train_driver.py``: the
-refresh flow's ``train_period``; the slow variant runs the whole ``cssl refresh``). It is
-killed with SIGKILL a random moment after a random step's checkpoint appears, rerun, killed
-again, and finally rerun to completion. On CPU with a fixed seed the final weights must equal
-those of an uninterrupted run, and each rerun must resume from the newest checkpoint rather
-than start over.
+refresh flow's ``cssl_core.period.train_period``; the slow variant runs the whole ``cssl
+refresh``). It is killed with SIGKILL a random moment after a random step's checkpoint
+appears, rerun, killed again, and finally rerun to completion. On CPU with a fixed seed the
+final weights must equal those of an uninterrupted run, and each rerun must resume from the
+newest checkpoint rather than start over.
 
 Set ``CSSL_FAULT_SEED`` to replay a particular choice of kill points.
 """
@@ -44,9 +44,13 @@ def _seed() -> int:
 def _uninterrupted_weights(params_file: Path, shard: Path, extra: list[str]) -> str:
     """The weights an uninterrupted p01 training ends with (no checkpoints involved)."""
     params = load_params(params_file, extra)
-    model, result = core.train_period(
-        params, "p01", Shard.open(shard), None, ReplayMemory.empty(params.replay.capacity)
+    inputs = core.PeriodInputs(
+        params=params,
+        period="p01",
+        shard=Shard.open(shard),
+        memory=ReplayMemory.empty(params.replay.capacity),
     )
+    model, result = core.train_period(inputs)
     assert result.resumed_from == 0
     return model.state_fingerprint()
 

@@ -252,11 +252,12 @@ def test_s3_outages_during_memory_update_and_artifact_upload_in_a_refresh(
     )
     p01_manifest = store.get_bytes(manifest_key("p01"))
 
-    # p02, attempt 1: S3 answers 503 from the moment the new memory is computed and stays
-    # down past the retry window: the refresh fails cleanly, p01's memory is untouched, the
-    # new version is not registered and nothing is promoted.
+    # p02, attempt 1: S3 answers 503 from the moment the new memory is computed (the train
+    # task returns model and memory) and stays down past the retry window: the refresh fails
+    # cleanly, p01's memory is untouched, the new version is not registered and nothing is
+    # promoted.
     with monkeypatch.context() as m:
-        _hook(m, "update_memory", after=lambda: proxy.set_mode("503"))
+        _hook(m, "train", after=lambda: proxy.set_mode("503"))
         _hook(m, "save_memory", retries=1, retry_delay_seconds=1)
         with pytest.raises(StoreError) as failed:
             _refresh(state, sim_shards, "p02")
