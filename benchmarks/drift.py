@@ -9,17 +9,18 @@ champion that would be serving when A gives way to B -- and every measurement us
 
 Every period's train split is embedded once (:func:`cssl_core.evaluation.drift.embed_frames`);
 each trial then draws fresh seeded samples of ``n`` frames per side from those embeddings and
-runs the same test the product runs (:func:`cssl_core.evaluation.drift.drift_test`, both
-methods). Drawing from embedded periods is the same as embedding drawn frames (the embedding
-of a frame does not depend on what else is in the batch), and it lets the trials share one
-feature pass.
+runs the test the product runs (:func:`cssl_core.evaluation.drift.drift_test`, stream segments
+of ``drift.segment_seconds`` as the unit; ``--segment-seconds 60,0`` also measures the
+frame-level test). Drawing from embedded periods is the same as embedding drawn frames (the
+embedding of a frame does not depend on what else is in the batch), and it lets the trials
+share one feature pass.
 
 Conditions (``trials`` samples each):
 
 * no shift, **time halves**: the first vs the second half (by timestamp) of one period, every
   period (different clips of the same streamers and games: what two weeks of one month are);
-* no shift, **random halves**: one static period split frame by frame at random (exchangeable,
-  so this checks the test's calibration);
+* no shift, **random halves**: one static period's stream segments split at random into two
+  halves (exchangeable units, so this checks the test's calibration);
 * no shift, **static pairs**: two different periods of the static stretch (every pair);
 * **power**: reference from one static period; new frames ``(1 - s) n`` from another static
   period and ``s n`` from ``p05`` (games the reference has never shown), for each share ``s``;
@@ -56,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from cssl_core.config import Params
+    from cssl_core.config import DriftConfig, Params
     from cssl_core.data.shard import Shard
     from cssl_core.learn.models import Embedder
 
@@ -68,7 +69,6 @@ MEASURE_SCHEDULE: tuple[dict[str, Any], ...] = (
 STATIC_PERIODS = ("p01", "p02", "p03", "p04")
 SHIFTED_PERIOD = "p05"
 SHARES = (0.05, 0.1, 0.2, 0.4, 1.0)
-METHODS = ("mmd", "classifier")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
@@ -110,6 +110,16 @@ def build_stream(root: Path, params: Params, log: Callable[[str], None]) -> list
     return [Shard.open(root / n) for n in names]
 
 
+def training_hash(params: Params) -> str:
+    """A hash of the settings that decide the trained model (model, augment, train)."""
+    import hashlib
+
+    blob = json.dumps(
+        params.model_dump(mode="json", include={"model", "augment", "train"}), sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def trained_model(
     out: Path, params: Params, shard: Shard, log: Callable[[str], None]
 ) -> tuple[Embedder, dict[str, Any]]:
@@ -121,7 +131,7 @@ def trained_model(
     from cssl_core.period import train_period
 
     stamp = out / "model.json"
-    key = {"config_hash": params.config_hash(), "shard": shard.fingerprint}
+    key = {"training": training_hash(params), "shard": shard.fingerprint}
     if stamp.is_file():
         info = json.loads(stamp.read_text())
         if info.get("key") == key:
@@ -147,11 +157,12 @@ def trained_model(
 
 @dataclass(frozen=True)
 class EmbeddedPeriod:
-    """Every train frame of one period: L2-normalised features, categories, timestamps."""
+    """Every train frame of one period: L2-normalised features, categories, streams, times."""
 
     period: str
     features: np.ndarray
     categories: np.ndarray
+    stream_ids: np.ndarray
     ts_ms: np.ndarray
 
 
@@ -164,10 +175,11 @@ def embed_period(
     from cssl_core.data.storage import atomic_path
     from cssl_core.evaluation.drift import embed_frames
 
-    path = cache / f"{shard.period}-{model.state_fingerprint()[:12]}-{shard.fingerprint[:12]}.npz"
+    name = f"{shard.period}-{model.state_fingerprint()[:12]}-{shard.fingerprint[:12]}-v2.npz"
+    path = cache / name
     if not path.is_file():
         started = time.perf_counter()
-        table = shard.read(["frame_id", "category", "ts", "image"], split="train")
+        table = shard.read(["frame_id", "stream_id", "category", "ts", "image"], split="train")
         table = table.sort_by("frame_id")
         feats = embed_frames(model, table.column("image").to_pylist())
         cache.mkdir(parents=True, exist_ok=True)
@@ -176,11 +188,14 @@ def embed_period(
                 fh,
                 features=feats,
                 categories=np.array(table.column("category").to_pylist(), dtype=str),
+                stream_ids=np.array(table.column("stream_id").to_pylist(), dtype=str),
                 ts_ms=pc.cast(table.column("ts"), "int64").to_numpy(),
             )
         log(f"embedded {shard.period}: {len(feats)} frames ({time.perf_counter() - started:.0f} s)")
     with np.load(path) as data:
-        return EmbeddedPeriod(shard.period, data["features"], data["categories"], data["ts_ms"])
+        return EmbeddedPeriod(
+            shard.period, data["features"], data["categories"], data["stream_ids"], data["ts_ms"]
+        )
 
 
 # -- trials ------------------------------------------------------------------------------
@@ -209,14 +224,20 @@ def time_halves(data: EmbeddedPeriod) -> tuple[Population, Population]:
     )
 
 
-def random_halves(data: EmbeddedPeriod, seed: int) -> tuple[Population, Population]:
-    """Two halves of a period split frame by frame at random: exchangeable by construction,
-    so they check the test's calibration (its false-positive rate must be ``alpha``)."""
-    order = np.random.default_rng([seed, len(data.features)]).permutation(len(data.features))
-    half = len(order) // 2
+def random_halves(
+    data: EmbeddedPeriod, segment_seconds: float, seed: int
+) -> tuple[Population, Population]:
+    """A period's stream segments split at random into two halves: exchangeable units by
+    construction, so they check the test's calibration (false positives at rate ``alpha``)."""
+    from cssl_core.evaluation.drift import segment_ids
+
+    units = segment_ids(data.stream_ids, data.ts_ms, segment_seconds)
+    count = int(units.max()) + 1
+    first = np.random.default_rng([seed, count]).permutation(count)[: count // 2]
+    in_first = np.isin(units, first)
     return (
-        Population(data, np.sort(order[:half]), f"{data.period} random half A"),
-        Population(data, np.sort(order[half:]), f"{data.period} random half B"),
+        Population(data, np.flatnonzero(in_first), f"{data.period} random half A"),
+        Population(data, np.flatnonzero(~in_first), f"{data.period} random half B"),
     )
 
 
@@ -230,18 +251,26 @@ def draw(population: Population, size: int, rng: np.random.Generator) -> np.ndar
 
 @dataclass(frozen=True)
 class Side:
+    """One side of a trial: features, category counts, and each frame's stream and time."""
+
     features: np.ndarray
     counts: dict[str, int]
+    stream_ids: np.ndarray
+    ts_ms: np.ndarray
 
 
 def side(parts: Sequence[tuple[Population, np.ndarray]]) -> Side:
     """Concatenate drawn rows of one or more populations into one side of a trial."""
-    feats = np.concatenate([p.data.features[rows] for p, rows in parts])
     cats: dict[str, int] = {}
     for p, rows in parts:
         for c in p.data.categories[rows]:
             cats[str(c)] = cats.get(str(c), 0) + 1
-    return Side(feats, cats)
+    return Side(
+        np.concatenate([p.data.features[rows] for p, rows in parts]),
+        cats,
+        np.concatenate([p.data.stream_ids[rows] for p, rows in parts]),
+        np.concatenate([p.data.ts_ms[rows] for p, rows in parts]),
+    )
 
 
 @dataclass(frozen=True)
@@ -255,11 +284,16 @@ class Condition:
     share: float | None = None
 
 
-def conditions(embedded: dict[str, EmbeddedPeriod], shares: Sequence[float]) -> list[Condition]:
-    """Every condition of the benchmark (see the module docstring)."""
+def conditions(
+    embedded: dict[str, EmbeddedPeriod], shares: Sequence[float], segment_seconds: float
+) -> list[Condition]:
+    """Every condition of the benchmark (see the module docstring); random halves split the
+    stream segments of ``segment_seconds``."""
     out: list[Condition] = []
     splits = [("halves", p, time_halves(d)) for p, d in embedded.items()]
-    splits += [("random", p, random_halves(embedded[p], 0)) for p in STATIC_PERIODS]
+    splits += [
+        ("random", p, random_halves(embedded[p], segment_seconds, 0)) for p in STATIC_PERIODS
+    ]
     for kind, period, (first, second) in splits:
 
         def halves(n: int, rng: np.random.Generator, a=first, b=second) -> tuple[Side, Side]:
@@ -297,55 +331,56 @@ def conditions(embedded: dict[str, EmbeddedPeriod], shares: Sequence[float]) -> 
 
 
 def run_trials(
-    conds: Sequence[Condition],
+    embedded: dict[str, EmbeddedPeriod],
+    shares: Sequence[float],
     sizes: Sequence[int],
+    segment_seconds: Sequence[float],
     trials: int,
-    methods: Sequence[str],
-    seed: int,
-    permutations: int,
+    cfg: DriftConfig,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """Run every condition ``trials`` times per sample size and method; one row per test."""
-    from cssl_core.config import DriftConfig
-    from cssl_core.evaluation.drift import drift_test
+    """Run every condition ``trials`` times per sample size and unit; one row per test."""
+    from cssl_core.evaluation.drift import drift_test, segment_ids
 
     rows: list[dict[str, Any]] = []
-    for n in sizes:
-        started = time.perf_counter()
-        for c_index, cond in enumerate(conds):
-            for t in range(trials):
-                rng = np.random.default_rng([seed, n, c_index, t])
-                new, ref = cond.build(n, rng)
-                # A threshold of 0 keeps the raw p-value and effect; verdicts are applied later.
-                cfg = DriftConfig(
-                    sample_size=n, min_effect=0.0, permutations=permutations, seed=seed + t
-                )
-                for method in methods:
+    for seconds in segment_seconds:
+        conds = conditions(embedded, shares, seconds)
+        for n in sizes:
+            started = time.perf_counter()
+            for c_index, cond in enumerate(conds):
+                for t in range(trials):
+                    rng = np.random.default_rng([cfg.seed, n, c_index, t])
+                    new, ref = cond.build(n, rng)
                     tic = time.perf_counter()
                     result = drift_test(
                         new.features,
                         ref.features,
-                        cfg,
+                        cfg.model_copy(update={"seed": cfg.seed + t}),
+                        new_units=segment_ids(new.stream_ids, new.ts_ms, seconds),
+                        reference_units=segment_ids(ref.stream_ids, ref.ts_ms, seconds),
                         new_counts=new.counts,
                         reference_counts=ref.counts,
-                        method=method,
                     )
                     rows.append(
                         {
                             "n": n,
+                            "segment_seconds": seconds,
                             "kind": cond.kind,
                             "condition": cond.label,
                             "shift": cond.shift,
                             "share": cond.share,
                             "trial": t,
-                            "method": method,
                             "p_value": result.p_value,
                             "effect": result.effect,
+                            "units": [result.new_units, result.reference_units],
                             "total_variation": result.total_variation,
                             "seconds": time.perf_counter() - tic,
                         }
                     )
-        log(f"n={n}: {len(conds) * trials} trials in {time.perf_counter() - started:.0f} s")
+            log(
+                f"n={n}, segments {seconds:g} s: {len(conds) * trials} trials in "
+                f"{time.perf_counter() - started:.0f} s"
+            )
     return rows
 
 
@@ -373,7 +408,13 @@ def time_drift_check(
     sampled = time.perf_counter()
     x, y = (embed_frames(model, s.images) for s in samples)
     embedded = time.perf_counter()
-    drift_test(x, y, cfg)
+    drift_test(
+        x,
+        y,
+        cfg,
+        new_units=samples[0].units(cfg.segment_seconds),
+        reference_units=samples[1].units(cfg.segment_seconds),
+    )
     tested = time.perf_counter()
     return {
         "seconds": seconds,
@@ -420,17 +461,16 @@ def effect_quantiles(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def summarise(
-    rows: Sequence[dict[str, Any]], alpha: float, min_effects: dict[str, float]
-) -> dict[str, Any]:
-    """Rates and effect quantiles per sample size, method and condition group."""
+def unit_label(seconds: float) -> str:
+    return f"segments of {seconds:g} s" if seconds > 0 else "single frames"
+
+
+def summarise(rows: Sequence[dict[str, Any]], alpha: float, min_effect: float) -> dict[str, Any]:
+    """Rates and effect quantiles per sample size, unit and condition group."""
     out: dict[str, Any] = {}
-    sizes = sorted({r["n"] for r in rows})
-    methods = sorted({r["method"] for r in rows})
-    for n in sizes:
-        for method in methods:
-            mine = [r for r in rows if r["n"] == n and r["method"] == method]
-            threshold = min_effects[method]
+    for seconds in sorted({r["segment_seconds"] for r in rows}, reverse=True):
+        for n in sorted({r["n"] for r in rows}):
+            mine = [r for r in rows if r["n"] == n and r["segment_seconds"] == seconds]
             groups: dict[str, list[dict[str, Any]]] = {
                 "no shift (all)": [r for r in mine if not r["shift"]],
                 "no shift: random halves": [r for r in mine if r["kind"] == "random"],
@@ -443,10 +483,11 @@ def summarise(
                 ]
             for label in sorted({r["condition"] for r in mine if r["kind"] == "stream"}):
                 groups[f"stream: {label}"] = [r for r in mine if r["condition"] == label]
-            out[f"n={n} {method}"] = {
+            out[f"n={n} per side, unit: {unit_label(seconds)}"] = {
                 name: {
-                    **rates(g, alpha, threshold),
+                    **rates(g, alpha, min_effect),
                     "effect": effect_quantiles(g),
+                    "units": float(np.mean([np.mean(r["units"]) for r in g])) if g else 0.0,
                     "total_variation": float(
                         np.mean([r["total_variation"] or 0.0 for r in g]) if g else float("nan")
                     ),
@@ -466,7 +507,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- load (1-min average) at start/end: {results['loadavg']}",
         f"- stream: {results['stream']}",
         f"- model: {results['model']}",
-        f"- alpha {results['alpha']}, min_effect {results['min_effects']}, "
+        f"- alpha {results['alpha']}, min_effect {results['min_effect']}, "
         f"permutations {results['permutations']}, {results['trials']} trials per condition",
         "",
     ]
@@ -474,9 +515,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {key}",
             "",
-            "| condition | tests | significant | triggered | effect min / median / p95 / max "
-            "| mean TV | s/test |",
-            "|---|---:|---:|---:|---|---:|---:|",
+            "| condition | tests | significant | triggered | MMD² min / median / p95 / max "
+            "| units/side | mean TV | s/test |",
+            "|---|---:|---:|---:|---|---:|---:|---:|",
         ]
         for name, g in groups.items():
             e = g["effect"]
@@ -487,7 +528,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| {name} | {g['tests']} | {g['significant']:.0%} | {g['triggered']:.0%} | "
-                f"{eff} | {g['total_variation']:.2f} | {g['test_seconds']:.2f} |"
+                f"{eff} | {g['units']:.0f} | {g['total_variation']:.2f} | "
+                f"{g['test_seconds']:.2f} |"
             )
         lines.append("")
     cost = results.get("cost")
@@ -519,13 +561,14 @@ def run_benchmark(
     *,
     frames_per_period: int | None,
     sizes: Sequence[int],
+    segment_seconds: Sequence[float],
     trials: int,
-    methods: Sequence[str],
     shares: Sequence[float],
-    classifier_min_effect: float,
     timing_repeats: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
+    """Build (or reuse) the inputs in ``out``, time one drift check, run every trial, and
+    write ``results.json`` (with every test) and ``results.md``."""
     from cssl_core.data.storage import atomic_write_json, atomic_write_text
 
     loads = [os.getloadavg()[0]]
@@ -539,10 +582,8 @@ def run_benchmark(
     )
     cost["ratio_to_training"] = cost["median_seconds"] / model_info["train_seconds"]
     log(f"one drift check: {cost['median_seconds']:.1f} s ({cost['ratio_to_training']:.1%})")
-    conds = conditions(embedded, shares)
-    rows = run_trials(conds, sizes, trials, methods, mp.drift.seed, mp.drift.permutations, log)
+    rows = run_trials(embedded, shares, sizes, segment_seconds, trials, mp.drift, log)
     loads.append(os.getloadavg()[0])
-    min_effects = {"mmd": mp.drift.min_effect, "classifier": classifier_min_effect}
     results = {
         "when": datetime.now().isoformat(timespec="seconds"),
         "host": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or '?'})",
@@ -553,15 +594,15 @@ def run_benchmark(
         ),
         "model": (
             f"{mp.model.backbone} at {mp.model.input_size} px, trained {model_info['steps']} "
-            f"steps on {model_info['period']} (train.strategy {mp.train.strategy})"
+            f"steps on {model_info['period']} (first period: plain SimCLR from scratch)"
         ),
         "model_info": model_info,
         "alpha": mp.drift.alpha,
-        "min_effects": min_effects,
+        "min_effect": mp.drift.min_effect,
         "permutations": mp.drift.permutations,
         "trials": trials,
         "sizes": list(sizes),
-        "summary": summarise(rows, mp.drift.alpha, min_effects),
+        "summary": summarise(rows, mp.drift.alpha, mp.drift.min_effect),
         "cost": cost,
         "rows": rows,
     }
@@ -594,24 +635,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
         metavar="N,N",
         help="frames per side to measure (default: drift.sample_size)",
     )
-    parser.add_argument("--trials", type=int, default=20, help="samples per condition")
     parser.add_argument(
-        "--methods",
-        type=lambda v: [m for m in v.split(",") if m],
-        default=list(METHODS),
-        help=f"comma-separated tests (default: {','.join(METHODS)})",
+        "--segment-seconds",
+        type=_csv_floats,
+        default=None,
+        metavar="S,S",
+        help="units of the permutation test to measure; 0 = single frames "
+        "(default: drift.segment_seconds)",
     )
+    parser.add_argument("--trials", type=int, default=20, help="samples per condition")
     parser.add_argument(
         "--shares",
         type=_csv_floats,
         default=list(SHARES),
+        metavar="S,S",
         help="shares of frames from new games for the power curve",
-    )
-    parser.add_argument(
-        "--classifier-min-effect",
-        type=float,
-        default=0.1,
-        help="minimum accuracy above chance for the classifier test to trigger",
     )
     parser.add_argument("--timing-repeats", type=int, default=3, help="timed drift checks")
     if common:
@@ -631,18 +669,14 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     try:
         params = load_params(getattr(args, "params", None), tuple(getattr(args, "set", None) or ()))
-        unknown = sorted(set(args.methods) - set(METHODS))
-        if unknown:
-            raise ConfigError(f"unknown --methods {unknown}; use {', '.join(METHODS)}")
         results = run_benchmark(
             Path(args.out),
             params,
             frames_per_period=args.frames_per_period,
             sizes=args.sample_sizes or [params.drift.sample_size],
+            segment_seconds=args.segment_seconds or [params.drift.segment_seconds],
             trials=args.trials,
-            methods=args.methods,
             shares=args.shares,
-            classifier_min_effect=args.classifier_min_effect,
             timing_repeats=args.timing_repeats,
             log=log,
         )

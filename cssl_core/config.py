@@ -229,7 +229,8 @@ class DriftConfig(_Section):
     """The drift check: do a new shard's frames come from the reference's distribution?
 
     A sample of ``sample_size`` frames from each side is embedded with the serving model and
-    compared by a kernel two-sample test (MMD with a permutation p-value). Drift needs both
+    compared by a kernel two-sample test (MMD with a permutation p-value that relabels whole
+    stream segments of ``segment_seconds``, the unit of independence). Drift needs both
     ``p < alpha`` and an effect (MMD², in kernel units) of at least ``min_effect``, so a large
     sample does not flag a difference too small to matter.
     """
@@ -240,6 +241,12 @@ class DriftConfig(_Section):
         0.01, ge=0, description="smallest MMD² (unbiased, Gaussian kernel) that counts as drift"
     )
     permutations: int = Field(1000, ge=99, description="permutations for the p-value")
+    segment_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="frames of one stream within this many seconds are one unit of the "
+        "permutation test (near-duplicates); 0 counts every frame as independent",
+    )
     seed: int = Field(0, description="sampling and permutation seed")
     reference: Literal["previous", "memory"] = Field(
         "previous", description="compare with the previous period's shard or the replay memory"

@@ -18,6 +18,7 @@ from benchmarks.drift import (
     add_arguments,
     conditions,
     measure_params,
+    random_halves,
     rates,
     time_halves,
 )
@@ -25,10 +26,13 @@ from cssl_core.config import Params
 
 
 def period(name: str, games: list[str], n: int = 60, offset: float = 0.0) -> EmbeddedPeriod:
+    """``n`` frames in clips of 3 (one stream per clip, 1 s apart), clips minutes apart."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     cats = np.array([games[i % len(games)] for i in range(n)])
     feats = rng.normal(size=(n, 4)) + offset
-    return EmbeddedPeriod(name, feats, cats, rng.permutation(n).astype(np.int64) * 1000)
+    streams = np.array([f"{name}-s{i // 3}" for i in range(n)])
+    ts = np.array([(i // 3) * 600_000 + (i % 3) * 1000 for i in range(n)], dtype=np.int64)
+    return EmbeddedPeriod(name, feats, cats, streams, ts)
 
 
 @pytest.fixture
@@ -47,10 +51,19 @@ def test_time_halves_split_at_the_median_timestamp() -> None:
     assert sorted([*first.rows, *second.rows]) == list(range(9))
 
 
+def test_random_halves_split_whole_segments() -> None:
+    data = period("p01", ["a"], n=30)  # 10 clips of 3 frames
+    first, second = random_halves(data, segment_seconds=60, seed=0)
+    assert len(first.rows) == len(second.rows) == 15
+    assert not set(data.stream_ids[first.rows]) & set(data.stream_ids[second.rows])
+    again, _ = random_halves(data, 60, 0)
+    assert list(again.rows) == list(first.rows)
+
+
 def test_conditions_cover_controls_power_and_stream_shifts(
     embedded: dict[str, EmbeddedPeriod],
 ) -> None:
-    conds = conditions(embedded, shares=(0.25, 1.0))
+    conds = conditions(embedded, shares=(0.25, 1.0), segment_seconds=60)
     kinds = Counter(c.kind for c in conds)
     # time halves of every period, random halves of the static ones, every static pair,
     # one power condition per share, every step after the static stretch.

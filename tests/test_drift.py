@@ -1,5 +1,6 @@
 """Drift statistics: MMD² against a reference kept here and hand-computed values, the permutation
-p-value, the two-part verdict, category shares, seeded sampling, and the end-to-end check."""
+p-value over stream segments, the two-part verdict, category shares, seeded sampling, and the
+end-to-end check."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from cssl_core.data.images import encode_jpeg
 from cssl_core.data.shard import FRAME_SCHEMA, Frame, Shard, ShardWriter
 from cssl_core.evaluation.drift import (
     MIN_FRAMES,
+    MIN_UNITS,
     CategoryShift,
     DriftError,
     category_shifts,
-    classifier_test,
     drift_check,
     drift_test,
     embed_frames,
@@ -35,6 +36,7 @@ from cssl_core.evaluation.drift import (
     mmd_test,
     sample_shard,
     sample_table,
+    segment_ids,
     squared_distances,
     verdict,
 )
@@ -93,10 +95,10 @@ def test_mmd_test_statistic_is_the_unbiased_mmd2_and_p_value_is_a_permutation_p(
     x, y = rng.normal(size=(30, 4)), rng.normal(size=(25, 4)) + 1.0
     result = mmd_test(x, y, permutations=199, seed=0)
     z = np.concatenate([x, y])
-    sigma = result.detail["bandwidth"]
+    sigma = result.bandwidth
     assert sigma == pytest.approx(median_bandwidth(squared_distances(z)))
-    assert result.statistic == pytest.approx(reference_mmd2(x, y, sigma), abs=1e-12)
-    assert result.effect == result.statistic
+    assert result.mmd2 == pytest.approx(reference_mmd2(x, y, sigma), abs=1e-12)
+    assert (result.new_units, result.reference_units) == (30, 25)  # every frame its own unit
     # A clear shift: no permutation reaches the observed value, p = 1 / (B + 1).
     assert result.p_value == pytest.approx(1 / 200)
     # Same seed, same answer; the p-value of one distribution is far from significant.
@@ -128,8 +130,8 @@ def test_too_few_frames_or_bad_embeddings_are_one_line_errors() -> None:
     bad[0, 0] = np.nan
     with pytest.raises(DriftError, match="NaN or infinite"):
         mmd_test(ok, bad)
-    with pytest.raises(DriftError, match="unknown drift test method 'ks'"):
-        drift_test(ok, ok, DriftConfig(), method="ks")
+    with pytest.raises(DriftError, match=r"new units have shape \(3,\), expected \(20,\)"):
+        mmd_test(ok, ok, new_units=[0, 1, 2])
 
 
 # -- the verdict --------------------------------------------------------------------------
@@ -149,20 +151,47 @@ def test_a_large_sample_does_not_flag_a_difference_too_small_to_matter() -> None
     assert result.significant and result.p_value == pytest.approx(1 / 200)
     assert 0 < result.effect < 0.01
     assert not result.drifted
-    assert result.reason.startswith("significant but effect")
+    assert result.reason.startswith("significant but MMD²")
     # The same data with no minimum effect would have triggered.
     assert drift_test(y, x, cfg.model_copy(update={"min_effect": 0.0})).drifted
 
 
-def test_classifier_test_finds_a_shift_and_not_chance() -> None:
-    rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(100, 8)), rng.normal(size=(100, 8))
-    shifted = classifier_test(x + np.r_[1.5, np.zeros(7)], y, seed=0)
-    assert shifted.statistic > 0.7 and shifted.p_value < 1e-4
-    assert shifted.effect == pytest.approx(shifted.statistic - 0.5)
-    assert shifted.detail["test_frames"] == 100
-    same = classifier_test(x, y, seed=0)
-    assert same.p_value > 0.05 and abs(same.effect) < 0.15
+def test_segments_group_a_streams_frames_by_time_window() -> None:
+    streams = ["a", "a", "a", "b", "a"]
+    ts = [0, 30_000, 61_000, 0, 59_999]
+    units = segment_ids(streams, ts, 60)
+    assert units[0] == units[1] == units[4] != units[2]  # a in [0, 60 s) vs a in [60, 120 s)
+    assert len(set(units.tolist())) == 3  # and b is its own unit
+    assert list(segment_ids(streams, ts, 0)) == [0, 1, 2, 3, 4]  # every frame independent
+    with pytest.raises(DriftError, match="5 stream ids but 2 timestamps"):
+        segment_ids(streams, ts[:2], 60)
+
+
+def clustered(rng: np.random.Generator, clusters: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``clusters`` clips of ``size`` near-duplicate frames each, clip centres from N(0, I)."""
+    centres = rng.normal(size=(clusters, 8))
+    frames = np.repeat(centres, size, axis=0) + 0.01 * rng.normal(size=(clusters * size, 8))
+    return frames, np.repeat(np.arange(clusters), size)
+
+
+def test_relabelling_whole_segments_keeps_clustered_data_from_faking_a_shift() -> None:
+    # Both sides come from one distribution of clips, but frames of a clip are near-duplicates:
+    # relabelling single frames treats 150 frames as 150 observations and flags a difference
+    # (a false trigger); relabelling whole clips does not.
+    rng = np.random.default_rng(5)
+    (x, ux), (y, uy) = clustered(rng, 15, 10), clustered(rng, 15, 10)
+    frames = mmd_test(x, y, 199, 0)
+    segments = mmd_test(x, y, 199, 0, new_units=ux, reference_units=uy)
+    assert frames.mmd2 == segments.mmd2 and frames.p_value == pytest.approx(1 / 200)
+    assert segments.p_value > 0.2 and (segments.new_units, segments.reference_units) == (15, 15)
+    # A real shift of every clip is still found at the segment level.
+    shifted = mmd_test(x + 1.5, y, 199, 0, new_units=ux, reference_units=uy)
+    assert shifted.p_value == pytest.approx(1 / 200)
+    # Explicit one-frame units are the frame-level test.
+    one_each = mmd_test(x, y, 199, 0, new_units=np.arange(150), reference_units=np.arange(150))
+    assert one_each == frames
+    with pytest.raises(DriftError, match=f"spans only 9 independent units.*at least {MIN_UNITS}"):
+        mmd_test(x, y, new_units=ux % 9, reference_units=uy)
 
 
 # -- categories and the result ------------------------------------------------------------
@@ -207,7 +236,7 @@ def frame_table(n: int, categories: list[str | None] | None = None) -> pa.Table:
     cats = categories or [f"g{i % 3}" for i in range(n)]
     rows = {
         "frame_id": [f"{i:04d}" for i in range(n)],
-        "stream_id": ["s"] * n,
+        "stream_id": [f"s{i % 7}" for i in range(n)],
         "ts": [datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i) for i in range(n)],
         "period": ["p01"] * n,
         "category": cats,
@@ -226,8 +255,12 @@ def test_sample_table_is_seeded_uniform_and_ignores_row_order() -> None:
     assert len(sample) == 20 == len(set(sample.images))
     assert sample.population == 50 and sample.source == "memory p03"
     assert sample.category_counts == {"g0": 17, "g1": 17, "g2": 16}  # the whole table
-    for image, category in zip(sample.images, sample.categories, strict=True):
-        assert category == f"g{int(image[3:]) % 3}"
+    for image, category, stream, ts in zip(
+        sample.images, sample.categories, sample.stream_ids, sample.ts_ms, strict=True
+    ):
+        i = int(image[3:])
+        assert (category, stream) == (f"g{i % 3}", f"s{i % 7}")
+        assert ts == 1_767_225_600_000 + 1000 * i  # 2026-01-01 UTC + i seconds, in ms
     shuffled = table.take(pa.array(random.Random(0).sample(range(50), 50)))
     assert sample_table(shuffled, 20, seed=7, source="memory p03") == sample
     assert sample_table(table, 20, seed=8).images != sample.images
@@ -242,6 +275,8 @@ def test_empty_or_tiny_sources_are_one_line_errors(tmp_path: Path) -> None:
         sample_table(FRAME_SCHEMA.empty_table(), 50, 0, source="replay memory")
     with pytest.raises(DriftError, match="new table has only 5 frames"):
         drift_check(Embedder(TINY_MODEL), frame_table(5), frame_table(40), DriftConfig())
+    with pytest.raises(DriftError, match="has no stream_id, ts column"):
+        sample_table(frame_table(40).drop_columns(["stream_id", "ts"]), 20, 0)
     with pytest.raises(DriftError, match="sample size 10 is below the minimum of 20"):
         sample_table(frame_table(40), 10, 0)
     # A shard whose train split is empty (every frame held out for evaluation).
@@ -256,7 +291,7 @@ def test_empty_or_tiny_sources_are_one_line_errors(tmp_path: Path) -> None:
 
 def test_sample_shard_reads_only_the_chosen_frames_of_a_split(sim_shards: Path) -> None:
     shard = Shard.open(sim_shards / "p01")
-    meta = shard.read(["frame_id", "category", "image"], split="train")
+    meta = shard.read(split="train")
     sample = sample_shard(shard, 30, seed=0)
     assert len(sample) == 30 and sample.population == meta.num_rows
     by_image = dict(
@@ -269,20 +304,29 @@ def test_sample_shard_reads_only_the_chosen_frames_of_a_split(sim_shards: Path) 
         sorted(Counter(meta.column("category").to_pylist()).items())
     )
     assert sample == sample_table(meta, 30, 0, source=sample.source)
+    streams = dict(
+        zip(meta.column("image").to_pylist(), meta.column("stream_id").to_pylist(), strict=True)
+    )
+    assert [streams[img] for img in sample.images] == list(sample.stream_ids)
 
 
 # -- end to end ---------------------------------------------------------------------------
 def test_drift_check_end_to_end_on_simulated_shards(sim_shards: Path) -> None:
     torch.manual_seed(0)
     model = Embedder(TINY_MODEL)
-    cfg = DriftConfig(sample_size=40, permutations=199, min_effect=0.01)
+    # 80-frame periods hold a handful of clips: too few stream segments for the default test
+    # (a clear error), so this runs the frame-level test.
     p01, p03 = Shard.open(sim_shards / "p01"), Shard.open(sim_shards / "p03")
+    with pytest.raises(DriftError, match="independent units.*drift.segment_seconds=0"):
+        drift_check(model, p03, p01, DriftConfig(sample_size=40))
+    cfg = DriftConfig(sample_size=40, permutations=199, min_effect=0.01, segment_seconds=0)
     feats = embed_frames(model, sample_shard(p01, 40, 0).images)
     assert feats.shape == (40, model.num_features) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
 
     shifted = drift_check(model, p03, p01, cfg)
     assert shifted.drifted and shifted.new_frames == shifted.reference_frames == 40
+    assert shifted.new_units == shifted.reference_units == 40
     assert shifted.total_variation is not None and shifted.total_variation > 0.3
     # One shard against a sample of itself (the reference side draws with seed + 1).
     same = drift_check(model, p01, p01.read(split="train"), cfg)

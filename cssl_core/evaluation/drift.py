@@ -8,18 +8,20 @@ et al. 2012) under a Gaussian kernel, with a permutation p-value from
 ``scipy.stats.permutation_test``. :func:`drift_check` does the whole thing for a model and
 two frame sources and returns a :class:`DriftResult`.
 
-Significance alone is not a verdict: with enough frames a test flags any difference, however
-small (two periods with the same game mix still differ in which streamers were live). Drift
-therefore needs ``p < alpha`` AND an effect size of at least ``min_effect``
+The unit of independence is a stream segment, not a frame (:func:`segment_ids`): the frames
+of one clip are near-duplicates, and a test that relabels single frames treats 200 frames of
+60 clips as 200 independent observations. On the simulated stream that test flagged nearly
+every pair of samples from one unchanged distribution (``benchmarks/drift.py``), so the
+permutation moves whole segments between the two sides.
+
+Significance alone is not a verdict: with enough data a test flags any difference, however
+small. Drift therefore needs ``p < alpha`` AND an effect size of at least ``min_effect``
 (:func:`verdict`). The effect is MMD² itself, in kernel units: it estimates a property of the
 two distributions, so it does not grow with the sample size (its estimate only gets less
 noisy), unlike a test statistic scaled by ``n``.
 
 When frames carry categories, :func:`category_shifts` reports each category's share in the
 reference and in the new frames and the total variation distance between the two mixes.
-
-:func:`classifier_test` is the alternative measured beside MMD (a classifier two-sample test,
-Lopez-Paz & Oquab 2017); ``benchmarks/drift.py`` compares the two.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy import optimize, stats
+from scipy import stats
 
 from cssl_core.config import DriftConfig
 from cssl_core.data.shard import Shard
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
 
 MIN_FRAMES = 20
 """Fewest frames per side: below this MMD² is too noisy to mean anything."""
+MIN_UNITS = 10
+"""Fewest independent units (stream segments) per side: with fewer, a couple of streams decide
+the answer."""
 TOP_CATEGORIES = 3
 """Categories named in the one-line summary (the result holds all of them)."""
 
@@ -130,15 +135,21 @@ def _mmd2_batch(off: np.ndarray, indicator: np.ndarray) -> np.ndarray:
     return xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2.0 * xy / (n * m)
 
 
-@dataclass(frozen=True)
-class TwoSampleResult:
-    """What a two-sample test found: its statistic, p-value and effect size."""
+def segment_ids(stream_ids: Sequence[str], ts_ms: Sequence[int], seconds: float) -> np.ndarray:
+    """The unit of independence of each frame, as integer codes.
 
-    method: str
-    statistic: float
-    p_value: float
-    effect: float
-    detail: dict[str, float]
+    Frames of one stream a few seconds apart are near-duplicates, so they are not independent
+    observations: a unit is a stream segment, ``(stream_id, floor(ts / seconds))`` (every frame
+    of a stream in one ``seconds``-long window). ``seconds = 0`` makes every frame its own unit.
+    """
+    n = len(stream_ids)
+    if len(ts_ms) != n:
+        raise DriftError(f"{n} stream ids but {len(ts_ms)} timestamps")
+    if seconds <= 0:
+        return np.arange(n)
+    window = np.floor_divide(np.asarray(ts_ms, dtype=np.int64), int(round(seconds * 1000)))
+    keys = [f"{s}\x00{w}" for s, w in zip(stream_ids, window.tolist(), strict=True)]
+    return np.unique(np.array(keys, dtype=object), return_inverse=True)[1].reshape(-1)
 
 
 def _check_samples(new: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,32 +168,75 @@ def _check_samples(new: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, 
     return x, y
 
 
+def _units(units: Sequence[int] | np.ndarray | None, count: int, side: str) -> np.ndarray:
+    if units is None:
+        return np.arange(count)
+    codes = np.asarray(units)
+    if codes.shape != (count,):
+        raise DriftError(f"{side} units have shape {codes.shape}, expected ({count},)")
+    codes = np.unique(codes, return_inverse=True)[1].reshape(-1)
+    if codes.max() + 1 < MIN_UNITS:
+        raise DriftError(
+            f"the {side} sample spans only {codes.max() + 1} independent units (stream "
+            f"segments); the test needs at least {MIN_UNITS} per side: sample more streams, "
+            "or set drift.segment_seconds=0 to count every frame as independent"
+        )
+    return codes
+
+
+@dataclass(frozen=True)
+class MMDTest:
+    """The outcome of :func:`mmd_test`."""
+
+    mmd2: float
+    p_value: float
+    bandwidth: float
+    new_units: int
+    reference_units: int
+
+
 def mmd_test(
-    new: np.ndarray, reference: np.ndarray, permutations: int = 1000, seed: int = 0
-) -> TwoSampleResult:
+    new: np.ndarray,
+    reference: np.ndarray,
+    permutations: int = 1000,
+    seed: int = 0,
+    *,
+    new_units: Sequence[int] | np.ndarray | None = None,
+    reference_units: Sequence[int] | np.ndarray | None = None,
+) -> MMDTest:
     """Kernel two-sample test of two embedding samples (``(n, D)`` and ``(m, D)``).
 
-    Statistic and effect: :func:`mmd2_unbiased` with a Gaussian kernel whose bandwidth is
-    :func:`median_bandwidth` of the pooled sample. p-value: ``scipy.stats.permutation_test``
-    over ``permutations`` random relabellings of the pooled frames (one-sided: large MMD² is
-    evidence of a difference), ``(1 + #{MMD²_perm >= MMD²}) / (1 + permutations)``.
+    Statistic and effect: :func:`mmd2_unbiased` over all frames, with a Gaussian kernel whose
+    bandwidth is :func:`median_bandwidth` of the pooled sample. p-value:
+    ``scipy.stats.permutation_test`` over ``permutations`` random relabellings (one-sided:
+    large MMD² is evidence of a difference), ``(1 + #{MMD²_perm >= MMD²}) / (1 + B)``.
+
+    What is relabelled is the unit of independence: ``new_units`` / ``reference_units`` give
+    each frame's unit (:func:`segment_ids`) and whole units move between the sides, so
+    near-duplicate frames of one clip cannot pose as independent evidence (relabelling single
+    frames of clustered data flags nearly any two samples). Without units every frame is its
+    own unit. Each side needs at least :data:`MIN_UNITS` units.
     """
     x, y = _check_samples(new, reference)
     n, m = len(x), len(y)
+    ux = _units(new_units, n, "new")
+    uy = _units(reference_units, m, "reference") + ux.max() + 1
+    unit_of_frame = np.concatenate([ux, uy])
+    total_units = int(unit_of_frame.max()) + 1
     d2 = squared_distances(np.concatenate([x, y]))
     sigma = median_bandwidth(d2)
     off = _off_diagonal(gaussian_kernel(d2, sigma))
 
-    def statistic(ix: np.ndarray, iy: np.ndarray, axis: int = -1) -> np.ndarray:
-        # Vectorised: ix is (n,) for the observed split, (batch, n) for permuted ones.
-        rows = np.atleast_2d(ix).astype(np.int64)
-        indicator = np.zeros((rows.shape[0], n + m))
-        np.put_along_axis(indicator, rows, 1.0, axis=1)
-        values = _mmd2_batch(off, indicator)
-        return values if np.ndim(ix) > 1 else values[0]
+    def statistic(iu: np.ndarray, _: np.ndarray, axis: int = -1) -> np.ndarray:
+        # Vectorised: iu holds the new side's units, (k,) observed or (batch, k) permuted.
+        rows = np.atleast_2d(iu).astype(np.int64)
+        chosen = np.zeros((rows.shape[0], total_units))
+        np.put_along_axis(chosen, rows, 1.0, axis=1)
+        values = _mmd2_batch(off, chosen[:, unit_of_frame])
+        return values if np.ndim(iu) > 1 else values[0]
 
     result = stats.permutation_test(
-        (np.arange(n), np.arange(n, n + m)),
+        (np.unique(ux), np.unique(uy)),
         statistic,
         permutation_type="independent",
         vectorized=True,
@@ -191,62 +245,12 @@ def mmd_test(
         batch=200,
         rng=np.random.default_rng(seed),
     )
-    mmd2 = float(result.statistic)
-    return TwoSampleResult(
-        method="mmd",
-        statistic=mmd2,
+    return MMDTest(
+        mmd2=float(result.statistic),
         p_value=float(result.pvalue),
-        effect=mmd2,
-        detail={"bandwidth": sigma},
-    )
-
-
-def classifier_test(
-    new: np.ndarray, reference: np.ndarray, seed: int = 0, l2: float = 1.0
-) -> TwoSampleResult:
-    r"""Classifier two-sample test (Lopez-Paz & Oquab 2017, "Revisiting Classifier Two-Sample
-    Tests", ICLR).
-
-    Each side is split in two halves at random (``seed``). A logistic regression (weights
-    ``w``, bias ``b``, on features standardised with the training halves' mean and std) learns
-    to tell new from reference frames on the first halves by minimising
-    ``sum_i log(1 + exp(-s_i (w.z_i + b))) + l2 / 2 ||w||^2`` (L-BFGS, ``scipy.optimize``);
-    its accuracy on the held-out halves is the statistic. Under the null no classifier beats
-    chance, so the number of correct held-out predictions is Binomial(n_test, 1/2): the
-    p-value is the one-sided binomial tail. Effect: accuracy - 1/2.
-    """
-    x, y = _check_samples(new, reference)
-    rng = np.random.default_rng(seed)
-    px, py = rng.permutation(len(x)), rng.permutation(len(y))
-    hx, hy = len(x) // 2, len(y) // 2
-    train = np.concatenate([x[px[:hx]], y[py[:hy]]])
-    test = np.concatenate([x[px[hx:]], y[py[hy:]]])
-    s_train = np.concatenate([np.ones(hx), -np.ones(hy)])
-    s_test = np.concatenate([np.ones(len(x) - hx), -np.ones(len(y) - hy)])
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std = np.where(std > 1e-8, std, 1.0)
-    train, test = (train - mean) / std, (test - mean) / std
-    d = train.shape[1]
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:d], theta[d]
-        margin = s_train * (train @ w + b)
-        value = np.logaddexp(0.0, -margin).sum() + 0.5 * l2 * (w @ w)
-        coef = -s_train * np.exp(-np.logaddexp(0.0, margin))  # -s * sigmoid(-margin)
-        grad = np.append(train.T @ coef + l2 * w, coef.sum())
-        return float(value), grad
-
-    fit = optimize.minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B")
-    w, b = fit.x[:d], fit.x[d]
-    correct = int(((test @ w + b) * s_test > 0).sum())
-    accuracy = correct / len(test)
-    p_value = float(stats.binomtest(correct, len(test), 0.5, alternative="greater").pvalue)
-    return TwoSampleResult(
-        method="classifier",
-        statistic=accuracy,
-        p_value=p_value,
-        effect=accuracy - 0.5,
-        detail={"test_frames": float(len(test))},
+        bandwidth=sigma,
+        new_units=int(ux.max()) + 1,
+        reference_units=int(uy.max() - ux.max()),
     )
 
 
@@ -299,20 +303,27 @@ def category_shifts(
 
 @dataclass(frozen=True)
 class DriftResult:
-    """The outcome of one drift check."""
+    """The outcome of one drift check. ``mmd2`` is both the test statistic and the effect size
+    (:func:`mmd2_unbiased`, kernel units); ``*_units`` count the independent stream segments
+    each side's frames came from."""
 
-    method: str
-    statistic: float
+    mmd2: float
     p_value: float
-    effect: float
     alpha: float
     min_effect: float
     drifted: bool
     new_frames: int
     reference_frames: int
-    detail: dict[str, float]
+    new_units: int
+    reference_units: int
+    bandwidth: float
+    permutations: int
     category_shifts: tuple[CategoryShift, ...] = ()
     total_variation: float | None = None
+
+    @property
+    def effect(self) -> float:
+        return self.mmd2
 
     @property
     def significant(self) -> bool:
@@ -325,15 +336,16 @@ class DriftResult:
             return "significant and large enough"
         if not self.significant:
             return f"not significant (p={self.p_value:.3g} >= alpha {self.alpha:g})"
-        return f"significant but effect {self.effect:.4f} < min_effect {self.min_effect:g}"
+        return f"significant but MMD² {self.mmd2:.4f} < min_effect {self.min_effect:g}"
 
     def summary(self) -> str:
         """One line for a person: verdict, effect, p-value, sample sizes, top moved categories."""
         head = "DRIFT" if self.drifted else "no drift"
         line = (
-            f"{head}: {self.reason}; effect {self.effect:.4f} (min {self.min_effect:g}), "
-            f"p={self.p_value:.3g} (alpha {self.alpha:g}), {self.method} on "
-            f"{self.new_frames} new vs {self.reference_frames} reference frames"
+            f"{head}: {self.reason}; MMD² {self.mmd2:.4f} (min {self.min_effect:g}), "
+            f"p={self.p_value:.3g} (alpha {self.alpha:g}); {self.new_frames} new frames "
+            f"({self.new_units} segments) vs {self.reference_frames} reference "
+            f"({self.reference_units})"
         )
         if self.total_variation is not None:
             moved = ", ".join(
@@ -350,6 +362,7 @@ class DriftResult:
         out["category_shifts"] = [
             {**asdict(s), "difference": s.difference} for s in self.category_shifts
         ]
+        out["effect"] = self.effect
         out["significant"] = self.significant
         out["reason"] = self.reason
         out["summary"] = self.summary()
@@ -361,34 +374,35 @@ def drift_test(
     reference: np.ndarray,
     cfg: DriftConfig,
     *,
+    new_units: Sequence[int] | np.ndarray | None = None,
+    reference_units: Sequence[int] | np.ndarray | None = None,
     new_counts: Mapping[str, int] | None = None,
     reference_counts: Mapping[str, int] | None = None,
-    method: str = "mmd",
 ) -> DriftResult:
-    """Test two embedding samples and give the verdict of ``cfg`` (no model involved).
-
-    ``method``: ``"mmd"`` (:func:`mmd_test`, the default) or ``"classifier"``
-    (:func:`classifier_test`; its effect is accuracy - 1/2, so ``cfg.min_effect`` must be on
-    that scale). Category counts, when given for both sides, add :func:`category_shifts`.
-    """
-    if method == "mmd":
-        test = mmd_test(new, reference, cfg.permutations, cfg.seed)
-    elif method == "classifier":
-        test = classifier_test(new, reference, cfg.seed)
-    else:
-        raise DriftError(f"unknown drift test method {method!r}; use 'mmd' or 'classifier'")
+    """Test two embedding samples (:func:`mmd_test`, relabelling the given units) and give the
+    verdict of ``cfg`` (:func:`verdict`); no model involved. Category counts, when given for
+    both sides, add :func:`category_shifts`."""
+    test = mmd_test(
+        new,
+        reference,
+        cfg.permutations,
+        cfg.seed,
+        new_units=new_units,
+        reference_units=reference_units,
+    )
     shifts, tv = category_shifts(new_counts or {}, reference_counts or {})
     return DriftResult(
-        method=test.method,
-        statistic=test.statistic,
+        mmd2=test.mmd2,
         p_value=test.p_value,
-        effect=test.effect,
         alpha=cfg.alpha,
         min_effect=cfg.min_effect,
-        drifted=verdict(test.p_value, test.effect, cfg.alpha, cfg.min_effect),
+        drifted=verdict(test.p_value, test.mmd2, cfg.alpha, cfg.min_effect),
         new_frames=len(new),
         reference_frames=len(reference),
-        detail=test.detail,
+        new_units=test.new_units,
+        reference_units=test.reference_units,
+        bandwidth=test.bandwidth,
+        permutations=cfg.permutations,
         category_shifts=shifts,
         total_variation=tv,
     )
@@ -407,12 +421,18 @@ class FrameSample:
 
     images: tuple[bytes, ...]
     categories: tuple[str | None, ...]
+    stream_ids: tuple[str, ...]
+    ts_ms: tuple[int, ...]
     category_counts: dict[str, int]
     population: int
     source: str
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def units(self, segment_seconds: float) -> np.ndarray:
+        """Each frame's unit of independence (:func:`segment_ids`)."""
+        return segment_ids(self.stream_ids, self.ts_ms, segment_seconds)
 
 
 def _choose(population: int, size: int, seed: int, source: str) -> np.ndarray:
@@ -430,30 +450,40 @@ def _counts(categories: Sequence[str | None]) -> dict[str, int]:
     return dict(sorted(Counter(c for c in categories if c is not None).items()))
 
 
+_META = ["frame_id", "stream_id", "ts", "category"]
+
+
+def _sample(meta: pa.Table, chosen: np.ndarray, images: list[bytes], source: str) -> FrameSample:
+    """A :class:`FrameSample` of the ``chosen`` rows of ``meta`` (in ``frame_id`` order)."""
+    categories = meta.column("category").to_pylist()
+    picked = meta.take(pa.array(chosen, type=pa.int64()))
+    ts_ms = picked.column("ts").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+    return FrameSample(
+        images=tuple(images),
+        categories=tuple(picked.column("category").to_pylist()),
+        stream_ids=tuple(picked.column("stream_id").to_pylist()),
+        ts_ms=tuple(ts_ms.to_pylist()),
+        category_counts=_counts(categories),
+        population=meta.num_rows,
+        source=source,
+    )
+
+
 def sample_table(table: pa.Table, size: int, seed: int, source: str = "table") -> FrameSample:
     """A uniform sample (without replacement) of ``size`` rows of a frame table (a shard's
-    rows or a replay memory's ``table``); all rows when it has fewer.
+    rows or a replay memory's ``table``, :data:`~cssl_core.data.shard.FRAME_SCHEMA`); all rows
+    when it has fewer.
 
     Rows are put in ``frame_id`` order first, so the sample does not depend on how the table
     is stored. Nothing is stratified: the sample reflects the table's real mix.
     """
-    if "image" not in table.column_names or "frame_id" not in table.column_names:
-        raise DriftError(f"{source} has no image/frame_id columns (not a frame table)")
+    missing = [c for c in [*_META, "image"] if c not in table.column_names]
+    if missing:
+        raise DriftError(f"{source} has no {', '.join(missing)} column (not a frame table)")
     table = table.sort_by("frame_id")
     chosen = _choose(table.num_rows, size, seed, source)
-    categories = (
-        table.column("category").to_pylist()
-        if "category" in table.column_names
-        else [None] * table.num_rows
-    )
-    picked = table.take(pa.array(chosen))
-    return FrameSample(
-        images=tuple(picked.column("image").to_pylist()),
-        categories=tuple(categories[i] for i in chosen),
-        category_counts=_counts(categories),
-        population=table.num_rows,
-        source=source,
-    )
+    images = table.column("image").take(pa.array(chosen, type=pa.int64())).to_pylist()
+    return _sample(table.select(_META), chosen, images, source)
 
 
 def sample_shard(shard: Shard, size: int, seed: int, split: str | None = "train") -> FrameSample:
@@ -462,12 +492,11 @@ def sample_shard(shard: Shard, size: int, seed: int, split: str | None = "train"
     The default is the train split, because the replay memory (the other reference) holds
     only train frames: both references are then compared like with like. A split has the
     shard's game mix (the simulator and ``cssl ingest`` split within every category). Only
-    ids and categories are read to choose; images are read for the chosen rows only.
+    the small columns are read to choose; images are read for the chosen rows only.
     """
     source = f"shard {shard.path}" + (f" ({split} split)" if split else "")
-    meta = shard.read(["frame_id", "category"], split=split).sort_by("frame_id")
+    meta = shard.read(_META, split=split).sort_by("frame_id")
     chosen = _choose(meta.num_rows, size, seed, source)
-    categories = meta.column("category").to_pylist()
     ids = meta.column("frame_id").to_pylist()
     keep = pa.array([ids[i] for i in chosen], type=pa.string())
     images: dict[str, bytes] = {}
@@ -478,13 +507,7 @@ def sample_shard(shard: Shard, size: int, seed: int, split: str | None = "train"
                 batch.column("frame_id").to_pylist(), batch.column("image").to_pylist(), strict=True
             )
         )
-    return FrameSample(
-        images=tuple(images[ids[i]] for i in chosen),
-        categories=tuple(categories[i] for i in chosen),
-        category_counts=_counts(categories),
-        population=meta.num_rows,
-        source=source,
-    )
+    return _sample(meta, chosen, [images[ids[i]] for i in chosen], source)
 
 
 # -- embedding and the end-to-end check ---------------------------------------------------
@@ -546,14 +569,21 @@ def drift_check(
     A shard or a frame table (e.g. a replay memory's ``table``) is sampled first:
     ``cfg.sample_size`` frames, seed ``cfg.seed`` for the new side and ``cfg.seed + 1`` for
     the reference (so one source passed twice gives two different samples). Both samples are
-    embedded with ``model`` (:func:`embed_frames`), tested with :func:`mmd_test` and judged by
-    :func:`verdict`; categories, when present, give :func:`category_shifts` over the whole
-    sources. An empty or tiny side is a :class:`DriftError` naming it.
+    embedded with ``model`` (:func:`embed_frames`), tested with :func:`mmd_test` relabelling
+    stream segments of ``cfg.segment_seconds`` and judged by :func:`verdict`; categories, when
+    present, give :func:`category_shifts` over the whole sources. An empty or tiny side is a
+    :class:`DriftError` naming it.
     """
     new = _as_sample(new_frames, cfg.sample_size, cfg.seed, "new")
     reference = _as_sample(reference_frames, cfg.sample_size, cfg.seed + 1, "reference")
     x = embed_frames(model, new.images, batch_size=batch_size, device=device)
     y = embed_frames(model, reference.images, batch_size=batch_size, device=device)
     return drift_test(
-        x, y, cfg, new_counts=new.category_counts, reference_counts=reference.category_counts
+        x,
+        y,
+        cfg,
+        new_units=new.units(cfg.segment_seconds),
+        reference_units=reference.units(cfg.segment_seconds),
+        new_counts=new.category_counts,
+        reference_counts=reference.category_counts,
     )
