@@ -24,7 +24,9 @@ Conditions (``trials`` samples each):
 * no shift, **static pairs**: two different periods of the static stretch (every pair);
 * **power**: reference from one static period; new frames ``(1 - s) n`` from another static
   period and ``s n`` from ``p05`` (games the reference has never shown), for each share ``s``;
-* **stream shifts**: each period after the static stretch against the period before it.
+* **stream shifts**: each period after the static stretch against the period before it;
+* **cumulative shifts**: each period of the gradual stretch against ``p05``, the period the
+  model would last have been refreshed on (a gradual shift adds up until it is found).
 
 A trial triggers when ``p < drift.alpha`` AND effect ``>= drift.min_effect``. Reported: the
 trigger rates, the significance-only rates (what a test without a minimum effect would do),
@@ -327,6 +329,16 @@ def conditions(
             return side([(b, draw(b, n, rng))]), side([(a, draw(a, n, rng))])
 
         out.append(Condition("stream", f"{cur} vs {prev}", True, step))
+    # Against the period of the last refresh (the sudden shift) instead of the previous one:
+    # a gradual shift accumulates until it is found.
+    anchor = whole(embedded[SHIFTED_PERIOD])
+    for cur in names[names.index(SHIFTED_PERIOD) + 2 :]:
+        b = whole(embedded[cur])
+
+        def since(n: int, rng: np.random.Generator, a=anchor, b=b) -> tuple[Side, Side]:
+            return side([(b, draw(b, n, rng))]), side([(a, draw(a, n, rng))])
+
+        out.append(Condition("cumulative", f"{cur} vs {SHIFTED_PERIOD}", True, since))
     return out
 
 
@@ -481,8 +493,9 @@ def summarise(rows: Sequence[dict[str, Any]], alpha: float, min_effect: float) -
                 groups[f"power: {share:.0%} new games"] = [
                     r for r in mine if r["kind"] == "power" and r["share"] == share
                 ]
-            for label in sorted({r["condition"] for r in mine if r["kind"] == "stream"}):
-                groups[f"stream: {label}"] = [r for r in mine if r["condition"] == label]
+            for kind in ("stream", "cumulative"):
+                for label in sorted({r["condition"] for r in mine if r["kind"] == kind}):
+                    groups[f"{kind}: {label}"] = [r for r in mine if r["condition"] == label]
             out[f"n={n} per side, unit: {unit_label(seconds)}"] = {
                 name: {
                     **rates(g, alpha, min_effect),
@@ -683,8 +696,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ConfigError, DriftError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(markdown({**results, "rows": []}))
-    print(f"results: {Path(args.out) / RESULTS_MD}")
+    if getattr(args, "json", False):
+        print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
+    else:
+        print(markdown(results))
+        print(f"results: {Path(args.out) / RESULTS_MD}")
     return 0
 
 

@@ -238,7 +238,7 @@ class DriftConfig(_Section):
     sample_size: int = Field(200, ge=20, description="frames drawn from each side")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the test")
     min_effect: float = Field(
-        0.01, ge=0, description="smallest MMD² (unbiased, Gaussian kernel) that counts as drift"
+        0.02, ge=0, description="smallest MMD² (unbiased, Gaussian kernel) that counts as drift"
     )
     permutations: int = Field(1000, ge=99, description="permutations for the p-value")
     segment_seconds: float = Field(
@@ -248,8 +248,11 @@ class DriftConfig(_Section):
         "permutation test (near-duplicates); 0 counts every frame as independent",
     )
     seed: int = Field(0, description="sampling and permutation seed")
-    reference: Literal["previous", "memory"] = Field(
-        "previous", description="compare with the previous period's shard or the replay memory"
+    reference: Literal["champion", "previous", "memory"] = Field(
+        "champion",
+        description="what new frames are compared with: the shard of the period @champion was "
+        "trained on (a gradual shift adds up until it is found), the previous period's shard, "
+        "or the replay memory",
     )
 
 

@@ -40,6 +40,7 @@ def embedded() -> dict[str, EmbeddedPeriod]:
     out = {p: period(p, ["a", "b"]) for p in STATIC_PERIODS}
     out[SHIFTED_PERIOD] = period(SHIFTED_PERIOD, ["c", "d"], offset=3.0)
     out["p06"] = period("p06", ["c", "e"], offset=3.0)
+    out["p07"] = period("p07", ["e", "f"], offset=3.0)
     return out
 
 
@@ -65,10 +66,18 @@ def test_conditions_cover_controls_power_and_stream_shifts(
 ) -> None:
     conds = conditions(embedded, shares=(0.25, 1.0), segment_seconds=60)
     kinds = Counter(c.kind for c in conds)
-    # time halves of every period, random halves of the static ones, every static pair,
-    # one power condition per share, every step after the static stretch.
-    assert kinds == {"halves": 6, "random": 4, "static": 6, "power": 2, "stream": 2}
-    assert all(c.shift == (c.kind in ("power", "stream")) for c in conds)
+    # time halves of every period, random halves of the static ones, every static pair, one
+    # power condition per share, every step after the static stretch, every period from p07
+    # against p05.
+    assert kinds == {
+        "halves": 7,
+        "random": 4,
+        "static": 6,
+        "power": 2,
+        "stream": 3,
+        "cumulative": 1,
+    }
+    assert all(c.shift == (c.kind in ("power", "stream", "cumulative")) for c in conds)
     rng = np.random.default_rng(0)
     quarter = next(c for c in conds if c.kind == "power" and c.share == 0.25)
     new, ref = quarter.build(20, rng)
@@ -81,6 +90,9 @@ def test_conditions_cover_controls_power_and_stream_shifts(
     step = next(c for c in conds if c.label == "p06 vs p05")
     new, ref = step.build(10, rng)
     assert set(new.counts) <= {"c", "e"} and set(ref.counts) <= {"c", "d"}
+    since = next(c for c in conds if c.kind == "cumulative")
+    new, ref = since.build(10, rng)
+    assert since.label == "p07 vs p05" and set(ref.counts) <= {"c", "d"}
 
 
 def test_rates_count_significance_and_triggers_separately() -> None:

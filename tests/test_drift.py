@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cssl_core.config import DriftConfig, ModelConfig
+from cssl_core.config import ConfigError, DriftConfig, ModelConfig, load_params
 from cssl_core.data.images import encode_jpeg
 from cssl_core.data.shard import FRAME_SCHEMA, Frame, Shard, ShardWriter
 from cssl_core.evaluation.drift import (
@@ -331,3 +331,18 @@ def test_drift_check_end_to_end_on_simulated_shards(sim_shards: Path) -> None:
     # One shard against a sample of itself (the reference side draws with seed + 1).
     same = drift_check(model, p01, p01.read(split="train"), cfg)
     assert not same.drifted and same.total_variation == 0.0
+
+
+# -- configuration ------------------------------------------------------------------------
+def test_drift_section_defaults_and_bad_values() -> None:
+    cfg = load_params(None, []).drift
+    assert cfg == DriftConfig() and cfg.reference == "champion" and cfg.segment_seconds == 60
+    for override, key in (
+        ("drift.sample_size=10", "drift.sample_size"),
+        ("drift.alpha=1.5", "drift.alpha"),
+        ("drift.min_effect=-0.1", "drift.min_effect"),
+        ("drift.reference=yesterday", "drift.reference"),
+        ("drift.segment_seconds=-1", "drift.segment_seconds"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_params(None, [override])
