@@ -345,9 +345,11 @@ class Params(_Section):
 
         ``distributed`` is left out: how many processes train a period places the work, it
         does not change the model (a DDP step equals the single-process step on the same
-        global batch), so a period may resume on a different number of processes.
+        global batch), so a period may resume on a different number of processes. ``drift``
+        is left out too: it decides whether to refresh, not what a refresh produces, so
+        tuning it does not make finished periods look unfinished.
         """
-        dump = self.model_dump(mode="json", exclude={"distributed"})
+        dump = self.model_dump(mode="json", exclude={"distributed", "drift"})
         blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -346,3 +346,6 @@ def test_drift_section_defaults_and_bad_values() -> None:
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_params(None, [override])
+    # Drift settings decide whether to refresh, not what a refresh makes: not in the hash.
+    tuned = load_params(None, ["drift.alpha=0.01", "drift.min_effect=0.05"])
+    assert tuned.config_hash() == load_params(None, []).config_hash()
