@@ -21,9 +21,12 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -52,6 +55,38 @@ class Period(_Section):
     source: str | None = None
 
 
+class Regime(_Section):
+    """A stretch of the simulated stream (one entry of ``simulate.schedule``).
+
+    ``static``: the game mix stays exactly as it is for ``periods`` periods. ``sudden``: in
+    the regime's first period ``games`` new games take ``share`` of the frames, and the mix
+    then holds. ``gradual``: the new games' share rises in equal steps to ``share`` over the
+    regime's ``periods`` periods. The old games keep the rest in their old proportions
+    (``share`` 1, the default, replaces them). ``games`` defaults to
+    ``simulate.games_per_period``. A static regime takes neither.
+    """
+
+    kind: Literal["static", "sudden", "gradual"]
+    periods: int = Field(1, ge=1)
+    share: float | None = Field(
+        None, gt=0, le=1, description="share of frames from the new games; default 1"
+    )
+    games: int | None = Field(None, ge=1, description="new games; default games_per_period")
+
+    @model_validator(mode="after")
+    def _static_moves_nothing(self) -> Regime:
+        if self.kind == "static" and (self.share is not None or self.games is not None):
+            raise ValueError("a static regime keeps the mix; remove its share/games")
+        return self
+
+
+Schedule = Annotated[
+    Annotated[tuple[Regime, ...], Tag("regimes")] | Annotated[Literal["drifting"], Tag("drifting")],
+    Discriminator(lambda v: "drifting" if isinstance(v, str) else "regimes"),
+]
+"""``simulate.schedule``: the word ``drifting`` or a list of :class:`Regime`."""
+
+
 class SimulateConfig(_Section):
     """The Atari stream simulator (``cssl simulate``)."""
 
@@ -63,6 +98,27 @@ class SimulateConfig(_Section):
     frame_skip: int = Field(8, ge=1)
     facecam: bool = True
     chat: bool = True
+    schedule: Schedule = Field(
+        "drifting",
+        description="'drifting' (games rise and fade every period) or a list of regimes "
+        "(static / sudden / gradual stretches, for testing drift triggers against known truth)",
+    )
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_word(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "drifting":
+            raise ValueError(
+                f"{value!r} is not a schedule: use 'drifting' or a list of regimes such as "
+                "[{kind: static, periods: 3}, {kind: sudden}]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_not_empty(self) -> SimulateConfig:
+        if not isinstance(self.schedule, str) and not self.schedule:
+            raise ValueError("schedule needs at least one regime, or 'drifting'")
+        return self
 
 
 class IngestConfig(_Section):
@@ -191,6 +247,37 @@ class GateConfig(_Section):
     max_forgetting: float = Field(0.10, ge=0)
 
 
+class DriftConfig(_Section):
+    """The drift check: do a new shard's frames come from the reference's distribution?
+
+    A sample of ``sample_size`` frames from each side is embedded with the serving model and
+    compared by a kernel two-sample test (MMD with a permutation p-value that relabels whole
+    stream segments of ``segment_seconds``, the unit of independence). Drift needs both
+    ``p < alpha`` and an effect (MMD², in kernel units) of at least ``min_effect``, so a large
+    sample does not flag a difference too small to matter.
+    """
+
+    sample_size: int = Field(200, ge=20, description="frames drawn from each side")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the test")
+    min_effect: float = Field(
+        0.02, ge=0, description="smallest MMD² (unbiased, Gaussian kernel) that counts as drift"
+    )
+    permutations: int = Field(1000, ge=99, description="permutations for the p-value")
+    segment_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="frames of one stream within this many seconds are one unit of the "
+        "permutation test (near-duplicates); 0 counts every frame as independent",
+    )
+    seed: int = Field(0, description="sampling and permutation seed")
+    reference: Literal["champion", "previous", "memory"] = Field(
+        "champion",
+        description="what new frames are compared with: the shard of the period @champion was "
+        "trained on (a gradual shift adds up until it is found), the previous period's shard, "
+        "or the replay memory",
+    )
+
+
 class DistributedConfig(_Section):
     """Data-parallel training under torchrun (DDP). Only the train step runs in these
     processes; the rest of a refresh stays in one process. One process on one node (the
@@ -244,6 +331,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()
     distributed: DistributedConfig = DistributedConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _periods_chain(self) -> Params:
@@ -279,9 +367,11 @@ class Params(_Section):
 
         ``distributed`` is left out: how many processes train a period places the work, it
         does not change the model (a DDP step equals the single-process step on the same
-        global batch), so a period may resume on a different number of processes.
+        global batch), so a period may resume on a different number of processes. ``drift``
+        is left out too: it decides whether to refresh, not what a refresh produces, so
+        tuning it does not make finished periods look unfinished.
         """
-        dump = self.model_dump(mode="json", exclude={"distributed"})
+        dump = self.model_dump(mode="json", exclude={"distributed", "drift"})
         blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -2,8 +2,11 @@
 
 Each period shows a handful of games whose popularity drifts: a few "evergreen" games stay in
 every period while trending games rise, peak and fade as a window slides over a seeded order
-of the pool (:func:`game_schedule`). Every game is played by :data:`STREAMERS_PER_GAME`
-streamers; each streamer is one ``stream_id`` and keeps the same look in every period.
+of the pool (:func:`game_schedule`, ``simulate.schedule: drifting``, the default). A list of
+regimes instead gives known truth for drift detection: static stretches with the same mix,
+sudden switches to new games and gradual take-overs (:func:`regime_schedule`). Every game is
+played by :data:`STREAMERS_PER_GAME` streamers; each streamer is one ``stream_id`` and keeps
+the same look in every period.
 
 Look. A frame is real emulator output (``ale_py``, ROMs bundled with the package) composed
 like a stream on a :data:`CANVAS` x :data:`CANVAS` canvas, then resized to ``size`` x ``size``
@@ -176,11 +179,12 @@ def _evergreen_count(games_per_period: int) -> int:
 def game_schedule(cfg: SimulateConfig, num_periods: int) -> list[dict[str, float]]:
     """The share of each game in each period (game -> share; the shares of a period sum to 1).
 
-    The pool is put in a seeded order. The first ``_evergreen_count`` games are evergreen
-    (present in every period); the other ``games_per_period - evergreen`` slots are a window
-    that slides over the remaining games, advancing by 1 or 2 games per period and wrapping
-    around the pool. A trending game enters at the newest end of the window, rises, peaks and
-    fades out at the oldest end; its popularity over the window is the hump
+    With ``cfg.schedule`` a list of regimes this is :func:`regime_schedule`. Otherwise
+    (``drifting``) the pool is put in a seeded order. The first ``_evergreen_count`` games are
+    evergreen (present in every period); the other ``games_per_period - evergreen`` slots are
+    a window that slides over the remaining games, advancing by 1 or 2 games per period and
+    wrapping around the pool. A trending game enters at the newest end of the window, rises,
+    peaks and fades out at the oldest end; its popularity over the window is the hump
     ``sin(pi * (k + 1) / (r + 1))`` for window position ``k`` of ``r``. Every popularity gets
     log-normal noise per period. Period ``t`` depends only on ``cfg`` and ``t``.
     """
@@ -192,7 +196,9 @@ def game_schedule(cfg: SimulateConfig, num_periods: int) -> list[dict[str, float
             f"simulate.games_per_period={slots} exceeds the pool of {len(GAME_POOL)} games; "
             f"set it to at most {len(GAME_POOL)}"
         )
-    order = [GAME_POOL[i] for i in _rng(cfg.seed, _ORDER).permutation(len(GAME_POOL))]
+    if not isinstance(cfg.schedule, str):
+        return regime_schedule(cfg, num_periods)
+    order = _pool_order(cfg.seed)
     n_evergreen = _evergreen_count(slots)
     evergreen, trending = order[:n_evergreen], order[n_evergreen:]
     width = slots - n_evergreen
@@ -213,6 +219,78 @@ def game_schedule(cfg: SimulateConfig, num_periods: int) -> list[dict[str, float
         total = sum(noisy.values())
         schedule.append({g: float(noisy[g] / total) for g in GAME_POOL if g in noisy})
     return schedule
+
+
+def _pool_order(seed: int) -> list[str]:
+    """The game pool in the seed's order (both kinds of schedule take games from it)."""
+    return [GAME_POOL[i] for i in _rng(seed, _ORDER).permutation(len(GAME_POOL))]
+
+
+def regime_schedule(cfg: SimulateConfig, num_periods: int) -> list[dict[str, float]]:
+    r"""The game shares of ``num_periods`` periods of a stream made of ``cfg.schedule`` regimes.
+
+    The stream starts from the first ``games_per_period`` games of the seeded pool order, in
+    equal shares. Regimes follow one another, each for its ``periods`` periods:
+
+    - ``static``: the mix ``m`` stays exactly the same (no popularity noise);
+    - ``sudden`` and ``gradual``: ``games`` new games (the next games of the seeded order that
+      are not in the mix, wrapping around the pool) take a share ``s_k`` of the frames in the
+      regime's ``k``-th period (``k = 1..K``), equally among them, while the games of the mix
+      ``m`` the regime started from keep the rest in their proportions:
+
+      .. math:: m_k(g) = (1 - s_k)\, m(g) + s_k\, \mathbb{1}[g \in \text{new}] / |\text{new}|
+
+      with ``s_k = share`` (sudden) or ``s_k = share * k / K`` (gradual). A game whose share
+      reaches 0 leaves the mix.
+
+    There is no randomness beyond the pool order, so period ``t`` depends only on ``cfg`` and
+    ``t``. Requesting more periods than the regimes cover is an error (add a regime).
+    """
+    regimes = cfg.schedule
+    if isinstance(regimes, str):
+        raise ValueError(f"simulate.schedule is {regimes!r}, not a list of regimes")
+    covered = sum(r.periods for r in regimes)
+    if num_periods > covered:
+        raise ValueError(
+            f"simulate.schedule covers {covered} periods but {num_periods} were requested; "
+            "add a regime (e.g. {kind: static, periods: N}) to cover them"
+        )
+    order = _pool_order(cfg.seed)
+    slots = cfg.games_per_period
+    mix = {g: 1.0 / slots for g in order[:slots]}
+    cursor = slots
+    schedule: list[dict[str, float]] = []
+    for number, regime in enumerate(regimes, start=1):
+        if len(schedule) >= num_periods:
+            break
+        if regime.kind == "static":
+            schedule += [dict(mix) for _ in range(regime.periods)]
+            continue
+        wanted = regime.games or slots
+        free = [order[(cursor + i) % len(order)] for i in range(len(order))]
+        new = [g for g in free if g not in mix][:wanted]
+        if len(new) < wanted:
+            raise ValueError(
+                f"simulate.schedule regime {number} ({regime.kind}) needs {wanted} games not "
+                f"in the mix, but only {len(new)} of the pool's {len(GAME_POOL)} are left; "
+                "lower its games or raise the share of an earlier regime"
+            )
+        cursor = (order.index(new[-1]) + 1) % len(order)
+        share = 1.0 if regime.share is None else regime.share
+        base = mix
+        for k in range(1, regime.periods + 1):
+            s = share if regime.kind == "sudden" else share * k / regime.periods
+            mix = _blend(base, new, s)
+            schedule.append(mix)
+    return schedule[:num_periods]
+
+
+def _blend(base: dict[str, float], new: Sequence[str], share: float) -> dict[str, float]:
+    """``(1 - share) * base`` plus ``share`` split equally over ``new``; in pool order."""
+    mixed = {g: (1.0 - share) * w for g, w in base.items()}
+    for g in new:
+        mixed[g] = mixed.get(g, 0.0) + share / len(new)
+    return {g: mixed[g] for g in GAME_POOL if mixed.get(g, 0.0) > 0.0}
 
 
 def frame_counts(shares: dict[str, float], total: int) -> dict[str, int]:
