@@ -1,4 +1,5 @@
-"""The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers``.
+"""The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers |
+drift``.
 
 Every benchmark's options live here, in one torch-free module: building the parser imports
 only the standard library, so ``cssl --help`` stays instant. Each command imports its
@@ -285,6 +286,57 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- drift -----------------------------------------------------------------------------------
+
+
+def _csv_ints(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
+def _csv_floats(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v]
+
+
+def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="results and cache directory")
+    parser.add_argument(
+        "--frames-per-period",
+        type=int,
+        default=None,
+        help="simulated frames per period (default: simulate.frames_per_period)",
+    )
+    parser.add_argument(
+        "--sample-sizes",
+        type=_csv_ints,
+        default=None,
+        metavar="N,N",
+        help="frames per side to measure (default: drift.sample_size)",
+    )
+    parser.add_argument(
+        "--segment-seconds",
+        type=_csv_floats,
+        default=None,
+        metavar="S,S",
+        help="units of the permutation test to measure; 0 = single frames "
+        "(default: drift.segment_seconds)",
+    )
+    parser.add_argument("--trials", type=int, default=20, help="samples per condition")
+    parser.add_argument(
+        "--shares",
+        type=_csv_floats,
+        default=[0.05, 0.1, 0.2, 0.4, 1.0],
+        metavar="S,S",
+        help="shares of frames from new games for the power curve",
+    )
+    parser.add_argument("--timing-repeats", type=int, default=3, help="timed drift checks")
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from benchmarks.drift import run_from_args
+
+    return run_from_args(args)
+
+
 # -- registration ----------------------------------------------------------------------------
 
 BenchCommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
@@ -313,6 +365,12 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "cssl's finetune step vs a plain lightly SimCLR loop (needs the peers extra)",
         add_peers_arguments,
         cmd_peers,
+    ),
+    (
+        "drift",
+        "drift check: false triggers on no-shift pairs, power against shift size, cost",
+        add_drift_arguments,
+        cmd_drift,
     ),
 )
 

@@ -624,54 +624,6 @@ def run_benchmark(
     return results
 
 
-def _csv_ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v]
-
-
-def _csv_floats(value: str) -> list[float]:
-    return [float(v) for v in value.split(",") if v]
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
-    """The benchmark's options (``common=False`` leaves ``--params``/``--set`` to the caller)."""
-    parser.add_argument("--out", required=True, type=Path, help="results and cache directory")
-    parser.add_argument(
-        "--frames-per-period",
-        type=int,
-        default=None,
-        help="simulated frames per period (default: simulate.frames_per_period)",
-    )
-    parser.add_argument(
-        "--sample-sizes",
-        type=_csv_ints,
-        default=None,
-        metavar="N,N",
-        help="frames per side to measure (default: drift.sample_size)",
-    )
-    parser.add_argument(
-        "--segment-seconds",
-        type=_csv_floats,
-        default=None,
-        metavar="S,S",
-        help="units of the permutation test to measure; 0 = single frames "
-        "(default: drift.segment_seconds)",
-    )
-    parser.add_argument("--trials", type=int, default=20, help="samples per condition")
-    parser.add_argument(
-        "--shares",
-        type=_csv_floats,
-        default=list(SHARES),
-        metavar="S,S",
-        help="shares of frames from new games for the power curve",
-    )
-    parser.add_argument("--timing-repeats", type=int, default=3, help="timed drift checks")
-    if common:
-        parser.add_argument("--params", type=Path, default=None, help="params file")
-        parser.add_argument(
-            "--set", action="append", default=None, metavar="KEY=VALUE", help="override a param"
-        )
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (``cssl bench drift`` calls this)."""
     from cssl_core.config import ConfigError, load_params
@@ -705,17 +657,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.drift``: exit 0 when it ran, 1 on an error, 2 on bad usage."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.drift",
-        description="Drift check: false triggers, power against shift size, cost.",
-    )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return run_from_args(args)
+    """``python -m benchmarks.drift ...`` = ``python -m benchmarks drift ...``."""
+    from benchmarks.cli import main as bench_main
+
+    return bench_main(["drift", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

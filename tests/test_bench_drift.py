@@ -11,11 +11,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from benchmarks.cli import add_drift_arguments
 from benchmarks.drift import (
     SHIFTED_PERIOD,
     STATIC_PERIODS,
     EmbeddedPeriod,
-    add_arguments,
     conditions,
     measure_params,
     random_halves,
@@ -123,7 +123,7 @@ def test_measurement_stream_has_a_static_stretch_then_shifts() -> None:
 
 def test_options_parse_and_importing_the_module_loads_no_torch() -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_drift_arguments(parser)
     args = parser.parse_args(["--out", "x", "--sample-sizes", "100,200", "--shares", "0.1,1"])
     assert args.sample_sizes == [100, 200] and args.shares == [0.1, 1.0]
     code = "import sys, benchmarks.drift; sys.exit('torch' in sys.modules)"
