@@ -2,8 +2,8 @@
 
 The CLI wraps the verbs that run flows in :func:`handling_signals`. A signal then
 
-- during training (inside :func:`graceful_training`): asks the trainer to stop after the
-  current step (it writes a checkpoint of that step, so the rerun resumes there) and gives it
+- during training (inside :func:`graceful_training`): asks the training to stop after the
+  current step (the rerun resumes from the newest checkpoint) and gives it
   :data:`GRACE_SECONDS`; a second signal, or the end of the grace period, stops at once;
 - anywhere else: raises :class:`Interrupted` at once, which fails the flow run (the MLflow run
   is marked FAILED on the way out).
