@@ -516,15 +516,10 @@ def cmd_bench_continual(args: argparse.Namespace) -> int:
 
 
 def _command(name: str) -> str:
-    """How the user runs ``name`` from here: the venv's script next to this Python, relative
-    to the current directory when it is below it (``.venv/bin/cssl``), else the bare name."""
+    """How the user runs ``name`` from here: the script next to this Python (relative to the
+    current directory when it is below it, e.g. ``.venv/bin/cssl``), else the bare name."""
     script = Path(sys.executable).parent / name
-    if not script.exists():
-        return name
-    try:
-        return str(script.relative_to(Path.cwd()))
-    except ValueError:
-        return str(script) if name == "mlflow" else name
+    return str(_here(script)) if script.exists() else name
 
 
 def _here(path: Path) -> Path:
@@ -605,7 +600,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.print(f"\n[bold]done in {minutes:.1f} min.[/]")
     for line in explore_lines(home, shards, names, env):
         out.print(line)
-    out.print(f"Rerunning is idempotent; delete {home} to start over.")
+    out.print(f"Rerunning is idempotent; delete {_here(home)} to start over.")
     return EXIT_OK
 
 
