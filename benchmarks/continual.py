@@ -60,6 +60,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from benchmarks.cli import PRESETS, PRESETS_DIR
 from benchmarks.datasets import BenchDataset, DatasetError, build_dataset, parse_dataset
 from cssl_core.config import (
     DEFAULT_PARAMS_FILE,
@@ -73,8 +74,6 @@ from cssl_core.data.storage import atomic_path, atomic_write_json, atomic_write_
 from cssl_core.evaluation.metrics import AccuracyMatrix
 
 STRATEGIES: tuple[str, ...] = ("finetune", "replay", "distill", "distill+replay", "joint")
-PRESETS: tuple[str, ...] = ("default", "paper", "smoke")
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 METRICS = ("knn", "linear")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 CANDIDATE, LOWER, UPPER = "distill+replay", "finetune", "joint"
@@ -896,76 +895,12 @@ def plot_average_accuracy(runs: Sequence[Run], path: Path) -> Path:
 # -- command line ------------------------------------------------------------------------
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--seeds takes integers like 0,1,2, got {value!r}"
-        ) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
-    """The benchmark's options (``common=False`` leaves ``--params``/``--set`` to the caller)."""
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        metavar="{stream,cifar10,cifar10-drift,folder:PATH}",
-        help="the period dataset",
-    )
-    parser.add_argument(
-        "--strategies",
-        type=_csv,
-        default=STRATEGIES,
-        help=f"comma-separated (default: {','.join(STRATEGIES)})",
-    )
-    parser.add_argument(
-        "--periods",
-        type=int,
-        default=None,
-        help="number of periods (default: all of the dataset's, 5 for CIFAR)",
-    )
-    parser.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated (default 0)")
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="default",
-        help="presets/<name>.yaml merged onto params.yaml (default: default)",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="results directory")
-    parser.add_argument(
-        "--period-order",
-        type=_csv,
-        default=None,
-        metavar="A,B,C",
-        help="periods to run, in this order (names, e.g. p03,p01,p02)",
-    )
-    if common:
-        parser.add_argument(
-            "--params",
-            type=Path,
-            default=None,
-            help="params file (default: ./params.yaml, else built-in defaults)",
-        )
-        parser.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a param or bench.* key (repeatable)",
-        )
-
-
 def setup_from_args(args: argparse.Namespace) -> BenchSetup:
     params = getattr(args, "params", None)
     return BenchSetup(
         dataset=args.dataset,
         out=Path(args.out),
-        strategies=tuple(args.strategies),
+        strategies=tuple(args.strategies) if args.strategies else STRATEGIES,
         seeds=tuple(args.seeds),
         periods=args.periods,
         preset=args.preset,
@@ -991,18 +926,11 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.continual``: exit 0 when the benchmark ran (goals may miss),
-    1 on an error (one line on stderr), 2 on bad usage."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.continual",
-        description="Continual refresh strategies vs fine-tuning and joint retraining.",
-    )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return run_from_args(args)
+    """``python -m benchmarks.continual``, the same as ``cssl bench continual``: exit 0 when
+    the benchmark ran (goals may miss), 1 on an error (one line on stderr), 2 on bad usage."""
+    from benchmarks.cli import main as bench_main
+
+    return bench_main(["continual", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run_from_args(args: argparse.Namespace) -> int:

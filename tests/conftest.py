@@ -1,5 +1,6 @@
-"""Shared fixtures: real CIFAR-10 JPEGs from ``../shared/data``, a small ingest config, and the
-pipeline fixtures (tiny params, simulated shards, Prefect harness, MLflow server, a lineage)."""
+"""Shared fixtures: real CIFAR-10 JPEGs (``$CSSL_CIFAR10``, ``../shared/data`` or the per-user
+cache, downloaded once), a small ingest config, and the pipeline fixtures (tiny params,
+simulated shards, Prefect harness, MLflow server, a lineage)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from benchmarks.datasets import default_cifar10_source
+from benchmarks.datasets import DatasetError, default_cifar10_source, ensure_cifar10
 from cssl_core.config import IngestConfig, SimulateConfig
 
-CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, else ../shared/data beside the repo
+CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, ../shared/data, or the user's cache
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Stop at once with one line when the real-image data the suite reads is missing."""
-    if not CIFAR_PARQUET.is_file():
+    """Find the real-image data the suite reads (downloading it into the per-user cache on a
+    fresh machine), or stop at once with one line saying what to set."""
+    try:
+        found = ensure_cifar10()
+    except DatasetError as exc:
+        raise pytest.UsageError(f"the tests read real CIFAR-10 JPEGs: {exc}") from None
+    if not found.is_file():
         raise pytest.UsageError(
-            f"the tests read real CIFAR-10 JPEGs from {CIFAR_PARQUET}, which does not exist: "
-            "set CSSL_CIFAR10 to a cifar10-jpeg.parquet (columns image, label, label_name, split)"
+            f"the tests read real CIFAR-10 JPEGs from one Parquet file, but {found} is not a "
+            "file: set CSSL_CIFAR10 to a cifar10-jpeg.parquet"
         )
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import continual as bc
@@ -344,3 +348,117 @@ def test_torchvision_cifar_folder_is_read(tmp_path: Path, monkeypatch: pytest.Mo
     assert red[..., 0].mean() > 240 and red[..., 1].mean() < 15
     with pytest.raises(ds.DatasetError, match="CSSL_CIFAR10"):
         ds.load_cifar10(tmp_path / "nowhere")
+
+
+# -- where CIFAR-10 comes from -----------------------------------------------------------
+
+
+@pytest.fixture
+def no_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No $CSSL_CIFAR10, no shared copy, an empty per-user cache under ``tmp_path``."""
+    monkeypatch.delenv(ds.CIFAR10_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ds, "shared_cifar10_path", lambda: tmp_path / "shared" / ds.CIFAR10_FILE)
+    return tmp_path
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, fail: Exception | None = None) -> list:
+    """torchvision's CIFAR10 replaced by 6 train and 3 test images of 3 classes (no network);
+    ``download=True`` "fetches" (or raises ``fail``). Returns the calls it saw."""
+    import torchvision.datasets
+
+    calls: list[tuple[bool, bool]] = []
+    pixels = np.zeros((6, 32, 32, 3), dtype=np.uint8)
+    for i in range(6):
+        pixels[i, :, :, i % 3] = 40 * (i + 1)
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((train, download))
+            if download and fail is not None:
+                raise fail
+            self.data = pixels if train else pixels[:3]
+            self.targets = [2, 0, 1, 0, 2, 0] if train else [1, 2, 0]
+            self.classes = CIFAR_CLASSES[:3]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    return calls
+
+
+def test_cifar10_resolution_order(no_cifar: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = no_cifar / "cache" / "cssl" / ds.CIFAR10_FILE
+    assert ds.cifar10_cache_path() == cache
+    assert ds.default_cifar10_source() == cache  # nothing anywhere: where the download goes
+    shared = no_cifar / "shared" / ds.CIFAR10_FILE
+    shared.parent.mkdir()
+    shared.write_bytes(b"x")
+    assert ds.default_cifar10_source() == shared  # the shared copy beats the cache
+    assert ds.ensure_cifar10() == shared
+    own = no_cifar / "mine.parquet"
+    monkeypatch.setenv(ds.CIFAR10_ENV, str(own))
+    assert ds.default_cifar10_source() == own  # $CSSL_CIFAR10 beats both...
+    with pytest.raises(ds.DatasetError, match=r"\$CSSL_CIFAR10 is .*mine.parquet, which does not"):
+        ds.ensure_cifar10()  # ...and is never silently replaced by another copy
+    monkeypatch.delenv(ds.CIFAR10_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert ds.cifar10_cache_path() == Path.home() / ".cache" / "cssl" / ds.CIFAR10_FILE
+
+
+def test_cifar10_is_downloaded_once_and_converted(
+    no_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_torchvision(monkeypatch)
+    path = ds.ensure_cifar10()
+    assert path == ds.cifar10_cache_path() and path.is_file()
+    assert calls[:2] == [(True, True), (False, True)]  # fetched with torchvision, both splits
+    assert not (path.parent / "cifar10-download").exists()  # the raw download is removed
+    table = pq.read_table(path)
+    assert table.schema.names == ["image", "label", "label_name", "split", "source_path"]
+    assert str(table.schema.field("label").type) == "int16"
+    rows = table.drop(["image"]).to_pylist()
+    assert [r["source_path"] for r in rows] == [
+        "train/airplane/0000.jpg",
+        "train/airplane/0001.jpg",
+        "train/airplane/0002.jpg",
+        "train/automobile/0000.jpg",
+        "train/bird/0000.jpg",
+        "train/bird/0001.jpg",
+        "test/airplane/0000.jpg",
+        "test/automobile/0000.jpg",
+        "test/bird/0000.jpg",
+    ]
+    assert [r["label"] for r in rows] == [0, 0, 0, 1, 2, 2, 0, 1, 2]
+    # train/bird/0001 is the 5th train image (index 4): channel 1 at 200.
+    bird = np.asarray(decode_image(table.column("image")[5].as_py()))
+    assert abs(bird[..., 1].mean() - 200) < 3 and bird[..., 0].mean() < 3
+    data = ds.load_cifar10()  # the benchmark reads the converted file
+    assert data.classes == CIFAR_CLASSES[:3] and data.labels["test"].tolist() == [0, 1, 2]
+    calls.clear()
+    assert ds.ensure_cifar10() == path and calls == []  # found in the cache: no second fetch
+
+
+def test_cifar10_offline_and_absent_is_one_clear_line(
+    no_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    _fake_torchvision(monkeypatch, fail=urllib.error.URLError("[Errno -3] name resolution"))
+    with pytest.raises(ds.DatasetError) as info:
+        ds.ensure_cifar10()
+    message = str(info.value)
+    assert "\n" not in message and "downloading it failed (URLError" in message
+    assert "set CSSL_CIFAR10 to a cifar10-jpeg.parquet" in message
+    assert not ds.cifar10_cache_path().exists()  # no half-written file left behind
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", "tests"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "CSSL_CIFAR10": str(no_cifar / "missing.parquet"),
+        },
+    )
+    assert done.returncode != 0
+    [line] = [x for x in done.stderr.splitlines() if "CIFAR-10" in x]
+    assert "the tests read real CIFAR-10 JPEGs: $CSSL_CIFAR10 is" in line
