@@ -94,6 +94,7 @@ class LineageState:
 class Trained:
     model: Embedder
     result: TrainResult
+    seconds: float  # the task's wall time (loading frames included)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Scores:
     candidate: dict[str, PeriodScores]
     champion: dict[str, PeriodScores]
     baseline: dict[str, PeriodScores]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,7 @@ def train(params: Params, period: str, shard: Shard, state: LineageState) -> Tra
     resumes. A stop request (SIGTERM/SIGINT through :mod:`pipelines.stopping`) ends the
     training after the current step with :class:`TrainingStopped`.
     """
+    t0 = time.perf_counter()
     logger = get_run_logger()
     steps = core.steps_for(params.train.strategy, params.train.steps, params.period_index(period))
     every = max(1, steps // 10)
@@ -386,20 +389,20 @@ def train(params: Params, period: str, shard: Shard, state: LineageState) -> Tra
         raise TrainingStopped(f"{period}: stopped on request after its last training step")
     if result.resumed_from:
         logger.info(f"{period}: resumed from step {result.resumed_from}")
-    return Trained(model, result)
+    return Trained(model, result, time.perf_counter() - t0)
 
 
 @task(**COMPUTE)
 def evaluate(params: Params, model: Embedder, state: LineageState) -> Scores:
     """The candidate and the champion on every period's eval split so far; a randomly
     initialised model on the new one (the FWT baseline)."""
+    t0 = time.perf_counter()
     sets = core.eval_sets_for(state.shards, params)
     new = {state.shards[-1].period: sets[state.shards[-1].period]}
-    return Scores(
-        candidate=core.evaluate_model(model, sets, params),
-        champion=core.evaluate_model(state.parent, sets, params) if state.parent else {},
-        baseline=core.evaluate_model(core.new_model(params), new, params),
-    )
+    candidate = core.evaluate_model(model, sets, params)
+    champion = core.evaluate_model(state.parent, sets, params) if state.parent else {}
+    baseline = core.evaluate_model(core.new_model(params), new, params)
+    return Scores(candidate, champion, baseline, time.perf_counter() - t0)
 
 
 @task(**COMPUTE)
@@ -416,6 +419,8 @@ def decide_promotion(params: Params, period: str, scores: Scores, state: Lineage
         forgetting = float("nan")
     average = sum(row.values()) / len(row) if row else float("nan")
     gate = decide(row, champion_row or None, period, forgetting, params.gate)
+    verdict = "passes the gate" if gate.promote else "is rejected"
+    get_run_logger().info(f"{period}: the candidate {verdict}: " + "; ".join(gate.reasons))
     return Decision(gate, row, champion_row, matrix, forgetting, average)
 
 
@@ -513,6 +518,57 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def version_tags(
+    params: Params,
+    shard: Shard,
+    state: LineageState,
+    trained: Trained,
+    decision: Decision,
+    memory: ReplayMemory,
+) -> VersionTags:
+    """What the new version was made from, and the gate's verdict on it."""
+    return VersionTags(
+        period=shard.period,
+        shard_fingerprint=shard.fingerprint,
+        config_hash=params.config_hash(),
+        parent_version=state.champion.version if state.champion else None,
+        memory_manifest=f"{params.store.root}/memory/{shard.period}/manifest.json",
+        memory_fingerprint=memory.fingerprint,
+        git_commit=git_commit(),
+        strategy=params.train.strategy,
+        weights_sha256=trained.model.state_fingerprint(),
+        gate="pass" if decision.promote else "reject",
+    )
+
+
+def summarize(
+    version: VersionInfo,
+    state: LineageState,
+    trained: Trained,
+    scores: Scores,
+    decision: Decision,
+    total_seconds: float,
+) -> RefreshSummary:
+    return RefreshSummary(
+        version.period,
+        version.version,
+        decision.promote,
+        champion_version=state.champion.version if state.champion else None,
+        reasons=decision.gate.reasons,
+        row=decision.row,
+        champion_row=decision.champion_row,
+        forgetting=decision.forgetting,
+        average_accuracy=decision.average_accuracy,
+        resumed_from=trained.result.resumed_from,
+        timings={
+            "total": total_seconds,
+            "train": trained.seconds,
+            "evaluate": scores.seconds,
+            "orchestration": total_seconds - trained.seconds - scores.seconds,
+        },
+    )
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -561,49 +617,17 @@ def refresh(
             return done.as_dict()
         state = load_lineage(registry, params, period)
         with tracked_run(registry, f"refresh-{period}") as run_id:
-            t0 = time.perf_counter()
             trained = train(params, period, new_shard, state)
-            t1 = time.perf_counter()
             scores = evaluate(params, trained.model, state)
-            t2 = time.perf_counter()
             decision = decide_promotion(params, period, scores, state)
             memory = select_memory(params, period, new_shard, state, trained, decision.promote)
             save_memory(store, memory)
-            lineage = VersionTags(
-                period=period,
-                shard_fingerprint=new_shard.fingerprint,
-                config_hash=params.config_hash(),
-                parent_version=state.champion.version if state.champion else None,
-                memory_manifest=f"{store}/memory/{period}/manifest.json",
-                memory_fingerprint=memory.fingerprint,
-                git_commit=git_commit(),
-                strategy=params.train.strategy,
-                weights_sha256=trained.model.state_fingerprint(),
-                gate="pass" if decision.promote else "reject",
-            )
-            version = register_candidate(registry, run_id, trained.model, lineage)
+            tags = version_tags(params, new_shard, state, trained, decision, memory)
+            version = register_candidate(registry, run_id, trained.model, tags)
             if decision.promote:
                 promote(registry, version.version)
-            verdict = "promoted to @champion" if decision.promote else "rejected"
-            get_run_logger().info(f"{period}: version {version.version} {verdict}")
-            total = time.perf_counter() - t_start
-            summary = RefreshSummary(
-                period,
-                version.version,
-                decision.promote,
-                champion_version=state.champion.version if state.champion else None,
-                reasons=decision.gate.reasons,
-                row=decision.row,
-                champion_row=decision.champion_row,
-                forgetting=decision.forgetting,
-                average_accuracy=decision.average_accuracy,
-                resumed_from=trained.result.resumed_from,
-                timings={
-                    "total": total,
-                    "train": t1 - t0,
-                    "evaluate": t2 - t1,
-                    "orchestration": total - (t2 - t0),
-                },
+            summary = summarize(
+                version, state, trained, scores, decision, time.perf_counter() - t_start
             )
             log_run(registry, run_id, params, trained, scores, decision, summary)
     return summary.as_dict()
