@@ -377,26 +377,33 @@ def test_refresh_on_s3_with_a_tracking_server(
     assert _run(state, "p02", sim_shards / "p02")["skipped"] is True
 
 
+NEVER = ["gate.avg_accuracy_tolerance=-1", "gate.max_forgetting=0"]  # beat it by 100 points
+DIVERSE = "replay.selection=diverse"
+
+
+def _rejected_p02(tmp_path: Path, sim_shards: Path, params_file: Path, monkeypatch) -> Lineage:
+    """p01 promoted, then p02's candidate rejected, with ``diverse`` replay selection."""
+    state = new_lineage(tmp_path / "state", params_file)
+    state.use(monkeypatch)
+    assert _run(state, "p01", sim_shards / "p01", DIVERSE)["promoted"]
+    summary = _run(state, "p02", sim_shards / "p02", DIVERSE, *NEVER)
+    assert summary["promoted"] is False and summary["version"] == 2
+    return state
+
+
 def test_a_rejected_period_keeps_a_memory_chosen_by_the_champion_and_no_lineage_row(
     tmp_path: Path, sim_shards: Path, tiny_params_file: Path, monkeypatch
 ):
     """Issue 12, fixes 5 and 6. With ``diverse`` selection the memory depends on the model
     that embeds the frames. p02's candidate is rejected: memory(p02) must be the one the
-    champion (version 1) selects, not the rejected candidate's; p02 has no row in the lineage;
-    a later refresh of p02 that is rejected again leaves memory(p02) as it is."""
+    champion (version 1) selects, not the rejected candidate's, and p02 has no row in the
+    lineage."""
     from cssl_core import period as core
 
-    state = new_lineage(tmp_path / "state", tiny_params_file)
-    state.use(monkeypatch)
-    diverse = "replay.selection=diverse"
-    never = ["gate.avg_accuracy_tolerance=-1", "gate.max_forgetting=0"]  # beat it by 100 points
-    assert _run(state, "p01", sim_shards / "p01", diverse)["promoted"]
-    summary = _run(state, "p02", sim_shards / "p02", diverse, *never)
-    assert summary["promoted"] is False and summary["version"] == 2
-
+    state = _rejected_p02(tmp_path, sim_shards, tiny_params_file, monkeypatch)
     registry = MlflowRegistry()
     store = LocalStore(state.store)
-    params = _params(state, diverse, *never)
+    params = _params(state, DIVERSE, *NEVER)
     shard = Shard.open(Path(state.store) / "shards" / "p02")
     before = ReplayMemory.load(store, "p01")
     by_champion = core.next_memory(params, before, shard, registry.load_embedder(1), "p02")
@@ -411,8 +418,20 @@ def test_a_rejected_period_keeps_a_memory_chosen_by_the_champion_and_no_lineage_
     assert not np.isnan(knn.get("p01", "p01"))
     assert np.isnan(knn.values[1]).all()  # the rejected candidate is not the lineage
 
+
+@pytest.mark.slow
+def test_refreshing_a_rejected_period_again_keeps_its_published_memory(
+    tmp_path: Path, sim_shards: Path, tiny_params_file: Path, monkeypatch
+):
+    """Memory versions never change: a later refresh of p02 (another config, rejected again)
+    registers a new version and leaves memory(p02) as the first decision published it."""
+    state = _rejected_p02(tmp_path, sim_shards, tiny_params_file, monkeypatch)
     manifest = Path(state.store) / "memory" / "p02" / "manifest.json"
     published = manifest.read_bytes()
-    again = _run(state, "p02", sim_shards / "p02", diverse, *never, "train.lr=0.05")
+    again = _run(state, "p02", sim_shards / "p02", DIVERSE, *NEVER, "train.lr=0.05")
     assert (again["promoted"], again["skipped"], again["version"]) == (False, False, 3)
     assert manifest.read_bytes() == published
+    assert (
+        MlflowRegistry().get(3).lineage.memory_fingerprint
+        == ReplayMemory.load(LocalStore(state.store), "p02").fingerprint
+    )
