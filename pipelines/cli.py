@@ -7,9 +7,9 @@ them (a test checks it).
 
 The verbs that run flows (``refresh``, ``demo``) start Prefect's temporary server once, show
 training progress and each gate decision on the console (Prefect's task-state lines stay in
-its logs), and stop cleanly on SIGTERM/SIGINT: training stops after its step with a
-checkpoint, the run is marked FAILED, every process the command started is stopped, and the
-exit code is 128 + the signal number.
+its logs), and stop cleanly on SIGTERM/SIGINT: training stops after its current step (the
+rerun resumes from the newest checkpoint), the run is marked FAILED, every process the command
+started is stopped, and the exit code is 128 + the signal number (``pipelines/stopping.py``).
 """
 
 from __future__ import annotations
