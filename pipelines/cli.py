@@ -275,9 +275,9 @@ def _print_refresh(summary: dict[str, Any]) -> None:
 
 class TrainingProgress:
     """Training progress on the console: period, step, images/s and the time left for all
-    the training this command expects (``total_steps``; the ETA scales the elapsed time, so
-    evaluation and registration are counted in). A bar on a terminal, a line per tenth of a
-    period otherwise (logs, CI)."""
+    the training this command expects (``total_steps``, at the pace since the first step, so
+    evaluation and registration between periods are counted in). A bar on a terminal, a line
+    per tenth of a period otherwise (logs, CI)."""
 
     def __init__(self, total_steps: int) -> None:
         self.total = max(1, total_steps)
@@ -405,9 +405,10 @@ def stop_children(spare: Collection[int] = (), timeout: float = 5.0) -> None:
 
 
 def _period_steps(params: Params, period: str) -> int:
-    """Training steps of one period (``joint`` trains t times longer), without torch."""
-    t = params.train
-    return t.steps * (params.period_index(period) + 1) if t.strategy == "joint" else t.steps
+    """Training steps of one period, as the trainer counts them (for the progress line)."""
+    from cssl_core.learn.trainer import steps_for  # the verbs that train import torch anyway
+
+    return steps_for(params.train.strategy, params.train.steps, params.period_index(period))
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
