@@ -241,10 +241,15 @@ class GateConfig(_Section):
 
     metric: Literal["knn", "linear"] = "knn"
     avg_accuracy_tolerance: float = Field(
-        0.01, ge=-1, le=1, description="negative: the candidate must beat the champion by this"
+        0.01,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="negative: the candidate must beat the champion by this",
     )
-    new_period_tolerance: float = Field(0.0, ge=0)
-    max_forgetting: float = Field(0.10, ge=0)
+    # Finite: an infinite tolerance would make its check pass whatever the candidate does.
+    new_period_tolerance: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_forgetting: float = Field(0.10, ge=0, allow_inf_nan=False)
 
 
 class DriftConfig(_Section):
