@@ -215,6 +215,14 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the training forward (GPU runs)")
     seed: int = 0
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off_as_yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads ``on``/``off`` (``--set train.channels_last=off``) as booleans."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
 
 class ReplayConfig(_Section):
     """The replay memory of past frames."""
