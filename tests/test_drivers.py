@@ -55,7 +55,8 @@ def flow_driver(
 ) -> dict[str, tuple[str, str]]:
     from prefect.logging import disable_run_logger
 
-    from pipelines.refresh import train
+    from cssl_core.evaluation.metrics import AccuracyMatrix
+    from pipelines.refresh import LineageState, select_memory, train
 
     monkeypatch.setenv("CSSL_HOME", str(home))
     parent, memory, history = None, ReplayMemory.empty(params.replay.capacity), []
@@ -63,7 +64,18 @@ def flow_driver(
     with disable_run_logger():
         for period in PERIODS:
             shard = Shard.open(shards / period)
-            parent, _, memory = train.fn(params, period, shard, parent, memory, history)
+            shards_so_far = [*history, shard]
+            state = LineageState(
+                champion=None,
+                parent=parent,
+                memory=memory,
+                published=None,
+                shards=shards_so_far,
+                matrix=AccuracyMatrix([s.period for s in shards_so_far]),
+            )
+            trained = train.fn(params, period, shard, state)
+            memory = select_memory.fn(params, period, shard, state, trained, True)
+            parent = trained.model
             history.append(shard)
             got[period] = (parent.state_fingerprint(), memory.fingerprint)
     return got
