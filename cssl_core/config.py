@@ -234,6 +234,13 @@ class EvalConfig(_Section):
     probe_epochs: int = Field(100, ge=1)
     probe_lr: float = Field(0.1, gt=0)
     max_train_frames: int = Field(2000, ge=1, description="labelled train frames per period")
+    cluster: Literal["stream", "frame"] = Field(
+        "stream",
+        description="unit of independence the bootstrap resamples: 'stream' (the shard's "
+        "stream_id: frames of one streamer or video share its look, so they are not "
+        "independent draws) or 'frame' (only for eval sets of independent images, such as a "
+        "photo dataset ingested as one stream)",
+    )
 
 
 class GateConfig(_Section):
