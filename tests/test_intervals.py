@@ -11,10 +11,12 @@ from scipy import stats
 
 from cssl_core.evaluation.intervals import (
     Interval,
+    accuracy_bootstrap,
     accuracy_interval,
     average_accuracy_interval,
     cluster_totals,
     forgetting_interval,
+    paired_difference_bootstrap,
     paired_difference_interval,
 )
 
@@ -220,3 +222,22 @@ def test_bad_input_is_one_clear_error():
         accuracy_interval(np.array([1, 0]), ["a", "b"])
     with pytest.raises(ValueError, match="confidence"):
         accuracy_interval(np.array([True, False]), ["a", "b"], confidence=95)
+
+
+def test_one_draw_serves_every_confidence_and_gives_p_values():
+    rng = np.random.default_rng(9)
+    ids = [f"s{k % 10}" for k in range(300)]
+    a, b = rng.random(300) < 0.7, rng.random(300) < 0.6
+    boot = paired_difference_bootstrap(a, b, ids, n_resamples=1000, seed=3)
+    for confidence in (0.9, 0.95, 0.99):
+        assert boot.interval(confidence) == paired_difference_interval(
+            a, b, ids, confidence=confidence, n_resamples=1000, seed=3
+        )
+    wide, narrow = boot.interval(0.99), boot.interval(0.9)
+    assert wide.low < narrow.low < narrow.high < wide.high
+    # the lower bound of the (1 - 2p) interval sits where a share p of replicates lies below
+    p = boot.share_at_or_below(narrow.low)
+    assert p == pytest.approx(0.05, abs=0.002)
+    assert boot.share_at_or_below(-1.0) == 0.0 and boot.share_at_or_below(1.0) == 1.0
+    lonely = accuracy_bootstrap(np.array([True, True]), ["x", "x"])
+    assert lonely.replicates is None and math.isnan(lonely.share_at_or_below(0.5))

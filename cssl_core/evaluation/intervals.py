@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -195,38 +195,102 @@ def cluster_totals(clusters: Sequence[Any] | np.ndarray, *correct: np.ndarray) -
     return ClusterTotals(ids, frames, hits)
 
 
+@dataclass(frozen=True, eq=False)
+class Bootstrap:
+    """A statistic's estimate and its bootstrap replicates: intervals at any confidence (and
+    one-sided bootstrap p-values) from one seeded draw, without resampling again.
+
+    ``replicates`` is ``None`` when a stratum has fewer than two clusters (no interval)."""
+
+    estimate: float
+    replicates: np.ndarray | None
+    n_clusters: int
+    n_frames: int
+    method: Method
+    _rerun: Any = field(default=None, repr=False)
+
+    def interval(self, confidence: float = 0.95) -> Interval:
+        """The two-sided ``confidence`` interval from these replicates."""
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        if self.replicates is None:
+            low = high = math.nan
+        else:
+            low, high = self._rerun(confidence)
+        return Interval(self.estimate, low, high, confidence, self.n_clusters, self.n_frames)
+
+    def share_at_or_below(self, threshold: float) -> float:
+        """The share of replicates at or below ``threshold``: the one-sided bootstrap p-value
+        of "the statistic is at most ``threshold``" against "it is above" (NaN without
+        replicates). A percentile interval at confidence ``1 - 2 p`` has its lower bound at
+        about ``threshold``."""
+        if self.replicates is None:
+            return math.nan
+        return float(np.mean(self.replicates <= threshold))
+
+
 def _bootstrap(
     strata: Sequence[ClusterTotals],
     statistic: Any,
-    confidence: float,
+    estimate: float,
     n_resamples: int,
     seed: int,
     method: Method,
-) -> tuple[float, float]:
+) -> Bootstrap:
     """``scipy.stats.bootstrap`` over each stratum's cluster indices; ``statistic`` takes one
     resampled index array per stratum (last axis: the draw) and returns the replicate."""
     from scipy import stats
 
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    n_clusters = sum(s.n_clusters for s in strata)
+    n_frames = sum(s.n_frames for s in strata)
     if any(s.n_clusters < 2 for s in strata):
-        return math.nan, math.nan
+        return Bootstrap(estimate, None, n_clusters, n_frames, method)
     samples = tuple(np.arange(s.n_clusters) for s in strata)
-    per_replicate = sum(s.n_clusters for s in strata)
+    batch = max(1, MAX_DRAWN // n_clusters)
+    common = {"batch": batch, "vectorized": True, "method": method}
     result = stats.bootstrap(
-        samples,
-        statistic,
-        n_resamples=n_resamples,
-        batch=max(1, MAX_DRAWN // per_replicate),
-        vectorized=True,
-        confidence_level=confidence,
-        method=method,
-        rng=np.random.default_rng(seed),
+        samples, statistic, n_resamples=n_resamples, rng=np.random.default_rng(seed), **common
     )
-    ci = result.confidence_interval
-    return float(ci.low), float(ci.high)
+
+    def rerun(confidence: float) -> tuple[float, float]:
+        ci = stats.bootstrap(
+            samples,
+            statistic,
+            n_resamples=0,
+            bootstrap_result=result,
+            confidence_level=confidence,
+            **common,
+        ).confidence_interval
+        return float(ci.low), float(ci.high)
+
+    return Bootstrap(
+        estimate, np.asarray(result.bootstrap_distribution), n_clusters, n_frames, method, rerun
+    )
+
+
+def accuracy_bootstrap(
+    correct: np.ndarray,
+    clusters: Sequence[Any] | np.ndarray,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    method: Method = "percentile",
+) -> Bootstrap:
+    """Accuracy ``sum_c h_c / sum_c n_c`` and its cluster-bootstrap replicates.
+
+    ``correct[k]`` says whether frame ``k`` was classified right and ``clusters[k]`` is its
+    cluster id. Seeded: the same inputs give the same replicates.
+    """
+    totals = cluster_totals(clusters, correct)
+    hits, frames = totals.hits[0], totals.frames
+
+    def ratio(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        return hits[idx].sum(axis=axis) / frames[idx].sum(axis=axis)
+
+    estimate = float(hits.sum() / frames.sum())
+    return _bootstrap([totals], ratio, estimate, n_resamples, seed, method)
 
 
 def accuracy_interval(
@@ -238,33 +302,23 @@ def accuracy_interval(
     seed: int = 0,
     method: Method = "percentile",
 ) -> Interval:
-    """Accuracy ``sum_c h_c / sum_c n_c`` with its cluster-bootstrap interval.
-
-    ``correct[k]`` says whether frame ``k`` was classified right and ``clusters[k]`` is its
-    cluster id. Seeded: the same inputs give the same interval.
-    """
-    totals = cluster_totals(clusters, correct)
-    hits, frames = totals.hits[0], totals.frames
-
-    def ratio(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        return hits[idx].sum(axis=axis) / frames[idx].sum(axis=axis)
-
-    estimate = float(hits.sum() / frames.sum())
-    low, high = _bootstrap([totals], ratio, confidence, n_resamples, seed, method)
-    return Interval(estimate, low, high, confidence, totals.n_clusters, totals.n_frames)
+    """Accuracy with its ``confidence`` cluster-bootstrap interval
+    (:func:`accuracy_bootstrap`)."""
+    _check_confidence(confidence)
+    boot = accuracy_bootstrap(correct, clusters, n_resamples=n_resamples, seed=seed, method=method)
+    return boot.interval(confidence)
 
 
-def paired_difference_interval(
+def paired_difference_bootstrap(
     correct_a: np.ndarray,
     correct_b: np.ndarray,
     clusters: Sequence[Any] | np.ndarray,
     *,
-    confidence: float = 0.95,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     method: Method = "percentile",
-) -> Interval:
-    r"""Accuracy of ``a`` minus accuracy of ``b`` on the *same* frames, with its interval.
+) -> Bootstrap:
+    r"""Accuracy of ``a`` minus accuracy of ``b`` on the *same* frames, and its replicates.
 
     .. math:: \hat\Delta = \frac{\sum_c h^a_c - \sum_c h^b_c}{\sum_c n_c}
 
@@ -280,8 +334,26 @@ def paired_difference_interval(
         return diff[idx].sum(axis=axis) / frames[idx].sum(axis=axis)
 
     estimate = float(diff.sum() / frames.sum())
-    low, high = _bootstrap([totals], delta, confidence, n_resamples, seed, method)
-    return Interval(estimate, low, high, confidence, totals.n_clusters, totals.n_frames)
+    return _bootstrap([totals], delta, estimate, n_resamples, seed, method)
+
+
+def paired_difference_interval(
+    correct_a: np.ndarray,
+    correct_b: np.ndarray,
+    clusters: Sequence[Any] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    method: Method = "percentile",
+) -> Interval:
+    """``acc(a) - acc(b)`` on the same frames with its ``confidence`` paired interval
+    (:func:`paired_difference_bootstrap`)."""
+    _check_confidence(confidence)
+    boot = paired_difference_bootstrap(
+        correct_a, correct_b, clusters, n_resamples=n_resamples, seed=seed, method=method
+    )
+    return boot.interval(confidence)
 
 
 def average_accuracy_interval(
@@ -302,6 +374,7 @@ def average_accuracy_interval(
     accuracies. Used for the average accuracy ``ACC_T`` of a row of R and the average
     next-period accuracy. ``n_clusters``/``n_frames`` of the result are totals over the sets.
     """
+    _check_confidence(confidence)
     if not samples:
         raise ValueError("average_accuracy_interval needs at least one eval set")
     strata = [cluster_totals(clusters, correct) for correct, clusters in samples]
@@ -314,15 +387,8 @@ def average_accuracy_interval(
         return np.mean(accs, axis=0)
 
     estimate = float(np.mean([s.hits[0].sum() / s.frames.sum() for s in strata]))
-    low, high = _bootstrap(strata, mean_ratio, confidence, n_resamples, seed, method)
-    return Interval(
-        estimate,
-        low,
-        high,
-        confidence,
-        sum(s.n_clusters for s in strata),
-        sum(s.n_frames for s in strata),
-    )
+    boot = _bootstrap(strata, mean_ratio, estimate, n_resamples, seed, method)
+    return boot.interval(confidence)
 
 
 def forgetting_interval(
@@ -344,8 +410,10 @@ def forgetting_interval(
     The ``b_j`` are taken *as logged*, as constants: only the model's own accuracies are
     resampled (the earlier models' per-frame results may no longer exist, and their own noise
     would only widen the interval). So the interval is
-    ``mean(b) - [average accuracy interval]``, and its upper bound is what the gate checks.
+    ``mean(b) - [average accuracy interval]`` (exact for the percentile and basic intervals),
+    and its upper bound is what the gate checks.
     """
+    _check_confidence(confidence)
     if len(samples) != len(best):
         raise ValueError(f"{len(samples)} eval sets but {len(best)} best earlier accuracies")
     if not samples:
@@ -354,3 +422,8 @@ def forgetting_interval(
         samples, confidence=confidence, n_resamples=n_resamples, seed=seed, method=method
     )
     return acc.shifted(float(np.mean(best)), negate=True)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")

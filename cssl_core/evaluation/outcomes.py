@@ -21,10 +21,11 @@ import pyarrow as pa
 
 from cssl_core.evaluation.intervals import (
     DEFAULT_RESAMPLES,
+    Bootstrap,
     Interval,
     Method,
     accuracy_interval,
-    paired_difference_interval,
+    paired_difference_bootstrap,
 )
 
 Metric = Literal["knn", "linear"]
@@ -137,6 +138,27 @@ class FrameOutcomes:
                 f"{what} give the same frames different cluster ids; use one eval.cluster"
             )
 
+    def paired_bootstrap(
+        self,
+        other: FrameOutcomes,
+        metric: Metric,
+        *,
+        n_resamples: int = DEFAULT_RESAMPLES,
+        seed: int = 0,
+        method: Method = "percentile",
+    ) -> Bootstrap:
+        """This model's accuracy minus ``other``'s on the same frames, and the paired
+        cluster-bootstrap replicates (:func:`.intervals.paired_difference_bootstrap`)."""
+        self.check_paired(other)
+        return paired_difference_bootstrap(
+            self.correct(metric),
+            other.correct(metric),
+            self.clusters,
+            n_resamples=n_resamples,
+            seed=seed,
+            method=method,
+        )
+
     def difference(
         self,
         other: FrameOutcomes,
@@ -147,18 +169,12 @@ class FrameOutcomes:
         seed: int = 0,
         method: Method = "percentile",
     ) -> Interval:
-        """This model's accuracy minus ``other``'s on the same frames, with the paired
-        cluster-bootstrap interval (:func:`.intervals.paired_difference_interval`)."""
-        self.check_paired(other)
-        return paired_difference_interval(
-            self.correct(metric),
-            other.correct(metric),
-            self.clusters,
-            confidence=confidence,
-            n_resamples=n_resamples,
-            seed=seed,
-            method=method,
+        """This model's accuracy minus ``other``'s on the same frames with its paired
+        ``confidence`` interval."""
+        boot = self.paired_bootstrap(
+            other, metric, n_resamples=n_resamples, seed=seed, method=method
         )
+        return boot.interval(confidence)
 
     # -- storage (the refresh's Parquet artifact) -----------------------------------------
     def to_table(self) -> pa.Table:
