@@ -206,6 +206,35 @@ def test_markdown_table() -> None:
     )
 
 
+def test_markdown_table_with_intervals() -> None:
+    R = AccuracyMatrix(["a", "b"], [[0.5, None], [0.25, 1.0]])
+    low = AccuracyMatrix(["a", "b"], [[0.45, None], [0.2, None]])
+    high = AccuracyMatrix(["a", "b"], [[0.52, None], [0.31, 1.0]])
+    assert R.to_markdown(low=low, high=high) == (
+        "| trained through \\ eval on | a | b |\n"
+        "|---|---:|---:|\n"
+        "| a | 0.500 ±0.050 |  |\n"
+        "| b | 0.250 ±0.060 | 1.000 |\n"
+    )
+    with pytest.raises(ValueError, match="same periods"):
+        R.to_markdown(low=AccuracyMatrix(["a", "c"]), high=high)
+
+
+def test_plots_draw_the_intervals(tmp_path: Path) -> None:
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
+
+    R = full()
+    low = AccuracyMatrix(PERIODS, np.clip(np.array(FULL) - 0.1, 0, 1))
+    high = AccuracyMatrix(PERIODS, np.clip(np.array(FULL) + 0.05, 0, 1))
+    for plot in (plot_accuracy_curves, plot_accuracy_matrix):
+        plain = plot(R, tmp_path / f"{plot.__name__}-plain.png")
+        bars = plot(R, tmp_path / f"{plot.__name__}-bars.png", low=low, high=high)
+        with Image.open(plain) as a, Image.open(bars) as b:
+            assert a.size == b.size
+            diff = np.abs(np.asarray(a.convert("L"), float) - np.asarray(b.convert("L"), float))
+            assert (diff > 40).sum() > 100  # the bars / interval text are drawn
+
+
 # -- plots (cssl_core.evaluation.plots draws an AccuracyMatrix) ---------------------------------
 def test_plots_write_valid_png_files_atomically(tmp_path: Path) -> None:
     from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix

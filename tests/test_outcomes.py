@@ -81,3 +81,20 @@ def test_majority_class_and_its_outcomes():
     o = majority_outcomes(["pong", "pong", "qbert"], ["qbert", "pong", "pong"], ["a", "b", "c"],
                           ["s1", "s2", "s2"])  # fmt: skip
     assert o.knn.tolist() == [False, True, True] and o.linear.tolist() == o.knn.tolist()
+
+
+def test_several_models_and_periods_in_one_table(tmp_path: Path):
+    from cssl_core.evaluation.outcomes import outcomes_from_table, outcomes_table
+
+    results = {
+        "candidate": {"p01": outcomes([True, False, True]), "p02": outcomes([False, True])},
+        "champion": {"p01": outcomes([True, True, True]), "p02": outcomes([True, False])},
+    }
+    pq.write_table(outcomes_table(results), tmp_path / "outcomes.parquet")
+    back = outcomes_from_table(pq.read_table(tmp_path / "outcomes.parquet"))
+    assert list(back) == ["candidate", "champion"] and list(back["champion"]) == ["p01", "p02"]
+    for model, periods in results.items():
+        for period, o in periods.items():
+            got = back[model][period]
+            assert got.frame_ids == o.frame_ids and np.array_equal(got.knn, o.knn)
+    assert outcomes_table({}).num_rows == 0

@@ -282,13 +282,36 @@ class AccuracyMatrix:
             raise ValueError(f"accuracy matrix dict lacks key {exc}") from None
         return cls(periods, values)
 
-    def to_markdown(self, digits: int = 3) -> str:
-        """A Markdown table: one row per trained period, one column per eval period."""
+    def to_markdown(
+        self,
+        digits: int = 3,
+        low: AccuracyMatrix | None = None,
+        high: AccuracyMatrix | None = None,
+    ) -> str:
+        """A Markdown table: one row per trained period, one column per eval period.
+
+        With ``low`` and ``high`` (matrices of interval bounds over the same periods) a cell
+        reads ``0.742 ±0.021``, the half-width being the larger distance to a bound; cells
+        whose bounds are missing show the value alone.
+        """
+        for bound in (low, high):
+            if bound is not None and bound.periods != self._periods:
+                raise ValueError("interval bounds must cover the same periods as the matrix")
+        lo = low._r if low is not None else np.full_like(self._r, np.nan)
+        hi = high._r if high is not None else np.full_like(self._r, np.nan)
         head = "| trained through \\ eval on | " + " | ".join(self._periods) + " |"
         rule = "|---|" + "---:|" * len(self._periods)
         lines = [head, rule]
-        for name, row in zip(self._periods, self._r, strict=True):
-            cells = ["" if math.isnan(v) else f"{v:.{digits}f}" for v in row]
+        for i, name in enumerate(self._periods):
+            cells = []
+            for j, v in enumerate(self._r[i]):
+                if math.isnan(v):
+                    cells.append("")
+                elif math.isnan(lo[i, j]) or math.isnan(hi[i, j]):
+                    cells.append(f"{v:.{digits}f}")
+                else:
+                    half = max(v - lo[i, j], hi[i, j] - v)
+                    cells.append(f"{v:.{digits}f} ±{half:.{digits}f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

@@ -12,12 +12,13 @@ the refresh stores as a Parquet artifact so a later report can recompute interva
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cssl_core.evaluation.intervals import (
     DEFAULT_RESAMPLES,
@@ -231,6 +232,40 @@ class PeriodScores:
         return self.frames.interval(
             metric, confidence=confidence, n_resamples=n_resamples, seed=seed, method=method
         )
+
+
+def outcomes_table(results: Mapping[str, Mapping[str, FrameOutcomes]]) -> pa.Table:
+    """Several models' outcomes on several periods as one table: :data:`OUTCOME_SCHEMA`
+    with ``model`` and ``period`` columns in front (``results[model][period]``). The refresh
+    stores it as the run artifact ``eval/outcomes.parquet``."""
+    tables = []
+    for model, periods in results.items():
+        for period, outcomes in periods.items():
+            t = outcomes.to_table()
+            n = t.num_rows
+            t = t.add_column(0, "period", pa.array([period] * n, pa.string()))
+            tables.append(t.add_column(0, "model", pa.array([model] * n, pa.string())))
+    schema = pa.schema([pa.field("model", pa.string()), pa.field("period", pa.string())])
+    for f in OUTCOME_SCHEMA:
+        schema = schema.append(f)
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def outcomes_from_table(table: pa.Table) -> dict[str, dict[str, FrameOutcomes]]:
+    """Inverse of :func:`outcomes_table` (row order within a model and period is kept)."""
+    for name in ("model", "period"):
+        if name not in table.column_names:
+            raise ValueError(f"outcome table lacks column {name}")
+    results: dict[str, dict[str, FrameOutcomes]] = {}
+    models = table.column("model").to_pylist()
+    periods = table.column("period").to_pylist()
+    keys = list(dict.fromkeys(zip(models, periods, strict=True)))
+    for model, period in keys:
+        mask = pc.and_(pc.equal(table.column("model"), model), pc.equal(table["period"], period))
+        results.setdefault(model, {})[period] = FrameOutcomes.from_table(table.filter(mask))
+    return results
 
 
 def majority_class(reference_labels: Sequence[str | None]) -> str:
