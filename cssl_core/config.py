@@ -271,7 +271,14 @@ class GateConfig(_Section):
         description="on the new period the candidate must be better (lower bound > 0) or "
         "only non-inferior (lower bound > -margin)",
     )
-    max_forgetting: float = Field(0.10, ge=0, allow_inf_nan=False)
+    max_forgetting: float = Field(
+        0.10,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="largest upper bound of the candidate's forgetting (negative: it must "
+        "be better than the lineage's best on earlier periods by this)",
+    )
     confidence: float = Field(
         0.95, gt=0.5, lt=1, allow_inf_nan=False, description="two-sided interval level"
     )

@@ -44,6 +44,8 @@ from typing import Any, Literal
 import numpy as np
 
 Method = Literal["percentile", "basic", "BCa"]
+REPORTED_CONFIDENCE = 0.95
+"""Level of every interval that is logged, reported and plotted (the gate has its own)."""
 DEFAULT_RESAMPLES = 2000
 MAX_DRAWN = 2_000_000
 """Cluster indices drawn per vectorised batch (bounds memory: 16 MB of int64 per batch)."""

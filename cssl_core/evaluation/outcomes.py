@@ -30,7 +30,7 @@ from cssl_core.evaluation.intervals import (
 )
 
 Metric = Literal["knn", "linear"]
-METRICS: tuple[str, ...] = get_args(Metric)
+METRICS: tuple[Metric, ...] = get_args(Metric)
 
 OUTCOME_SCHEMA = pa.schema(
     [
