@@ -130,7 +130,7 @@ def trained_model(
     from cssl_core.data.storage import atomic_write_json
     from cssl_core.learn.models import Embedder
     from cssl_core.memory.replay import ReplayMemory
-    from cssl_core.period import train_period
+    from cssl_core.period import PeriodInputs, train_period
 
     stamp = out / "model.json"
     key = {"training": training_hash(params), "shard": shard.fingerprint}
@@ -140,9 +140,13 @@ def trained_model(
             return Embedder.load(out / "model"), info
     log(f"training the model on {shard.period} ({params.train.steps} steps)")
     load_before = os.getloadavg()[0]
-    model, result = train_period(
-        params, shard.period, shard, None, ReplayMemory.empty(params.replay.capacity)
+    inputs = PeriodInputs(
+        params=params,
+        period=shard.period,
+        shard=shard,
+        memory=ReplayMemory.empty(params.replay.capacity),
     )
+    model, result = train_period(inputs)
     model.save(out / "model")
     info = {
         "key": key,

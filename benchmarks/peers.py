@@ -39,10 +39,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import machine
-from benchmarks.train import simulated_frames, torch_threads
+from benchmarks.train import simulated_frames
 from cssl_core.config import AugmentConfig, Params, params_from_dict
 from cssl_core.learn.models import Embedder, create_backbone
 from cssl_core.learn.trainer import ContinualTrainer, FrameSource
+from cssl_core.runtime import torch_threads
 
 GOALS = {"AVX512-BF16": 1.5, "AVX2-only": 1.1}
 """cssl's finetune images/s over lightly's: the goal per CPU kind (native bf16, AVX2 only)."""

@@ -38,8 +38,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +52,7 @@ from cssl_core.learn.losses import nt_xent
 from cssl_core.learn.models import Embedder
 from cssl_core.learn.strategy import strategy_spec
 from cssl_core.learn.trainer import ContinualTrainer, FrameSource, resolve_precision
+from cssl_core.runtime import torch_threads
 
 PRECISIONS = ("fp32", "bf16")
 CHANNELS_LAST = ("off", "on")
@@ -61,18 +61,6 @@ DEFAULT_BUDGET_S = 150.0
 MIN_STEPS, MAX_STEPS, SWEEP_STEPS = 3, 20, 20
 GOAL_RATIO = 0.85
 """The full step should run at no less than this share of the bare step's images/s."""
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run a block with ``torch.set_num_threads(threads)`` (0 = leave as is), then restore."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def simulated_frames(count: int, size: int, period_index: int, seed: int = 0) -> list[bytes]:

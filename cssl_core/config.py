@@ -90,8 +90,8 @@ Schedule = Annotated[
 class SimulateConfig(_Section):
     """The Atari stream simulator (``cssl simulate``)."""
 
-    frames_per_period: int = Field(2000, ge=1)
-    size: int = Field(64, ge=16, le=1024)
+    frames_per_period: int = Field(1000, ge=1)
+    size: int = Field(32, ge=16, le=1024)
     seed: int = 0
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     games_per_period: int = Field(4, ge=1)
@@ -145,7 +145,7 @@ class ModelConfig(_Section):
     """The embedding model: a timm backbone plus SimCLR heads."""
 
     backbone: str = "resnet18"
-    input_size: int = Field(64, ge=16, le=1024, description="frames are resized to this")
+    input_size: int = Field(32, ge=16, le=1024, description="frames are resized to this")
     small_input_stem: bool = Field(
         False,
         description="3x3 stride-1 stem without max-pool (CIFAR-style, for 32 px images); "
@@ -188,13 +188,13 @@ class TrainConfig(_Section):
     """One period of continual training."""
 
     strategy: Strategy = "distill+replay"
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(128, ge=2)
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
     optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
     lr: float = Field(0.3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(5, ge=0)
     temperature: float = Field(0.2, gt=0)
     distill_loss: DistillLoss = "predictor"
     distill_weight: float = Field(1.0, ge=0)
@@ -215,6 +215,14 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the training forward (GPU runs)")
     seed: int = 0
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off_as_yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads ``on``/``off`` (``--set train.channels_last=off``) as booleans."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
 
 class ReplayConfig(_Section):
     """The replay memory of past frames."""
@@ -231,9 +239,9 @@ class EvalConfig(_Section):
 
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    probe_epochs: int = Field(100, ge=1)
+    probe_epochs: int = Field(50, ge=1)
     probe_lr: float = Field(0.1, gt=0)
-    max_train_frames: int = Field(2000, ge=1, description="labelled train frames per period")
+    max_train_frames: int = Field(800, ge=1, description="labelled train frames per period")
     cluster: Literal["stream", "frame"] = Field(
         "stream",
         description="unit of independence the bootstrap resamples: 'stream' (the shard's "

@@ -407,9 +407,11 @@ def stop_children(spare: Collection[int] = (), timeout: float = 5.0) -> None:
 
 def _period_steps(params: Params, period: str) -> int:
     """Training steps of one period, as the trainer counts them (for the progress line)."""
-    from cssl_core.learn.trainer import steps_for  # the verbs that train import torch anyway
+    from cssl_core.learn.strategy import strategy_spec
 
-    return steps_for(params.train.strategy, params.train.steps, params.period_index(period))
+    return strategy_spec(params.train.strategy).steps_for(
+        params.period_index(period), params.train.steps
+    )
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:

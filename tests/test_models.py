@@ -96,6 +96,18 @@ def test_second_timm_backbone_with_deep_stem() -> None:
     assert model.backbone.forward_features(_images()).shape[-2:] == (4, 4)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "ghostnet_050", "regnetx_002"])
+def test_backbones_with_a_pre_logits_head_size_their_heads_from_its_output(name: str) -> None:
+    # MobileNetV3/GhostNet return head_hidden_size features, not num_features: the projector
+    # once took num_features and the first forward failed with a shape mismatch.
+    model = _model(SMALL.model_copy(update={"backbone": name, "small_input_stem": False}))
+    out = model(_images())
+    assert out.features.shape[1] == model.num_features
+    assert out.projection.shape == (4, SMALL.projector_dim)
+    out.projection.sum().backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
 def test_vit_backbone_is_built_for_the_input_size() -> None:
     cfg = SMALL.model_copy(update={"backbone": "vit_tiny_patch16_224", "small_input_stem": False})
     out = _model(cfg)(_images())

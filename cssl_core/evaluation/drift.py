@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -135,7 +135,9 @@ def _mmd2_batch(off: np.ndarray, indicator: np.ndarray) -> np.ndarray:
     return xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2.0 * xy / (n * m)
 
 
-def segment_ids(stream_ids: Sequence[str], ts_ms: Sequence[int], seconds: float) -> np.ndarray:
+def segment_ids(
+    stream_ids: Sequence[str] | np.ndarray, ts_ms: Sequence[int] | np.ndarray, seconds: float
+) -> np.ndarray:
     """The unit of independence of each frame, as integer codes.
 
     Frames of one stream a few seconds apart are near-duplicates, so they are not independent
@@ -536,7 +538,7 @@ def embed_frames(
     return F.normalize(feats, dim=1).numpy()
 
 
-Frames = Shard | pa.Table | FrameSample
+Frames: TypeAlias = Shard | pa.Table | FrameSample
 """What a drift check compares: a shard, a frame table (e.g. a replay memory's) or a sample."""
 
 

@@ -16,8 +16,7 @@ interval (:mod:`cssl_core.evaluation.intervals`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +32,7 @@ from cssl_core.data.images import decode_batch
 from cssl_core.data.shard import Shard
 from cssl_core.evaluation.outcomes import FrameOutcomes, PeriodScores, majority_outcomes
 from cssl_core.learn.augment import eval_transform
+from cssl_core.runtime import torch_threads
 
 Precision = Literal["fp32", "bf16"]
 ArrayLike = torch.Tensor | np.ndarray | Sequence[int]
@@ -243,7 +243,7 @@ def linear_probe_predict(
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
 
-    with _intra_op_threads(threads):
+    with torch_threads(threads):
         return _fit_probe(
             x_train, y_train, x_test, classes, epochs, lr, seed, batch_size, weight_decay
         )
@@ -280,19 +280,6 @@ def linear_probe_accuracy(
         threads=threads,
     )
     return float((preds == y_test).double().mean())
-
-
-@contextmanager
-def _intra_op_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit_probe(

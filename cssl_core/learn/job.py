@@ -27,6 +27,7 @@ from cssl_core.learn.models import Embedder
 from cssl_core.learn.strategy import StrategySpec, strategy_spec
 from cssl_core.learn.trainer import ContinualTrainer, FrameSource, StepLog, TrainResult
 from cssl_core.memory.replay import ReplayMemory
+from cssl_core.runtime import torch_threads
 
 OnStep = Callable[[StepLog, float], None]
 ShouldStop = Callable[[], bool]
@@ -163,5 +164,6 @@ def train_in_process(
         strategy=spec,
     )
     frames = FrameSource.from_table(train_table, params.model.input_size, device=device)
-    result = trainer.fit(frames, replay, steps=inputs.steps, should_stop=should_stop)
+    with torch_threads(cfg.num_threads if device.type == "cpu" else None):
+        result = trainer.fit(frames, replay, steps=inputs.steps, should_stop=should_stop)
     return model, result

@@ -179,6 +179,14 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     return backbone
 
 
+def embedding_dim(backbone: nn.Module) -> int:
+    """Width of what a headless timm backbone returns: ``head_hidden_size`` where the model has
+    a pre-logits head (MobileNetV3, GhostNet, LCNet: a conv head after pooling), else
+    ``num_features`` (ResNets, RegNets, ViTs: the pooled features themselves)."""
+    width = getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features")  # noqa: B009
+    return int(width)
+
+
 def apply_small_input_stem(backbone: nn.Module, name: str = "backbone") -> None:
     """Adapt a ResNet-like stem to 32-64 px frames, in place (as for CIFAR in SimCLR).
 
@@ -235,7 +243,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg)
-        self.num_features: int = int(getattr(self.backbone, "num_features"))  # noqa: B009
+        self.num_features: int = embedding_dim(self.backbone)
         self.projector = mlp(self.num_features, cfg.projector_hidden, cfg.projector_dim)
         self.predictor = mlp(cfg.projector_dim, cfg.predictor_hidden, cfg.projector_dim)
         self.feature_predictor = mlp(self.num_features, cfg.predictor_hidden, self.num_features)
