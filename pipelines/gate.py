@@ -122,11 +122,13 @@ def _finiteness(
     return Check("finite", True, f"all {len(values)} metrics and thresholds finite")
 
 
-def _levels(
+def interval_levels(
     boots: Mapping[str, Bootstrap], thresholds: Mapping[str, float], cfg: GateConfig
 ) -> dict[str, float]:
     """The two-sided confidence of each period's interval after the multiplicity correction
-    (one-sided level ``α = (1 - confidence) / 2`` shared out over the ``m`` periods)."""
+    (one-sided level ``α = (1 - confidence) / 2`` shared out over the ``m`` periods);
+    ``thresholds`` are the bounds each period's lower bound must clear (Holm orders the
+    periods by the bootstrap p-value of clearing them)."""
     m = len(boots)
     tail = 1.0 - cfg.confidence
     if cfg.correction == "none" or m <= 1:
@@ -160,7 +162,7 @@ def _paired_checks(
             checks.append(Check(f"{p} paired", False, str(exc)))
     better = cfg.new_period == "better"
     thresholds = {p: 0.0 if (p == new_period and better) else -cfg.margin for p in boots}
-    levels = _levels(boots, thresholds, cfg)
+    levels = interval_levels(boots, thresholds, cfg)
     differences: dict[str, Interval] = {}
     for p, boot in boots.items():
         iv = boot.interval(levels[p])

@@ -241,3 +241,28 @@ def test_one_draw_serves_every_confidence_and_gives_p_values():
     assert boot.share_at_or_below(-1.0) == 0.0 and boot.share_at_or_below(1.0) == 1.0
     lonely = accuracy_bootstrap(np.array([True, True]), ["x", "x"])
     assert lonely.replicates is None and math.isnan(lonely.share_at_or_below(0.5))
+
+
+def test_intervals_from_the_replicates_match_scipys_for_every_method():
+    rng = np.random.default_rng(10)
+    ids = [f"s{k % 9}" for k in range(270)]
+    correct = rng.random(270) < 0.7
+    for method in ("percentile", "basic", "BCa"):
+        boot = accuracy_bootstrap(correct, ids, n_resamples=1000, seed=2, method=method)
+        totals = cluster_totals(ids, correct)
+
+        def ratio(idx, axis=-1, t=totals):
+            return t.hits[0][idx].sum(axis=axis) / t.frames[idx].sum(axis=axis)
+
+        for confidence in (0.9, 0.95):
+            ci = stats.bootstrap(
+                (np.arange(9),),
+                ratio,
+                n_resamples=1000,
+                vectorized=True,
+                confidence_level=confidence,
+                method=method,
+                rng=np.random.default_rng(2),
+            ).confidence_interval
+            iv = boot.interval(confidence)
+            assert (iv.low, iv.high) == pytest.approx((ci.low, ci.high), abs=1e-12)

@@ -200,7 +200,8 @@ def cluster_totals(clusters: Sequence[Any] | np.ndarray, *correct: np.ndarray) -
 @dataclass(frozen=True, eq=False)
 class Bootstrap:
     """A statistic's estimate and its bootstrap replicates: intervals at any confidence (and
-    one-sided bootstrap p-values) from one seeded draw, without resampling again.
+    one-sided bootstrap p-values) from one seeded draw, without resampling again (percentile
+    and basic intervals are quantiles of the replicates; BCa asks scipy again with the draw).
 
     ``replicates`` is ``None`` when a stratum has fewer than two clusters (no interval)."""
 
@@ -217,8 +218,16 @@ class Bootstrap:
             raise ValueError(f"confidence must be in (0, 1), got {confidence}")
         if self.replicates is None:
             low = high = math.nan
-        else:
+        elif self.method == "BCa":
             low, high = self._rerun(confidence)
+        else:
+            # The percentile interval: the replicates' alpha and 1 - alpha quantiles (linear
+            # interpolation, as scipy's); basic reflects them about the estimate.
+            alpha = (1.0 - confidence) / 2
+            q_low, q_high = np.quantile(self.replicates, [alpha, 1.0 - alpha])
+            low, high = float(q_low), float(q_high)
+            if self.method == "basic":
+                low, high = 2 * self.estimate - high, 2 * self.estimate - low
         return Interval(self.estimate, low, high, confidence, self.n_clusters, self.n_frames)
 
     def share_at_or_below(self, threshold: float) -> float:
