@@ -84,18 +84,17 @@ def _completeness(
     best_earlier: Mapping[str, float],
 ) -> Check:
     """Every period the decision needs is there: the candidate's results cover the
-    champion's periods and the new one; the champion's cover the new one; every earlier
-    period of the candidate has its best earlier accuracy (for forgetting)."""
-    needed = [*(champion or {}), *([] if champion and new_period in champion else [new_period])]
+    champion's periods, the new one and every period its forgetting is measured on; the
+    champion's cover the new one."""
+    needed = [*(champion or {}), new_period, *best_earlier]
     missing = [p for p in dict.fromkeys(needed) if p not in candidate]
     problems = []
     if missing:
         problems.append(f"candidate has no accuracy on {_names(missing)}")
     if champion is not None and new_period not in champion:
         problems.append(f"champion has no accuracy on the new period {new_period}")
-    no_best = [p for p in candidate if p != new_period and p not in best_earlier]
-    if no_best:
-        problems.append(f"no best earlier accuracy logged for {_names(no_best)}")
+    if new_period in best_earlier:
+        problems.append(f"the new period {new_period} has no earlier accuracy to forget")
     if problems:
         return Check("complete", False, "; ".join(problems))
     periods = list(dict.fromkeys([*candidate, *(champion or {})]))
@@ -189,7 +188,7 @@ def _forgetting_check(
     best_earlier: Mapping[str, float],
     cfg: GateConfig,
 ) -> Check:
-    earlier = [p for p in candidate if p != new_period and p in best_earlier]
+    earlier = list(best_earlier)
     iv = forgetting_interval(
         [(candidate[p].correct(cfg.metric), candidate[p].clusters) for p in earlier],
         [best_earlier[p] for p in earlier],
@@ -220,10 +219,12 @@ def decide(
 
     ``candidate`` and ``champion`` map every eval period so far (the new one included) to
     that model's per-frame outcomes on it; the two must cover the same frames per period.
-    ``best_earlier`` maps each earlier period to the lineage's best accuracy on it before
-    this period (``AccuracyMatrix.best_earlier``, from logged metrics). With no champion (the
-    first period) only completeness, finiteness and forgetting apply. Deterministic: the
-    bootstrap is seeded with ``cfg.bootstrap_seed``.
+    ``best_earlier`` maps each earlier period that forgetting is measured on (the lineage's:
+    a period no version of which passed the gate has no best accuracy and is left out) to the
+    lineage's best accuracy on it before this period (``AccuracyMatrix.best_earlier`` over
+    ``registry.lineage_rows``, from logged metrics); a NaN there fails closed. With no
+    champion (the first period) only completeness, finiteness and forgetting apply.
+    Deterministic: the bootstrap is seeded with ``cfg.bootstrap_seed``.
     """
     checks = [
         _completeness(candidate, champion, new_period, best_earlier),

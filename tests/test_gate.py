@@ -113,8 +113,11 @@ def test_a_missing_new_period_or_best_earlier_accuracy_is_named():
     assert d.failed == ["FAIL complete: candidate has no accuracy on p02"]
     d = decide(CHAMPION, {"p01": CHAMPION["p01"]}, "p02", BEST, CFG)
     assert d.failed == ["FAIL complete: champion has no accuracy on the new period p02"]
+    d = decide({"p02": CHAMPION["p02"]}, None, "p02", BEST, CFG)
+    assert d.failed == ["FAIL complete: candidate has no accuracy on p01"]
+    # A period without a lineage row has no best earlier accuracy: forgetting leaves it out.
     d = decide(CHAMPION, CHAMPION, "p02", {}, CFG)
-    assert d.failed == ["FAIL complete: no best earlier accuracy logged for p01"]
+    assert d.promote and d.reasons[-1] == "PASS forgetting: no earlier period to forget"
 
 
 def test_nan_never_promotes_and_the_finite_check_says_what():
@@ -215,3 +218,18 @@ def test_real_models_the_champion_passes_and_a_known_worse_model_is_rejected(tmp
     rejected = decide(worse, champion, "p02", best, CFG)
     assert not rejected.promote
     assert any(r.startswith("FAIL p01 non-inferior: Δ -") for r in rejected.failed)
+
+
+def test_after_a_rejected_period_forgetting_counts_the_lineages_periods_only():
+    """p02's candidate was rejected, so the lineage has no p02 row: refreshing p03, the flow's
+    best earlier accuracies (registry.lineage_rows) leave p02 out and the gate can pass."""
+    from cssl_core.evaluation.metrics import AccuracyMatrix
+    from pipelines.registry import lineage_rows, with_row
+
+    logged = AccuracyMatrix(["p01", "p02", "p03"], [[0.8, 0.5, None], [None] * 3, [None] * 3])
+    candidate = {**CHAMPION, "p03": outcomes(0.6, 3)}
+    row = {p: o.accuracy("knn") for p, o in candidate.items()}
+    best = lineage_rows(with_row(logged, "p03", row)).best_earlier("p03")
+    assert best == {"p01": 0.8}
+    d = decide(candidate, {**CHAMPION, "p03": candidate["p03"]}, "p03", best, CFG)
+    assert d.promote, d.reasons
