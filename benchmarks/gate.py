@@ -75,7 +75,6 @@ same at ten times the learning rate (wrecks the features)."""
 MARGINS = (0.03, 0.05, 0.08, 0.1, 0.15, 0.2)
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
-OUTCOMES = "outcomes.parquet"
 
 
 # -- options (torch-free: the lead registers them as `cssl bench gate`) ------------------------
@@ -142,43 +141,70 @@ def models_and_outcomes(
 ) -> tuple[dict[str, dict[str, FrameOutcomes]], dict[str, Any]]:
     """Train (or reuse) every model and score it on the eval splits of p01..p03: outcomes by
     model name (``lineage-p01``, ``champion``, ``seed-<k>``, ``<recipe>-<k>``) and period,
-    and how long training took. Cached in ``out/outcomes.parquet`` under a key of the
-    settings and the shards."""
+    and how long each training took. Each model's outcomes are kept in
+    ``out/models/<name>.parquet`` under a key of the settings and the shards, so an
+    interrupted run resumes; the lineage's models are kept for the candidates."""
     import pyarrow.parquet as pq
 
     from benchmarks.drift import build_stream, training_hash
     from cssl_core import period as core
-    from cssl_core.data.storage import atomic_path, atomic_write_json
+    from cssl_core.data.storage import LocalStore, atomic_path, atomic_write_json
     from cssl_core.evaluation.outcomes import outcomes_from_table, outcomes_table
+    from cssl_core.learn.models import Embedder
+    from cssl_core.memory.replay import ReplayMemory
 
     shards = build_stream(out / "shards", params, log)
     key = {
         "training": training_hash(params),
         "eval": params.eval.model_dump(mode="json"),
         "shards": [s.fingerprint for s in shards],
-        "seeds": list(seeds),
-        "worse": {name: list(r) for name, r in WORSE_RECIPES.items()},
-        "worse_seeds": list(worse_seeds),
     }
-    stamp = out / "models.json"
-    if stamp.is_file() and (out / OUTCOMES).is_file():
-        info = json.loads(stamp.read_text())
-        if info.get("key") == key:
-            return outcomes_from_table(pq.read_table(out / OUTCOMES)), info
-    eval_sets = core.eval_sets_for(shards, params)
-    results: dict[str, dict[str, FrameOutcomes]] = {}
-    seconds: dict[str, float] = {}
+    cache = out / "models"
+    stamp = cache / "key.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == key):
+        import shutil
 
-    def score(name: str, model: Any) -> None:
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        atomic_write_json(stamp, key)
+    timings_file = cache / "train_seconds.json"
+    seconds: dict[str, float] = (
+        json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    )
+    eval_sets: dict[str, Any] = {}
+    results: dict[str, dict[str, FrameOutcomes]] = {}
+
+    def scored(name: str, make: Callable[[], Any], timed: bool = True) -> None:
+        path = cache / f"{name}.parquet"
+        if path.is_file():
+            results[name] = outcomes_from_table(pq.read_table(path))[name]
+            return
+        started = time.perf_counter()
+        model = make()
+        if timed:
+            seconds[name] = time.perf_counter() - started
+            atomic_write_json(timings_file, seconds)
+        if not eval_sets:
+            eval_sets.update(core.eval_sets_for(shards, params))
         scores = core.evaluate_model(model, eval_sets, params)
         results[name] = {p: s.frames for p, s in scores.items() if s.frames is not None}
-        log(f"{name}: " + ", ".join(f"{p} {s.knn:.3f}" for p, s in scores.items()))
+        with atomic_path(path) as tmp:
+            pq.write_table(outcomes_table({name: results[name]}), tmp)
+        log(f"{name}: knn " + ", ".join(f"{p} {s.knn:.3f}" for p, s in scores.items()))
 
-    started = time.perf_counter()
-    lineage = list(core.run_stream(params, shards[:2]))
-    seconds["lineage p01+p02"] = time.perf_counter() - started
-    score("lineage-p01", lineage[0].model)
-    score(CHAMPION, lineage[1].model)
+    lineage_dir = cache / "lineage"
+    if not (lineage_dir / "p02.model").is_dir():
+        started = time.perf_counter()
+        lineage = list(core.run_stream(params, shards[:2]))
+        seconds["lineage p01+p02"] = time.perf_counter() - started
+        atomic_write_json(timings_file, seconds)
+        for r, p in zip(lineage, PERIODS[:2], strict=True):
+            r.model.save(lineage_dir / f"{p}.model")
+        lineage[1].memory.save(LocalStore(lineage_dir / "memory"), "p02", replace=True)
+    parents = {p: Embedder.load(lineage_dir / f"{p}.model") for p in PERIODS[:2]}
+    memory = ReplayMemory.load(LocalStore(lineage_dir / "memory"), "p02")
+    scored("lineage-p01", lambda: parents["p01"], timed=False)
+    scored(CHAMPION, lambda: parents["p02"], timed=False)
     recipes = [(f"seed-{k}", (f"train.seed={k}",)) for k in seeds]
     recipes += [
         (f"{name}-{k}", (*overrides, f"train.seed={k}"))
@@ -186,24 +212,21 @@ def models_and_outcomes(
         for k in worse_seeds
     ]
     for name, overrides in recipes:
-        started = time.perf_counter()
-        inputs = core.PeriodInputs(
-            params=_with(params, overrides),
-            period=NEW,
-            shard=shards[2],
-            memory=lineage[1].memory,
-            parent=lineage[1].model,
-            history=tuple(shards[:2]),
-        )
-        model, _ = core.train_period(inputs)
-        seconds[name] = time.perf_counter() - started
-        log(f"trained {name} in {seconds[name]:.0f} s")
-        score(name, model.to("cpu"))
-    with atomic_path(out / OUTCOMES) as tmp:
-        pq.write_table(outcomes_table(results), tmp)
-    info = {"key": key, "train_seconds": seconds}
-    atomic_write_json(stamp, info)
-    return results, info
+
+        def make(overrides: tuple[str, ...] = overrides) -> Any:
+            inputs = core.PeriodInputs(
+                params=_with(params, overrides),
+                period=NEW,
+                shard=shards[2],
+                memory=memory,
+                parent=parents["p02"],
+                history=tuple(shards[:2]),
+            )
+            model, _ = core.train_period(inputs)
+            return model.to("cpu")
+
+        scored(name, make)
+    return results, {"key": key, "train_seconds": seconds}
 
 
 # -- replicate eval sets ------------------------------------------------------------------
