@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
     from cssl_core.config import GateConfig, Params
     from cssl_core.evaluation.intervals import Bootstrap, Interval
-    from cssl_core.evaluation.outcomes import FrameOutcomes
+    from cssl_core.evaluation.outcomes import FrameOutcomes, Metric
 
 PERIODS = ("p01", "p02", "p03")
 NEW = "p03"
@@ -205,7 +205,9 @@ def models_and_outcomes(
     memory = ReplayMemory.load(LocalStore(lineage_dir / "memory"), "p02")
     scored("lineage-p01", lambda: parents["p01"], timed=False)
     scored(CHAMPION, lambda: parents["p02"], timed=False)
-    recipes = [(f"seed-{k}", (f"train.seed={k}",)) for k in seeds]
+    recipes: list[tuple[str, tuple[str, ...]]] = [
+        (f"seed-{k}", (f"train.seed={k}",)) for k in seeds
+    ]
     recipes += [
         (f"{name}-{k}", (*overrides, f"train.seed={k}"))
         for name, overrides in WORSE_RECIPES.items()
@@ -360,7 +362,7 @@ def clears_zero(t: Trial, cfg: GateConfig) -> list[bool]:
 
 
 def full_deltas(
-    results: Mapping[str, Mapping[str, FrameOutcomes]], cand: str, champ: str, metric: str
+    results: Mapping[str, Mapping[str, FrameOutcomes]], cand: str, champ: str, metric: Metric
 ) -> dict[str, float]:
     return {
         p: float(results[cand][p].correct(metric).mean() - results[champ][p].correct(metric).mean())
@@ -380,7 +382,7 @@ def pairs(results: Mapping[str, Any], seeds: Sequence[int]) -> list[tuple[str, s
 
 
 def best_earlier(
-    results: Mapping[str, Mapping[str, FrameOutcomes]], metric: str
+    results: Mapping[str, Mapping[str, FrameOutcomes]], metric: Metric
 ) -> dict[str, float]:
     """The lineage's best accuracy on p01 and p02 before p03 (as the registry would hold it)."""
     from cssl_core.evaluation.metrics import AccuracyMatrix
@@ -388,7 +390,7 @@ def best_earlier(
     R = AccuracyMatrix(list(PERIODS))
     for row, name in (("p01", "lineage-p01"), ("p02", CHAMPION)):
         for p in PERIODS:
-            R.set(row, p, results[name][p].accuracy(metric))  # type: ignore[arg-type]
+            R.set(row, p, results[name][p].accuracy(metric))
     return R.best_earlier(NEW)
 
 
