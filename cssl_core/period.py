@@ -38,6 +38,7 @@ from cssl_core.evaluation.evaluate import (
     PeriodScores,
     eval_set_from_shard,
     evaluate_periods,
+    majority_scores,
 )
 from cssl_core.learn.job import OnStep, PeriodInputs, ShouldStop, new_model, train_in_process
 from cssl_core.learn.launch import train_torchrun
@@ -57,6 +58,7 @@ __all__ = [  # the drivers' API; PeriodInputs, new_model and TrainingInterrupted
     "accuracy_row",
     "eval_sets_for",
     "evaluate_model",
+    "majority_baseline",
     "memory_matches",
     "new_model",
     "next_memory",
@@ -242,10 +244,18 @@ def eval_sets_for(shards: Sequence[Shard], params: Params) -> dict[str, EvalSet]
 def evaluate_model(
     model: Embedder, eval_sets: Mapping[str, EvalSet], params: Params
 ) -> dict[str, PeriodScores]:
-    """kNN and linear-probe accuracy of ``model`` on every given period."""
+    """kNN and linear-probe accuracy of ``model`` on every given period, with the per-frame
+    outcomes behind them (``PeriodScores.frames``: the same frames for every model)."""
     return evaluate_periods(
         model, eval_sets, params.eval, params.model.input_size, seed=params.train.seed
     )
+
+
+def majority_baseline(eval_sets: Mapping[str, EvalSet], params: Params) -> dict[str, PeriodScores]:
+    """The blind majority-class baseline on every given period (the most frequent category
+    of its reference frames, scored on its eval frames), with per-frame outcomes that pair
+    with any model's."""
+    return {p: majority_scores(es, params.eval.cluster) for p, es in eval_sets.items()}
 
 
 def accuracy_row(scores: Mapping[str, PeriodScores], metric: str) -> dict[str, float]:

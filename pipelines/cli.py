@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from cssl_core.config import ConfigError, Params, json_schema, load_params
 from cssl_core.data.shard import MANIFEST
@@ -263,7 +264,7 @@ def _print_refresh(summary: dict[str, Any]) -> None:
     verdict = "[green]promoted to @champion[/]" if summary["promoted"] else "[red]rejected[/]"
     out.print(f"[bold]{period}[/]: version {version} {verdict}")
     for reason in summary["reasons"]:
-        out.print(f"    {reason}")
+        out.print(f"    {escape(reason)}")
     t = summary["timings"]
     resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] else ""
     out.print(

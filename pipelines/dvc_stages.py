@@ -22,6 +22,8 @@ from cssl_core import period as core
 from cssl_core.config import Params
 from cssl_core.data.shard import Shard
 from cssl_core.data.storage import LocalStore, atomic_write_json
+from cssl_core.evaluation.intervals import REPORTED_CONFIDENCE
+from cssl_core.evaluation.outcomes import METRICS
 from cssl_core.learn.job import OnStep, ShouldStop
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
@@ -89,6 +91,18 @@ def evaluate_stage(
         "period": period,
         "weights_sha256": model.state_fingerprint(),
         "scores": {p: {"knn": s.knn, "linear": s.linear} for p, s in scores.items()},
+        "intervals": {
+            p: {
+                m: s.interval(
+                    m,
+                    confidence=REPORTED_CONFIDENCE,
+                    n_resamples=params.gate.bootstrap_samples,
+                    seed=params.gate.bootstrap_seed,
+                ).to_dict()
+                for m in METRICS
+            }
+            for p, s in scores.items()
+        },
     }
     atomic_write_json(out / f"{period}.json", result, sort_keys=True)
     return result

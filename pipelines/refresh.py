@@ -32,8 +32,19 @@ from cssl_core import period as core
 from cssl_core.config import Params, load_params
 from cssl_core.data.shard import Shard, ShardError
 from cssl_core.data.storage import open_store, redact
-from cssl_core.evaluation.evaluate import PeriodScores
+from cssl_core.evaluation.intervals import (
+    REPORTED_CONFIDENCE,
+    Interval,
+    average_accuracy_interval,
+)
 from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
+from cssl_core.evaluation.outcomes import (
+    METRICS,
+    FrameOutcomes,
+    Metric,
+    PeriodScores,
+    outcomes_table,
+)
 from cssl_core.learn.models import Embedder
 from cssl_core.learn.trainer import StepLog, TrainResult
 from cssl_core.memory.replay import ReplayError, ReplayMemory
@@ -75,7 +86,9 @@ class LineageState:
     """What period t continues from, read from the store and the registry.
 
     ``memory`` is memory(t-1); ``published`` is memory(t) when an earlier refresh of this
-    period already published it; ``matrix`` holds the lineage's rows of the periods before t.
+    period already published it; ``matrix`` holds the lineage's rows of the periods before t
+    (gate metric), ``low`` and ``high`` their logged 95% interval bounds (NaN where a run
+    logged none).
     """
 
     champion: VersionInfo | None
@@ -84,6 +97,8 @@ class LineageState:
     published: ReplayMemory | None
     shards: list[Shard]  # every period's shard so far, from the store; period t's last
     matrix: AccuracyMatrix
+    low: AccuracyMatrix
+    high: AccuracyMatrix
 
     @property
     def history(self) -> list[Shard]:
@@ -100,13 +115,34 @@ class Trained:
 
 @dataclass(frozen=True)
 class Scores:
-    """Accuracies on every period so far: the candidate's, the champion's (the same eval
-    sets; empty with no champion) and a randomly initialised model's on period t."""
+    """Accuracies (with per-frame outcomes) on every period so far: the candidate's, the
+    champion's (the same eval frames; empty with no champion), and on period t the blind
+    baselines: a randomly initialised model and the majority class."""
 
     candidate: dict[str, PeriodScores]
     champion: dict[str, PeriodScores]
     baseline: dict[str, PeriodScores]
+    majority: dict[str, PeriodScores]
     seconds: float
+
+    def tables(self) -> dict[str, dict[str, PeriodScores]]:
+        """Every model's scores by the prefix its metrics are logged under."""
+        return {
+            "": self.candidate,
+            "champion_": self.champion,
+            "random_": self.baseline,
+            "majority_": self.majority,
+        }
+
+    def outcomes(self) -> dict[str, dict[str, FrameOutcomes]]:
+        """Per-frame outcomes by model name (``candidate``, ``champion``, ``random``,
+        ``majority``): the run artifact ``eval/outcomes.parquet``."""
+        names = {"": "candidate", "champion_": "champion", "random_": "random"}
+        names["majority_"] = "majority"
+        return {
+            names[prefix]: {p: s.frames for p, s in table.items() if s.frames is not None}
+            for prefix, table in self.tables().items()
+        }
 
 
 @dataclass(frozen=True)
@@ -192,8 +228,12 @@ def load_lineage(registry_uri: str, params: Params, period: str) -> LineageState
     else:
         raise ShardError(f"no replay memory for the previous period {previous!r}; refresh it first")
     published = ReplayMemory.load(store, period) if ReplayMemory.exists(store, period) else None
-    matrix = with_row(registry.lineage_matrix(chain, params.gate.metric), period, {})
-    return LineageState(champion, parent, memory, published, shards, matrix)
+    metric = params.gate.metric
+    matrix, low, high = (
+        with_row(registry.lineage_matrix(chain, name), period, {})
+        for name in (metric, f"{metric}_low", f"{metric}_high")
+    )
+    return LineageState(champion, parent, memory, published, shards, matrix, low, high)
 
 
 @task(**IO_RETRIES)
@@ -229,6 +269,78 @@ def promote(registry_uri: str, version: int) -> None:
     open_registry(registry_uri).promote(version)
 
 
+def reported_interval(scores: PeriodScores, metric: Metric, params: Params) -> Interval | None:
+    """The 95% cluster-bootstrap interval of one logged accuracy (None without outcomes)."""
+    if scores.frames is None:
+        return None
+    return scores.frames.interval(
+        metric,
+        confidence=REPORTED_CONFIDENCE,
+        n_resamples=params.gate.bootstrap_samples,
+        seed=params.gate.bootstrap_seed,
+    )
+
+
+def _with_bounds(name: str, iv: Interval | None, step: int = 0) -> list[MetricPoint]:
+    """``name`` and, when the interval is defined, ``<name>_low`` / ``<name>_high``; a name
+    ``a/b`` gets ``a_low/b`` (``knn/p01`` -> ``knn_low/p01``)."""
+    if iv is None:
+        return []
+    head, sep, tail = name.partition("/")
+    points = [MetricPoint(name, iv.estimate, step)]
+    if iv.defined:
+        points += [
+            MetricPoint(f"{head}_low{sep}{tail}", iv.low, step),
+            MetricPoint(f"{head}_high{sep}{tail}", iv.high, step),
+        ]
+    return points
+
+
+def score_points(params: Params, scores: Scores) -> list[MetricPoint]:
+    """Every accuracy of every model with its 95% interval (``knn/p01``, ``knn_low/p01``,
+    ``knn_high/p01``, ``champion_knn/p01``, ..., ``random_*``, ``majority_*``), and the
+    candidate's average accuracy per metric with its (stratified) interval."""
+    points: list[MetricPoint] = []
+    for prefix, table in scores.tables().items():
+        for p, s in table.items():
+            for m in METRICS:
+                iv = reported_interval(s, m, params)
+                points += _with_bounds(f"{prefix}{m}/{p}", iv) or [
+                    MetricPoint(f"{prefix}{m}/{p}", float(getattr(s, m)))
+                ]
+    frames = _frames(scores.candidate)
+    for m in METRICS:
+        if frames and len(frames) == len(scores.candidate):
+            avg = average_accuracy_interval(
+                [(o.correct(m), o.clusters) for o in frames.values()],
+                confidence=REPORTED_CONFIDENCE,
+                n_resamples=params.gate.bootstrap_samples,
+                seed=params.gate.bootstrap_seed,
+            )
+            points += _with_bounds(f"average_{m}", avg)
+    return points
+
+
+def gate_points(
+    decision: Decision, scores: Scores, period: str, params: Params
+) -> list[MetricPoint]:
+    """The gate's tested differences (``gate/diff/p01`` with ``_low``/``_high`` at the
+    gate's corrected level), its forgetting bounds, and the next-period accuracy: the
+    champion's accuracy on the new period before training on it, with its 95% interval."""
+    points: list[MetricPoint] = []
+    for p, diff in decision.gate.differences.items():
+        points += _with_bounds(f"gate/diff/{p}", diff)
+    if decision.gate.forgetting is not None and decision.gate.forgetting.defined:
+        points += [
+            MetricPoint("forgetting_low", decision.gate.forgetting.low),
+            MetricPoint("forgetting_high", decision.gate.forgetting.high),
+        ]
+    if period in scores.champion:
+        served = reported_interval(scores.champion[period], params.gate.metric, params)
+        points += _with_bounds("next_period_accuracy", served)
+    return points
+
+
 @task(**IO_RETRIES)
 def log_run(
     registry_uri: str,
@@ -238,9 +350,14 @@ def log_run(
     scores: Scores,
     decision: Decision,
     summary: RefreshSummary,
+    state: LineageState,
 ) -> None:
-    """Parameters, training curves, every score, the summary numbers, and the accuracy
-    matrix, its plots and the gate's reasons as artifacts."""
+    """Parameters, training curves, every score with its 95% interval, the gate's
+    differences, the summary numbers; as artifacts the accuracy matrix (with intervals), its
+    plots (error bars), the gate's verdict and the per-frame outcomes of every model
+    (``eval/outcomes.parquet``, so intervals can be recomputed later)."""
+    import pyarrow.parquet as pq
+
     from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
 
     registry = open_registry(registry_uri)
@@ -250,16 +367,8 @@ def log_run(
         for h in trained.result.history
         for name in ("loss", "ssl", "distill", "lr")
     ]
-    for prefix, table in (
-        ("", scores.candidate),
-        ("champion_", scores.champion),
-        ("random_", scores.baseline),
-    ):
-        for p, s in table.items():
-            points += [
-                MetricPoint(f"{prefix}knn/{p}", s.knn),
-                MetricPoint(f"{prefix}linear/{p}", s.linear),
-            ]
+    points += score_points(params, scores)
+    points += gate_points(decision, scores, summary.period, params)
     totals = {
         "forgetting": decision.forgetting,
         "average_accuracy": decision.average_accuracy,
@@ -269,15 +378,37 @@ def log_run(
     }
     points += [MetricPoint(k, float(v)) for k, v in totals.items()]
     registry.log_metrics(run_id, points)
+    metric = params.gate.metric
+    bounds = {pt.key: pt.value for pt in points if pt.key.startswith(f"{metric}_")}
+    low, high = (
+        with_row(
+            matrix,
+            summary.period,
+            {
+                p: bounds[f"{metric}_{side}/{p}"]
+                for p in decision.row
+                if f"{metric}_{side}/{p}" in bounds
+            },
+        )
+        for matrix, side in ((state.low, "low"), (state.high, "high"))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         matrix = decision.matrix
         (out / "accuracy_matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
-        (out / "accuracy_matrix.md").write_text(matrix.to_markdown() + "\n")
-        gate = {"promote": decision.promote, "reasons": decision.gate.reasons}
+        (out / "accuracy_matrix.md").write_text(matrix.to_markdown(low=low, high=high) + "\n")
+        gate = {
+            "promote": decision.promote,
+            "reasons": decision.gate.reasons,
+            "differences": {p: iv.to_dict() for p, iv in decision.gate.differences.items()},
+            "forgetting": (
+                decision.gate.forgetting.to_dict() if decision.gate.forgetting else None
+            ),
+        }
         (out / "gate.json").write_text(json.dumps(gate, indent=2))
-        plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
-        plot_accuracy_curves(matrix, out / "accuracy_curves.png")
+        pq.write_table(outcomes_table(scores.outcomes()), out / "outcomes.parquet")
+        plot_accuracy_matrix(matrix, out / "accuracy_matrix.png", low=low, high=high)
+        plot_accuracy_curves(matrix, out / "accuracy_curves.png", low=low, high=high)
         registry.log_artifacts(run_id, out, "eval")
 
 
@@ -396,34 +527,52 @@ def train(params: Params, period: str, shard: Shard, state: LineageState) -> Tra
 
 @task(**COMPUTE)
 def evaluate(params: Params, model: Embedder, state: LineageState) -> Scores:
-    """The candidate and the champion on every period's eval split so far; a randomly
-    initialised model on the new one (the FWT baseline)."""
+    """The candidate and the champion on every period's eval split so far (the same frames,
+    so the gate can pair them); on the new one the blind baselines: a randomly initialised
+    model (the FWT baseline) and the majority class."""
     t0 = time.perf_counter()
     sets = core.eval_sets_for(state.shards, params)
     new = {state.shards[-1].period: sets[state.shards[-1].period]}
     candidate = core.evaluate_model(model, sets, params)
     champion = core.evaluate_model(state.parent, sets, params) if state.parent else {}
     baseline = core.evaluate_model(core.new_model(params), new, params)
-    return Scores(candidate, champion, baseline, time.perf_counter() - t0)
+    majority = core.majority_baseline(new, params)
+    return Scores(candidate, champion, baseline, majority, time.perf_counter() - t0)
 
 
 @task(**COMPUTE)
 def decide_promotion(params: Params, period: str, scores: Scores, state: LineageState) -> Decision:
-    """The gate on the candidate's row, the champion's, and the lineage's forgetting with the
-    candidate as period t's row. Forgetting that cannot be computed is NaN (the gate fails)."""
+    """The paired gate on the candidate's and the champion's per-frame outcomes, with the
+    lineage's best earlier accuracies (as logged) for forgetting. Best earlier accuracies that
+    cannot be read are NaN, so the gate fails closed on them."""
     metric = params.gate.metric
     row = core.accuracy_row(scores.candidate, metric)
     champion_row = core.accuracy_row(scores.champion, metric)
     matrix = with_row(state.matrix, period, row)
+    lineage = lineage_rows(matrix)
     try:
-        forgetting = lineage_rows(matrix).forgetting(period)
+        forgetting = lineage.forgetting(period)
+        best = lineage.best_earlier(period)
     except (MissingAccuracy, KeyError):
         forgetting = float("nan")
+        best = {p: float("nan") for p in lineage.periods if p != period}
     average = sum(row.values()) / len(row) if row else float("nan")
-    gate = decide(row, champion_row or None, period, forgetting, params.gate)
+    gate = decide(
+        _frames(scores.candidate),
+        _frames(scores.champion) if state.parent is not None else None,
+        period,
+        best,
+        params.gate,
+    )
     verdict = "passes the gate" if gate.promote else "is rejected"
     get_run_logger().info(f"{period}: the candidate {verdict}: " + "; ".join(gate.reasons))
     return Decision(gate, row, champion_row, matrix, forgetting, average)
+
+
+def _frames(scores: dict[str, PeriodScores]) -> dict[str, FrameOutcomes]:
+    """The per-frame outcomes of every period that has them (a period without is left out,
+    so the gate names it as missing)."""
+    return {p: s.frames for p, s in scores.items() if s.frames is not None}
 
 
 @task(**COMPUTE)
@@ -634,5 +783,5 @@ def refresh(
             summary = summarize(
                 version, state, trained, scores, decision, time.perf_counter() - t_start
             )
-            log_run(registry, run_id, params, trained, scores, decision, summary)
+            log_run(registry, run_id, params, trained, scores, decision, summary, state)
     return summary.as_dict()

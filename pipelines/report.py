@@ -1,10 +1,18 @@
-"""``cssl report``: the accuracy matrix, metrics and lineage, read back from the registry."""
+"""``cssl report``: the accuracy matrix, metrics and lineage, read back from the registry.
+
+Every accuracy is shown with its 95% cluster-bootstrap interval as the refresh logged it
+(``0.742 ±0.021``: the larger distance from the value to a bound). Beside the matrix: the
+next-period accuracy (what production served on each period before its refresh landed) and
+the blind baselines of each period (an untrained model and the majority class), so a reader
+sees what the embedding adds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from functools import partial
+from math import isnan
 from typing import Any
 
 from cssl_core.config import Params
@@ -31,13 +39,51 @@ class VersionRow:
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """A logged value and its 95% interval bounds (None where a run logged none)."""
+
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+
+    def __str__(self) -> str:
+        if self.value is None:
+            return "n/a"
+        if self.low is None or self.high is None:
+            return f"{self.value:.3f}"
+        return f"{self.value:.3f} ±{max(self.value - self.low, self.high - self.value):.3f}"
+
+
+@dataclass(frozen=True)
 class Summary:
-    """Continual-learning metrics of the lineage (periods with a promoted version)."""
+    """Continual-learning metrics of the lineage (periods with a promoted version).
+
+    ``average_interval`` is the logged interval of the last lineage version's average
+    accuracy, when that average is over exactly the lineage's periods; ``next_period`` the
+    accuracy on each period before its refresh (``R[t-1][t]``) with its interval, and
+    ``average_next_period`` their mean (no interval: the periods' runs are separate).
+    """
 
     average_accuracy: float | None
     forgetting: float | None
     bwt: float | None
     fwt: float | None
+    average_interval: Bounds | None = None
+    next_period: dict[str, Bounds] | None = None
+    average_next_period: float | None = None
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """One period's blind baselines, each with its interval, beside the lineage's model of
+    that period (``R[p][p]``)."""
+
+    period: str
+    random_knn: Bounds
+    random_linear: Bounds
+    majority: Bounds
+    model_knn: Bounds
+    model_linear: Bounds
 
 
 @dataclass(frozen=True)
@@ -48,6 +94,9 @@ class Report:
     versions: list[VersionRow]
     matrices: dict[str, AccuracyMatrix]  # metric -> R over the refreshed periods
     summary: dict[str, Summary]  # metric -> summary
+    lows: dict[str, AccuracyMatrix] = field(default_factory=dict)  # metric -> 95% low bounds
+    highs: dict[str, AccuracyMatrix] = field(default_factory=dict)  # metric -> 95% high bounds
+    baselines: list[Baselines] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (``cssl report --json``)."""
@@ -57,7 +106,12 @@ class Report:
             "champion": self.champion,
             "versions": [asdict(v) for v in self.versions],
             "matrices": {m: matrix.to_dict() for m, matrix in self.matrices.items()},
+            "intervals": {
+                m: {"low": self.lows[m].to_dict(), "high": self.highs[m].to_dict()}
+                for m in self.lows
+            },
             "summary": {m: asdict(s) for m, s in self.summary.items()},
+            "baselines": [asdict(b) for b in self.baselines],
         }
 
 
@@ -96,6 +150,8 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
     lineage = registry.lineage()
     runs = {p: registry.run(v.run_id).metrics for p, v in lineage.items()}
     matrices: dict[str, AccuracyMatrix] = {}
+    lows: dict[str, AccuracyMatrix] = {}
+    highs: dict[str, AccuracyMatrix] = {}
     summary: dict[str, Summary] = {}
     for metric in METRICS:
         if not periods:
@@ -104,6 +160,8 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
             continue
         matrix = registry.lineage_matrix(periods, metric)
         matrices[metric] = matrix
+        lows[metric] = registry.lineage_matrix(periods, f"{metric}_low")
+        highs[metric] = registry.lineage_matrix(periods, f"{metric}_high")
         kept = lineage_rows(matrix)
         baseline = {
             p: m[f"random_{metric}/{p}"] for p, m in runs.items() if f"random_{metric}/{p}" in m
@@ -113,6 +171,9 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
             forgetting=_safe(kept.forgetting),
             bwt=_safe(kept.bwt),
             fwt=_safe(partial(kept.fwt, baseline)),
+            average_interval=_average_interval(kept, runs, metric),
+            next_period=_next_period(kept, lows[metric], highs[metric]),
+            average_next_period=_safe(kept.average_next_period_accuracy),
         )
     return Report(
         model=MODEL_NAME,
@@ -121,6 +182,60 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
         versions=rows,
         matrices=matrices,
         summary=summary,
+        lows=lows,
+        highs=highs,
+        baselines=[_baselines(p, runs[p]) for p in periods if p in runs],
+    )
+
+
+def _logged(metrics: Mapping[str, float], name: str) -> Bounds:
+    """``name`` (``a/b``) with its logged ``a_low/b`` and ``a_high/b``."""
+    head, sep, tail = name.partition("/")
+    return Bounds(
+        metrics.get(name),
+        metrics.get(f"{head}_low{sep}{tail}"),
+        metrics.get(f"{head}_high{sep}{tail}"),
+    )
+
+
+def _average_interval(
+    kept: AccuracyMatrix, runs: Mapping[str, Mapping[str, float]], metric: str
+) -> Bounds | None:
+    """The last lineage run's logged average and its interval, if it averages exactly the
+    lineage's periods (a period without a lineage row would make it another average)."""
+    if not kept.periods or kept.periods[-1] not in runs:
+        return None
+    logged = _logged(runs[kept.periods[-1]], f"average_{metric}")
+    value = _safe(kept.average_accuracy)
+    if logged.value is None or value is None or abs(logged.value - value) > 1e-9:
+        return None
+    return logged
+
+
+def _next_period(
+    kept: AccuracyMatrix, low: AccuracyMatrix, high: AccuracyMatrix
+) -> dict[str, Bounds] | None:
+    """``R[t-1][t]`` of each lineage period after the first, with its interval."""
+    try:
+        served = kept.next_period_accuracy()
+    except MissingAccuracy:
+        return None
+    out = {}
+    for k, (p, value) in enumerate(served.items(), start=1):
+        before = kept.periods[k - 1]
+        lo, hi = low.get(before, p), high.get(before, p)
+        out[p] = Bounds(value, None if isnan(lo) else lo, None if isnan(hi) else hi)
+    return out
+
+
+def _baselines(period: str, metrics: Mapping[str, float]) -> Baselines:
+    return Baselines(
+        period=period,
+        random_knn=_logged(metrics, f"random_knn/{period}"),
+        random_linear=_logged(metrics, f"random_linear/{period}"),
+        majority=_logged(metrics, f"majority_knn/{period}"),
+        model_knn=_logged(metrics, f"knn/{period}"),
+        model_linear=_logged(metrics, f"linear/{period}"),
     )
 
 
@@ -148,8 +263,9 @@ def format_report(report: Report) -> list[str]:
         matrix = report.matrices[metric]
         lines += [
             "",
-            f"R[i][j] ({metric} accuracy on period j's eval split after period i):",
-            matrix.to_markdown(),
+            f"R[i][j] ({metric} accuracy on period j's eval split after period i, "
+            "± its 95% interval):",
+            matrix.to_markdown(low=report.lows.get(metric), high=report.highs.get(metric)),
         ]
         rowless = [p for p in matrix.periods if p not in lineage_rows(matrix).periods]
         if rowless:
@@ -157,8 +273,24 @@ def format_report(report: Report) -> list[str]:
                 f"no row for {', '.join(rowless)}: no version passed the gate (the lineage "
                 "continued from the champion; these periods are left out of the metrics)"
             )
+        average = s.average_interval or Bounds(s.average_accuracy)
         lines.append(
-            f"average accuracy {_fmt(s.average_accuracy)}, forgetting "
-            f"{_fmt(s.forgetting)}, BWT {_fmt(s.bwt)}, FWT {_fmt(s.fwt)}"
+            f"average accuracy {average}, forgetting {_fmt(s.forgetting)}, BWT {_fmt(s.bwt)}, "
+            f"FWT {_fmt(s.fwt)}, next-period accuracy {_fmt(s.average_next_period)}"
         )
+        if s.next_period:
+            served = ", ".join(f"{p} {b}" for p, b in s.next_period.items())
+            lines.append(f"next-period accuracy (the model served before each refresh): {served}")
+    if report.baselines:
+        lines += [
+            "",
+            "Blind baselines on each period's eval split (what the embedding adds):",
+            "| period | model knn | model linear | untrained knn | untrained linear | majority |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for b in report.baselines:
+            lines.append(
+                f"| {b.period} | {b.model_knn} | {b.model_linear} | {b.random_knn} | "
+                f"{b.random_linear} | {b.majority} |"
+            )
     return lines

@@ -83,7 +83,7 @@ TINY_PARAMS: dict[str, Any] = {
     # pass or reject it by chance. The lineage tests are about orchestration: every tiny
     # candidate passes; tests that need a rejection set strict thresholds themselves, and
     # the gate's rule has its own tests (test_gate.py).
-    "gate": {"avg_accuracy_tolerance": 1.0, "new_period_tolerance": 1.0, "max_forgetting": 1.0},
+    "gate": {"margin": 1.0, "max_forgetting": 1.0, "bootstrap_samples": 200},
 }
 PERIODS = list(TINY_PARAMS["periods"])
 

@@ -98,6 +98,12 @@ def test_repro_matches_the_prefect_flow(dvc_repo, lineage: Lineage):
     for q, scores in p02["scores"].items():
         assert scores["knn"] == logged[f"knn/{q}"]
         assert scores["linear"] == logged[f"linear/{q}"]
+        knn = p02["intervals"][q]["knn"]  # the 95% interval the flow logged, recomputed
+        assert (knn["estimate"], knn["low"], knn["high"]) == (
+            logged[f"knn/{q}"],
+            logged[f"knn_low/{q}"],
+            logged[f"knn_high/{q}"],
+        )
 
 
 def test_a_second_repro_does_nothing(dvc_repo):

@@ -53,6 +53,26 @@ def test_forgetting_uses_best_earlier_accuracy_bwt_uses_diagonal() -> None:
     assert R.bwt() == pytest.approx(-0.2, abs=1e-12)
 
 
+def test_best_earlier_and_next_period_accuracy_by_hand() -> None:
+    R = full()
+    # b_p1 = max(R[p1][p1], R[p2][p1]) = max(0.8, 0.9) = 0.9 ; b_p2 = R[p2][p2] = 0.7
+    assert R.best_earlier() == pytest.approx({"p1": 0.9, "p2": 0.7}, abs=1e-12)
+    assert R.best_earlier("p2") == pytest.approx({"p1": 0.8}, abs=1e-12)
+    assert R.best_earlier("p1") == {}
+    # N_p2 = R[p1][p2] = 0.1 ; N_p3 = R[p2][p3] = 0.3 ; average (0.1 + 0.3) / 2 = 0.2
+    assert R.next_period_accuracy() == pytest.approx({"p2": 0.1, "p3": 0.3}, abs=1e-12)
+    assert R.average_next_period_accuracy() == pytest.approx(0.2, abs=1e-12)
+    assert R.average_next_period_accuracy("p2") == pytest.approx(0.1, abs=1e-12)
+    # FWT is the average next-period accuracy above the blind baseline
+    baseline = [0.0, 0.05, 0.15]
+    assert R.fwt(baseline) == pytest.approx(0.2 - 0.1, abs=1e-12)
+    with pytest.raises(MissingAccuracy, match="at least two periods"):
+        R.average_next_period_accuracy("p1")
+    gap = AccuracyMatrix(PERIODS, [[0.8, None, None], [0.9, 0.7, 0.3], [0.6, 0.5, 0.9]])
+    with pytest.raises(MissingAccuracy, match=r"next_period_accuracy needs R\[p1\]\[p2\]"):
+        gap.next_period_accuracy()
+
+
 def test_negative_forgetting_and_positive_bwt_when_an_old_period_improves() -> None:
     R = full()
     # After p2: f_p1 = R[p1][p1] - R[p2][p1] = 0.8 - 0.9 = -0.1 ; BWT_2 = 0.9 - 0.8 = +0.1
@@ -184,6 +204,35 @@ def test_markdown_table() -> None:
         "| a | 0.500 |  |\n"
         "| b | 0.250 | 1.000 |\n"
     )
+
+
+def test_markdown_table_with_intervals() -> None:
+    R = AccuracyMatrix(["a", "b"], [[0.5, None], [0.25, 1.0]])
+    low = AccuracyMatrix(["a", "b"], [[0.45, None], [0.2, None]])
+    high = AccuracyMatrix(["a", "b"], [[0.52, None], [0.31, 1.0]])
+    assert R.to_markdown(low=low, high=high) == (
+        "| trained through \\ eval on | a | b |\n"
+        "|---|---:|---:|\n"
+        "| a | 0.500 ±0.050 |  |\n"
+        "| b | 0.250 ±0.060 | 1.000 |\n"
+    )
+    with pytest.raises(ValueError, match="same periods"):
+        R.to_markdown(low=AccuracyMatrix(["a", "c"]), high=high)
+
+
+def test_plots_draw_the_intervals(tmp_path: Path) -> None:
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
+
+    R = full()
+    low = AccuracyMatrix(PERIODS, np.clip(np.array(FULL) - 0.1, 0, 1))
+    high = AccuracyMatrix(PERIODS, np.clip(np.array(FULL) + 0.05, 0, 1))
+    for plot in (plot_accuracy_curves, plot_accuracy_matrix):
+        plain = plot(R, tmp_path / f"{plot.__name__}-plain.png")
+        bars = plot(R, tmp_path / f"{plot.__name__}-bars.png", low=low, high=high)
+        with Image.open(plain) as a, Image.open(bars) as b:
+            assert a.size == b.size
+            diff = np.abs(np.asarray(a.convert("L"), float) - np.asarray(b.convert("L"), float))
+            assert (diff > 40).sum() > 100  # the bars / interval text are drawn
 
 
 # -- plots (cssl_core.evaluation.plots draws an AccuracyMatrix) ---------------------------------
