@@ -94,6 +94,12 @@ class SimulateConfig(_Section):
     size: int = Field(64, ge=16, le=1024)
     seed: int = 0
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    eval_clip_frames: int = Field(
+        1,
+        ge=1,
+        description="frames per eval clip; every eval clip is shown by its own held-out "
+        "streamer, so the number of clips sets how precisely a period's accuracy is known",
+    )
     games_per_period: int = Field(4, ge=1)
     frame_skip: int = Field(8, ge=1)
     facecam: bool = True
