@@ -167,6 +167,12 @@ class AugmentConfig(_Section):
 
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0)
+    hue: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="largest hue rotation of the colour jitter, in turns (0.5: any hue)",
+    )
     color_jitter_p: float = Field(0.8, ge=0, le=1)
     grayscale_p: float = Field(0.2, ge=0, le=1)
     blur_p: float = Field(0.0, ge=0, le=1)
