@@ -28,9 +28,11 @@ bench: setup
 	$(BIN)/cssl bench ingest
 	$(BIN)/cssl bench train
 
+# ruff (lint + format) and mypy (types; settings in pyproject.toml) over the packages.
 lint: setup
 	$(BIN)/ruff check cssl_core pipelines benchmarks tests
 	$(BIN)/ruff format --check cssl_core pipelines benchmarks tests
+	$(BIN)/mypy
 
 clean:
-	rm -rf .cssl .pytest_cache
+	rm -rf .cssl .pytest_cache .mypy_cache

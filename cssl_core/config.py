@@ -246,17 +246,69 @@ class EvalConfig(_Section):
     probe_epochs: int = Field(100, ge=1)
     probe_lr: float = Field(0.1, gt=0)
     max_train_frames: int = Field(2000, ge=1, description="labelled train frames per period")
+    cluster: Literal["stream", "frame"] = Field(
+        "stream",
+        description="unit of independence the bootstrap resamples: 'stream' (the shard's "
+        "stream_id: frames of one streamer or video share its look, so they are not "
+        "independent draws) or 'frame' (only for eval sets of independent images, such as a "
+        "photo dataset ingested as one stream)",
+    )
 
 
 class GateConfig(_Section):
-    """Promotion thresholds: the candidate must pass all of them."""
+    """The paired promotion gate (``pipelines/gate.py``): candidate and champion are scored on
+    the same eval frames and the gate tests the paired difference of their accuracies on
+    every period, with a cluster-bootstrap interval.
+
+    Promote only when, on every earlier period, the lower bound of the difference is above
+    ``-margin`` (non-inferior); on the new period it is above ``0`` (``new_period: better``)
+    or ``-margin`` (``non_inferior``); the upper bound of the candidate's forgetting is at
+    most ``max_forgetting``; and every input is there and finite. Each bound is that of the
+    two-sided ``confidence`` interval, i.e. a one-sided test at level ``(1 - confidence) / 2``,
+    adjusted across the periods tested by ``correction``. Every number is finite: an
+    infinite margin would let any candidate by.
+    """
 
     metric: Literal["knn", "linear"] = "knn"
-    avg_accuracy_tolerance: float = Field(
-        0.01, ge=-1, le=1, description="negative: the candidate must beat the champion by this"
+    margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="non-inferiority margin: the largest accuracy drop against the champion "
+        "on a period that still counts as no worse",
     )
-    new_period_tolerance: float = Field(0.0, ge=0)
-    max_forgetting: float = Field(0.10, ge=0)
+    new_period: Literal["better", "non_inferior"] = Field(
+        "non_inferior",
+        description="on the new period the candidate must be better (lower bound > 0) or "
+        "only non-inferior (lower bound > -margin)",
+    )
+    max_forgetting: float = Field(0.10, ge=0, allow_inf_nan=False)
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, allow_inf_nan=False, description="two-sided interval level"
+    )
+    correction: Literal["none", "bonferroni", "holm"] = Field(
+        "none",
+        description="multiplicity correction across the periods tested: every test must "
+        "pass to promote (an intersection-union test), so 'none' already bounds the chance of "
+        "promoting a candidate worse by the margin on a period; the corrections lower it "
+        "further at the price of rejecting more equivalent candidates",
+    )
+    bootstrap_samples: int = Field(2000, ge=100, description="bootstrap replicates per test")
+    bootstrap_seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in ("avg_accuracy_tolerance", "new_period_tolerance") if k in data]
+            if old:
+                raise ValueError(
+                    f"gate.{old[0]} was replaced by the paired gate's gate.margin (the "
+                    "non-inferiority margin per period) and gate.new_period (better | "
+                    "non_inferior); remove it"
+                )
+        return data
 
 
 class DriftConfig(_Section):

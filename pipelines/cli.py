@@ -1,23 +1,39 @@
 """The ``cssl`` command line.
 
 Every verb has ``--help``. Errors print one line on stderr and exit non-zero; ``--debug`` shows
-the traceback. Heavy imports (torch, prefect, mlflow) happen inside the verbs that need them,
-so ``cssl validate`` starts fast.
+the traceback. Heavy imports (torch, prefect, mlflow, the benchmarks) happen inside the verbs
+that need them, so building the parser, ``--help``, ``config`` and ``validate`` import none of
+them (a test checks it).
+
+The verbs that run flows (``refresh``, ``demo``) start Prefect's temporary server once, show
+training progress and each gate decision on the console (Prefect's task-state lines stay in
+its logs), and stop cleanly on SIGTERM/SIGINT: training stops after its current step (the
+rerun resumes from the newest checkpoint), the run is marked FAILED, every process the command
+started is stopped, and the exit code is 128 + the signal number (``pipelines/stopping.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from cssl_core.config import ConfigError, Params, json_schema, load_params
+from cssl_core.data.shard import MANIFEST
+from pipelines import stopping
+from pipelines.settings import state_dir
+
+if TYPE_CHECKING:
+    from pipelines.progress import TrainStep
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -85,6 +101,32 @@ def _emit(args: argparse.Namespace, payload: Any, lines: Sequence[str]) -> None:
     else:
         for line in lines:
             out.print(line)
+
+
+def shard_dir(path: str | Path, period: str | None = None) -> Path:
+    """The shard a verb was pointed at: ``path`` itself, or the one shard under it.
+
+    ``cssl ingest --out DIR`` writes ``DIR/<period>/``; the verbs that read a shard accept
+    ``DIR`` too when it holds exactly one shard (or one of ``period``), and say which periods
+    it holds when it holds several.
+    """
+    root = Path(path)
+    if not root.is_dir() or (root / MANIFEST).is_file() or any(root.glob("*.parquet")):
+        return root
+    shards = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
+    if period is not None and (root / period / MANIFEST).is_file():
+        chosen = root / period
+    elif len(shards) == 1:
+        chosen = shards[0]
+    elif shards:
+        names = ", ".join(p.name for p in shards)
+        raise CliError(
+            f"{root} holds the shards of periods {names}: give one of them, e.g. {shards[0]}"
+        )
+    else:
+        return root
+    console.print(f"{root} holds the shard of {chosen.name}: using {chosen}")
+    return chosen
 
 
 # -- verbs -------------------------------------------------------------------------------
@@ -165,7 +207,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 params.simulate,
                 rows_per_group=cfg.rows_per_group,
             )
-            _emit(args, manifest, [f"{args.period}: simulated {manifest['num_rows']} frames"])
+            where = Path(args.out) / args.period
+            _emit(
+                args,
+                {**manifest, "path": str(where)},
+                [f"{args.period}: simulated {manifest['num_rows']} frames; shard at {where}"],
+            )
             return EXIT_OK
         sources = [params.period_source(args.period)]
     with _progress(None, f"ingest {args.period}") as progress:
@@ -187,7 +234,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cssl_core.data.validate import validate_shard
 
     params = _params(args)
-    report = validate_shard(Path(args.shard), params.ingest, repair=not args.check)
+    report = validate_shard(shard_dir(args.shard), params.ingest, repair=not args.check)
     _emit(args, report.as_dict(), report.summary_lines())
     return EXIT_OK if report.clean or not args.check else EXIT_FAILED
 
@@ -218,23 +265,167 @@ def _print_refresh(summary: dict[str, Any]) -> None:
     for reason in summary["reasons"]:
         out.print(f"    {reason}")
     t = summary["timings"]
+    resumed = f", resumed from step {summary['resumed_from']}" if summary["resumed_from"] else ""
     out.print(
         f"    accuracy {summary['average_accuracy']:.3f} avg, forgetting "
         f"{summary['forgetting']:.3f}; {t['total']:.0f} s (train {t['train']:.0f} s, "
-        f"evaluate {t['evaluate']:.0f} s, other {t['orchestration']:.1f} s)"
+        f"evaluate {t['evaluate']:.0f} s, other {t['orchestration']:.1f} s){resumed}"
     )
+
+
+class TrainingProgress:
+    """Training progress on the console: period, step, images/s and the time left for all
+    the training this command expects (``total_steps``, at the pace since the first step, so
+    evaluation and registration between periods are counted in). A bar on a terminal, a line
+    per tenth of a period otherwise (logs, CI)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total = max(1, total_steps)
+        self.done: dict[str, int] = {}
+        self.skipped = 0
+        self.first: tuple[float, int] | None = None  # when the first step came, steps done then
+        self._bar: Any = None
+        self._task: Any = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train[/]"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=console,
+                transient=True,
+            )
+            self._task = self._bar.add_task("train", total=self.total, info="")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def skip(self, steps: int) -> None:
+        """A period that needed no training (already refreshed) leaves the estimate."""
+        self.skipped += steps
+
+    def time_left(self) -> float | None:
+        """Seconds left at the pace since the first step (start-up costs once, not per step;
+        evaluation and registration between periods are part of the pace)."""
+        done = sum(self.done.values())
+        if self.first is None or done <= self.first[1]:
+            return None
+        pace = (time.monotonic() - self.first[0]) / (done - self.first[1])
+        return pace * max(0, self.total - self.skipped - done)
+
+    def __call__(self, event: TrainStep) -> None:
+        first = event.period not in self.done
+        self.done[event.period] = event.step
+        if self.first is None:
+            self.first = (time.monotonic(), sum(self.done.values()))
+        left = self.time_left()
+        eta = "" if left is None else f", about {_duration(left)} left"
+        info = (
+            f"{event.period} step {event.step}/{event.steps}, "
+            f"{event.images_per_second:.0f} img/s{eta}"
+        )
+        if self._bar is not None:
+            if first:
+                self._bar.start()
+            self._bar.update(
+                self._task, completed=sum(self.done.values()) + self.skipped, info=info
+            )
+            if event.step == event.steps:
+                self._bar.stop()
+                console.print(info)
+        elif first or event.step == event.steps or event.step % max(1, event.steps // 10) == 0:
+            console.print(info)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+@contextmanager
+def flow_session(args: argparse.Namespace, progress: TrainingProgress) -> Iterator[None]:
+    """What a verb that runs flows needs around them (see the module docstring)."""
+    # Prefect's INFO lines stay in its logs (its API) and MLflow's ("creating tables...") off
+    # the console; both are read when the library is first imported. A user's own setting
+    # wins, and --debug shows everything.
+    quiet = not args.debug and "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ
+    levels = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "MLFLOW_LOGGING_LEVEL")
+    quieted = [k for k in levels if quiet and k not in os.environ]
+    os.environ.update({k: "WARNING" for k in quieted})
+    from pipelines.prefect_server import quiet_console, start_local_server
+    from pipelines.progress import listening
+
+    def starting(attempt: int, timeout: int) -> None:
+        again = "" if attempt == 1 else "no answer; once more, "
+        console.print(f"starting the local Prefect server ({again}waiting up to {timeout} s)")
+
+    server = None
+    before = _child_pids()
+    with stopping.handling_signals(), quiet_console() if quiet else nullcontext():
+        try:
+            server = start_local_server(on_start=starting)
+            with listening(progress):
+                yield
+        finally:
+            stopping.cancel_watchdog()
+            progress.close()
+            # The temporary server stops at exit, once Prefect has sent its last logs to it
+            # (pipelines/prefect_server.py); anything else this command started stops now.
+            keep = {server.pid} if server is not None and server.pid else set()
+            stop_children(spare=before | keep)
+            for name in quieted:
+                os.environ.pop(name, None)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def stop_children(spare: Collection[int] = (), timeout: float = 5.0) -> None:
+    """Stop every process started since ``spare`` was taken and still running (terminate,
+    then kill): the temporary server, torchrun and its workers."""
+    import psutil
+
+    children = [p for p in psutil.Process().children(recursive=True) if p.pid not in spare]
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _period_steps(params: Params, period: str) -> int:
+    """Training steps of one period, as the trainer counts them (for the progress line)."""
+    from cssl_core.learn.trainer import steps_for  # the verbs that train import torch anyway
+
+    return steps_for(params.train.strategy, params.train.steps, params.period_index(period))
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from pipelines.refresh import refresh
+    params = _params(args)
+    shard = str(shard_dir(args.shard, args.period)) if args.shard else None
+    period = params.period_names[-1] if args.period == "latest" else args.period
+    steps = _period_steps(params, period) if period in params.periods else 1
+    with flow_session(args, TrainingProgress(steps)):
+        from pipelines.refresh import refresh
 
-    summary = refresh(
-        args.period,
-        shard=args.shard,
-        source=args.source,
-        params_path=args.params,
-        overrides=_overrides(args),
-    )
+        summary = refresh(
+            args.period,
+            shard=shard,
+            source=args.source,
+            params_path=args.params,
+            overrides=_overrides(args),
+        )
     if args.json:
         _emit(args, summary, [])
     else:
@@ -246,30 +437,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import build_report, format_report
 
     report = build_report(_params(args))
-    _emit(args, report, format_report(report))
+    _emit(args, report.as_dict(), format_report(report))
     return EXIT_OK
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from pipelines.registry import Registry
+    from pipelines.registry import open_registry
 
-    Registry().promote(args.version)
+    open_registry().promote(args.version)
     _emit(args, {"champion": args.version}, [f"@champion -> version {args.version}"])
     return EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from pipelines.registry import Registry
+    from pipelines.registry import open_registry
 
-    old, new = Registry().rollback()
-    _emit(args, {"from": old, "to": new}, [f"@champion rolled back: version {old} -> {new}"])
+    moved = open_registry().rollback()
+    _emit(
+        args,
+        {"from": moved.from_version, "to": moved.to_version},
+        [f"@champion rolled back: version {moved.from_version} -> {moved.to_version}"],
+    )
     return EXIT_OK
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipelines.embed import embed_shard
 
-    result = embed_shard(args.model, Path(args.shard), Path(args.out), split=args.split)
+    result = embed_shard(args.model, shard_dir(args.shard), Path(args.out), split=args.split)
     _emit(
         args,
         result,
@@ -281,26 +476,61 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import os
+def _command(name: str) -> str:
+    """How the user runs ``name`` from here: the script next to this Python (relative to the
+    current directory when it is below it, e.g. ``.venv/bin/cssl``), else the bare name."""
+    script = Path(sys.executable).parent / name
+    return str(_here(script)) if script.exists() else name
 
+
+def _here(path: Path) -> Path:
+    """``path`` relative to the current directory when it is below it."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def explore_lines(
+    home: Path, shards: Path, periods: Sequence[str], env: Mapping[str, str]
+) -> list[str]:
+    """Commands that work verbatim after the demo, with the settings that reach its state."""
+    cssl = "".join(f"{k}={v} " for k, v in env.items()) + _command("cssl")
+    db = _here(home / "mlflow.db")
+    return [
+        "Explore:",
+        f"  {cssl} report    # accuracy matrix, metrics and lineage, from MLflow",
+        f"  {cssl} embed {_here(shards / periods[-1])} --out embeddings.parquet",
+        f"  {cssl} rollback  # @champion back to the previous one (`cssl promote N` to move it)",
+        f"  {_command('mlflow')} ui --backend-store-uri sqlite:///{db}  # runs, plots, registry",
+    ]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from cssl_core.data.simulate import simulate_period
 
-    workdir = Path(args.workdir).resolve()
-    os.environ["CSSL_HOME"] = str(workdir)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    overrides = [f"store.root={workdir / 'store'}", *(args.set or [])]
+    # The demo's state is the default state (CSSL_HOME, SQLite MLflow in it, the store under
+    # it), so `cssl report`, `embed`, `promote`, `rollback` and `mlflow ui` find it as is.
+    env: dict[str, str] = {}
+    if args.workdir:
+        os.environ["CSSL_HOME"] = str(Path(args.workdir).resolve())
+    if os.environ.get("CSSL_HOME"):
+        env["CSSL_HOME"] = os.environ["CSSL_HOME"]
+    if os.environ.pop("MLFLOW_TRACKING_URI", None):
+        env["MLFLOW_TRACKING_URI"] = ""  # the demo keeps its registry in SQLite, not there
+    home = state_dir()
+    shards = home / "demo" / "shards"
+    overrides = [f"store.root={home / 'store'}", *(args.set or [])]
     params = load_params(args.params, overrides)
-    shards = workdir / "shards"
     names = params.period_names
     t0 = time.perf_counter()
     out.print(
         f"[bold]cssl demo[/]: {len(names)} periods of {params.simulate.frames_per_period} "
         f"simulated Atari stream frames; strategy {params.train.strategy}, "
-        f"{params.train.steps} steps per period; state in {workdir}/"
+        f"{params.train.steps} steps per period; state in {home}/"
     )
     for index, period in enumerate(names):
-        if not (shards / period / "manifest.json").is_file():
+        if not (shards / period / MANIFEST).is_file():
             with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
                 simulate_period(
                     shards,
@@ -311,24 +541,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     rows_per_group=params.ingest.rows_per_group,
                     progress=_advance(progress),
                 )
-    from pipelines.refresh import refresh
-    from pipelines.report import build_report, format_report
+    training = TrainingProgress(sum(_period_steps(params, p) for p in names))
+    with flow_session(args, training):
+        from pipelines.refresh import refresh
+        from pipelines.report import build_report, format_report
 
-    for period in names:
-        out.rule(f"refresh {period}")
-        summary = refresh(
-            period, shard=str(shards / period), params_path=args.params, overrides=overrides
-        )
-        _print_refresh(summary)
-    out.rule("report (read back from MLflow)")
-    for line in format_report(build_report(params)):
-        out.print(line)
+        for period in names:
+            out.rule(f"refresh {period}")
+            summary = refresh(
+                period, shard=str(shards / period), params_path=args.params, overrides=overrides
+            )
+            if summary["skipped"]:
+                training.skip(_period_steps(params, period))
+            _print_refresh(summary)
+        out.rule("report (read back from MLflow)")
+        for line in format_report(build_report(params)):
+            out.print(line)
     minutes = (time.perf_counter() - t0) / 60
-    out.print(
-        f"\n[bold]done in {minutes:.1f} min.[/] Explore: .venv/bin/cssl report | "
-        f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db"
-        f"\nRerunning is idempotent; delete {workdir} to start over."
-    )
+    out.print(f"\n[bold]done in {minutes:.1f} min.[/]")
+    for line in explore_lines(home, shards, names, env):
+        out.print(line)
+    out.print(f"Rerunning is idempotent; delete {_here(home)} to start over.")
     return EXIT_OK
 
 
@@ -462,7 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "eval"], help="only this split")
 
     p = verb("demo", cmd_demo, "Simulate 4 periods and refresh each (embedded defaults).")
-    p.add_argument("--workdir", default=".cssl/demo", help="where the demo keeps its state")
+    p.add_argument(
+        "--workdir",
+        help="keep the demo's state here instead of the default state folder (CSSL_HOME, .cssl)",
+    )
 
     p = verb("train", cmd_train, "DVC stage: train one period from files (no MLflow).")
     p.add_argument("--period", required=True)
@@ -482,13 +718,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stopping.reset()
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if args.debug:
+    except BaseException as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        signum = stopping.requested()
+        if signum is None and isinstance(exc, KeyboardInterrupt):
+            signum = signal.SIGINT
+        if signum is not None and not args.debug:
+            console.print(
+                f"[red]stopped[/] by {signal.Signals(signum).name}: the run is marked FAILED "
+                "and the processes this command started are stopped; rerun the same command "
+                "to finish (training resumes from its last checkpoint)",
+                soft_wrap=True,
+            )
+            return 128 + int(signum)
+        if args.debug or not isinstance(exc, Exception):
             raise
         # Our own exceptions (cssl_core, pipelines) carry one-line messages written for users
         # (RegistryError, RefreshBusy, TrainingDiverged, StoreError...); a library's do not.
@@ -499,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"{exc.__class__.__name__}: {message} (run with --debug for the traceback)"
         console.print(f"[red]error:[/] {message}", soft_wrap=True)
         return EXIT_FAILED
+    finally:
+        stopping.reset()
 
 
 if __name__ == "__main__":

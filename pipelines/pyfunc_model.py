@@ -12,19 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
 
 
-class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
+class StreamEmbeddingModel(PythonModel):
     def load_context(self, context: Any) -> None:
         from cssl_core.learn.models import Embedder
 
         self.model = Embedder.load(context.artifacts["embedder"]).eval()
 
-    # A DataFrame hint is one MLflow accepts without deriving a schema from it (the frames are
-    # variable-length bytes); without any hint MLflow warns on every log_model.
+    # The version's signature (pipelines.mlflow_registry.serving_signature) says what goes in
+    # and out; the DataFrame hint is one MLflow accepts without deriving a schema from it.
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
@@ -36,4 +37,4 @@ class StreamEmbeddingModel(mlflow.pyfunc.PythonModel):
         return feats.numpy().astype(np.float32)
 
 
-mlflow.models.set_model(StreamEmbeddingModel())
+set_model(StreamEmbeddingModel())

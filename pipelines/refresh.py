@@ -1,18 +1,21 @@
 """The Prefect flow ``refresh``: one period from raw frames to a (maybe) promoted model.
 
-    ingest? → validate → publish shard → load @champion → train → update replay memory
-            → evaluate on every period so far → register @challenger → gate → @champion?
+    validate (ingest?) → publish shard → done already? → load lineage → train → evaluate
+        → decide (gate) → select memory → save memory → register → promote? → log
 
-Tasks that talk to the network (object store, MLflow) retry with backoff; computation does
-not retry (a logic error would only fail again). Rerunning a finished period returns the
-existing version without training; a second refresh of the same period while one runs fails
-fast. All the machine-learning work is ``cssl_core.period``, shared with the DVC stages.
+Every read or write of the object store or the registry happens inside a task that retries
+with backoff (:data:`IO_RETRIES`); computation does not retry (a logic error would only fail
+again). Tasks take and return typed values. Rerunning a finished period returns the existing
+version without training; a second refresh of the same period while one runs fails fast. The
+machine-learning work is ``cssl_core.period``, shared with the DVC stages and the benchmark;
+the registry is a :class:`~pipelines.registry.ModelRegistry`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,20 +32,97 @@ from cssl_core import period as core
 from cssl_core.config import Params, load_params
 from cssl_core.data.shard import Shard, ShardError
 from cssl_core.data.storage import open_store, redact
-from cssl_core.evaluation.metrics import AccuracyMatrix
+from cssl_core.evaluation.evaluate import PeriodScores
+from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
 from cssl_core.learn.models import Embedder
-from cssl_core.memory.replay import ReplayMemory
+from cssl_core.learn.trainer import StepLog, TrainResult
+from cssl_core.memory.replay import ReplayError, ReplayMemory
+from pipelines import progress, stopping
 from pipelines.gate import GateDecision, decide
-from pipelines.registry import Registry, VersionInfo
-from pipelines.settings import state_dir
+from pipelines.registry import (
+    MetricPoint,
+    VersionInfo,
+    VersionTags,
+    lineage_rows,
+    open_registry,
+    with_row,
+)
+from pipelines.settings import state_dir, tracking_uri
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "cache_policy": NO_CACHE}
-COMPUTE = {"cache_policy": NO_CACHE}
+IO_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "cache_policy": NO_CACHE,
+}
+COMPUTE: dict[str, Any] = {"cache_policy": NO_CACHE}
 LATEST = "latest"
+_logger = logging.getLogger(__name__)
 
 
 class RefreshBusy(RuntimeError):
     """Another refresh of the same period is running."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early because the command was asked to stop (SIGTERM/SIGINT)."""
+
+
+# -- what passes between the tasks ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LineageState:
+    """What period t continues from, read from the store and the registry.
+
+    ``memory`` is memory(t-1); ``published`` is memory(t) when an earlier refresh of this
+    period already published it; ``matrix`` holds the lineage's rows of the periods before t.
+    """
+
+    champion: VersionInfo | None
+    parent: Embedder | None
+    memory: ReplayMemory
+    published: ReplayMemory | None
+    shards: list[Shard]  # every period's shard so far, from the store; period t's last
+    matrix: AccuracyMatrix
+
+    @property
+    def history(self) -> list[Shard]:
+        return self.shards[:-1]
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: Embedder
+    result: TrainResult
+    memory: ReplayMemory  # memory(t) selected by this candidate (used when it is promoted)
+    seconds: float  # the task's wall time (loading frames and selecting memory included)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracies on every period so far: the candidate's, the champion's (the same eval
+    sets; empty with no champion) and a randomly initialised model's on period t."""
+
+    candidate: dict[str, PeriodScores]
+    champion: dict[str, PeriodScores]
+    baseline: dict[str, PeriodScores]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict and the lineage numbers it was taken on."""
+
+    gate: GateDecision
+    row: dict[str, float]
+    champion_row: dict[str, float]
+    matrix: AccuracyMatrix  # the lineage with the candidate's row for period t
+    forgetting: float
+    average_accuracy: float
+
+    @property
+    def promote(self) -> bool:
+        return self.gate.promote
 
 
 @dataclass
@@ -59,6 +139,7 @@ class RefreshSummary:
     champion_row: dict[str, float] = field(default_factory=dict)
     forgetting: float = 0.0
     average_accuracy: float = 0.0
+    resumed_from: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,52 +150,135 @@ class RefreshSummary:
 
 
 @task(**IO_RETRIES)
-def publish_shard(store_uri: str, shard_path: str) -> bool:
-    return core.publish_shard(open_store(store_uri), Shard.open(shard_path))
+def publish_shard(store_uri: str, shard: Shard) -> bool:
+    """Copy the shard into the store (no-op when the store holds the same one)."""
+    return core.publish_shard(open_store(store_uri), shard)
 
 
 @task(**IO_RETRIES)
-def load_shards(store_uri: str, periods: list[str]) -> list[Shard]:
-    store = open_store(store_uri)
-    cache = state_dir() / "cache" / "shards"
-    return [core.stored_shard(store, p, cache) for p in periods]
-
-
-@task(**IO_RETRIES)
-def load_champion(tracking_uri: str) -> tuple[VersionInfo | None, Embedder | None]:
-    registry = Registry(tracking_uri)
+def find_completed(registry_uri: str, shard: Shard, params: Params) -> RefreshSummary | None:
+    """The summary of the finished version already made from this shard and config, if any."""
+    registry = open_registry(registry_uri)
+    done = registry.find_completed(shard.period, shard.fingerprint, params.config_hash())
+    if done is None:
+        return None
     champion = registry.champion()
-    if champion is None:
-        return None, None
-    return champion, Embedder.load(registry.download_embedder(champion.version))
+    return RefreshSummary(
+        shard.period,
+        done.version,
+        promoted=champion is not None and champion.version == done.version,
+        skipped=True,
+        champion_version=champion.version if champion else None,
+        reasons=["already refreshed: same shard and config"],
+    )
 
 
 @task(**IO_RETRIES)
-def load_memory(store_uri: str, period: str, capacity: int) -> ReplayMemory:
-    if not period:
-        return ReplayMemory.empty(capacity)
-    store = open_store(store_uri)
-    if not ReplayMemory.exists(store, period):
-        raise ShardError(f"no replay memory for the previous period {period!r}; refresh it first")
-    return ReplayMemory.load(store, period)
+def load_lineage(registry_uri: str, params: Params, period: str) -> LineageState:
+    """@champion and its weights, memory(t-1) (and memory(t) if published), every shard so
+    far and the lineage's accuracy rows."""
+    registry = open_registry(registry_uri)
+    store = open_store(params.store.root)
+    chain = params.period_names[: params.period_index(period) + 1]
+    cache = state_dir() / "cache" / "shards"
+    shards = [core.stored_shard(store, p, cache) for p in chain]
+    champion = registry.champion()
+    parent = registry.load_embedder(champion.version) if champion is not None else None
+    previous = params.periods[period].previous
+    if not previous:
+        memory = ReplayMemory.empty(params.replay.capacity)
+    elif ReplayMemory.exists(store, previous):
+        memory = ReplayMemory.load(store, previous)
+    else:
+        raise ShardError(f"no replay memory for the previous period {previous!r}; refresh it first")
+    published = ReplayMemory.load(store, period) if ReplayMemory.exists(store, period) else None
+    matrix = with_row(registry.lineage_matrix(chain, params.gate.metric), period, {})
+    return LineageState(champion, parent, memory, published, shards, matrix)
 
 
 @task(**IO_RETRIES)
-def save_memory(store_uri: str, memory: ReplayMemory, period: str) -> dict[str, Any]:
-    return memory.save(open_store(store_uri), period)
+def start_run(registry_uri: str, name: str) -> str:
+    return open_registry(registry_uri).start_run(name)
+
+
+@task(**IO_RETRIES)
+def end_run(registry_uri: str, run_id: str, failed: bool) -> None:
+    open_registry(registry_uri).end_run(run_id, "FAILED" if failed else "FINISHED")
+
+
+@task(**IO_RETRIES)
+def save_memory(store_uri: str, memory: ReplayMemory) -> dict[str, Any]:
+    """Publish memory(t) (a no-op when the same version is already there)."""
+    return memory.save(open_store(store_uri))
 
 
 @task(**IO_RETRIES)
 def register_candidate(
-    tracking_uri: str, run_id: str, model_dir: str, tags: dict[str, str]
+    registry_uri: str, run_id: str, model: Embedder, lineage: VersionTags
 ) -> VersionInfo:
-    registry = Registry(tracking_uri)
-    return registry.register(registry.log_model(run_id, Path(model_dir)), run_id, tags)
+    """Tag the run with the lineage and register the model as a version (@challenger)."""
+    registry = open_registry(registry_uri)
+    registry.set_run_tags(run_id, lineage.as_tags())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = model.save(Path(tmp) / "embedder")
+        return registry.register(run_id, model_dir, lineage, model.num_features)
 
 
 @task(**IO_RETRIES)
-def promote(tracking_uri: str, version: int) -> None:
-    Registry(tracking_uri).promote(version)
+def promote(registry_uri: str, version: int) -> None:
+    open_registry(registry_uri).promote(version)
+
+
+@task(**IO_RETRIES)
+def log_run(
+    registry_uri: str,
+    run_id: str,
+    params: Params,
+    trained: Trained,
+    scores: Scores,
+    decision: Decision,
+    summary: RefreshSummary,
+) -> None:
+    """Parameters, training curves, every score, the summary numbers, and the accuracy
+    matrix, its plots and the gate's reasons as artifacts."""
+    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
+
+    registry = open_registry(registry_uri)
+    registry.log_params(run_id, _flatten(params.model_dump(mode="json")))
+    points = [
+        MetricPoint(f"train/{name}", float(getattr(h, name)), h.step)
+        for h in trained.result.history
+        for name in ("loss", "ssl", "distill", "lr")
+    ]
+    for prefix, table in (
+        ("", scores.candidate),
+        ("champion_", scores.champion),
+        ("random_", scores.baseline),
+    ):
+        for p, s in table.items():
+            points += [
+                MetricPoint(f"{prefix}knn/{p}", s.knn),
+                MetricPoint(f"{prefix}linear/{p}", s.linear),
+            ]
+    totals = {
+        "forgetting": decision.forgetting,
+        "average_accuracy": decision.average_accuracy,
+        "promoted": float(decision.promote),
+        "train_images_per_second": trained.result.images_per_second,
+        **{f"time/{k}": v for k, v in summary.timings.items()},
+    }
+    points += [MetricPoint(k, float(v)) for k, v in totals.items()]
+    registry.log_metrics(run_id, points)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        matrix = decision.matrix
+        (out / "accuracy_matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
+        (out / "accuracy_matrix.md").write_text(matrix.to_markdown() + "\n")
+        gate = {"promote": decision.promote, "reasons": decision.gate.reasons}
+        (out / "gate.json").write_text(json.dumps(gate, indent=2))
+        plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
+        plot_accuracy_curves(matrix, out / "accuracy_curves.png")
+        registry.log_artifacts(run_id, out, "eval")
 
 
 # -- compute tasks (not retried) ---------------------------------------------------------
@@ -146,14 +310,16 @@ def ingest_source(source: str, period: str, params: Params) -> str:
         return str(out / period)
     local = source
     if source.startswith("s3://"):
-        local = str(_download_prefix(source))
+        local = str(download_prefix(source))
     report = ingest([local], period, out, params.ingest, labels_from_dirs=True)
     for line in report.summary_lines():
         get_run_logger().info(line)
     return str(report.path)
 
 
-def _download_prefix(uri: str) -> Path:
+@task(**IO_RETRIES)
+def download_prefix(uri: str) -> Path:
+    """Every object under an ``s3://`` prefix, into a new local folder."""
     store = open_store(uri)
     dest = Path(tempfile.mkdtemp(prefix="cssl-source-"))
     keys = store.list("")
@@ -165,7 +331,8 @@ def _download_prefix(uri: str) -> Path:
 
 
 @task(**COMPUTE)
-def validate(shard_path: str, params: Params) -> Shard:
+def validate(shard_path: str, params: Params, period: str) -> Shard:
+    """The shard at ``shard_path``, clean (every frame decodes) and of ``period``."""
     from cssl_core.data.validate import validate_shard
 
     report = validate_shard(Path(shard_path), params.ingest, repair=False)
@@ -175,56 +342,123 @@ def validate(shard_path: str, params: Params) -> Shard:
             f"shard {shard_path} is not clean ({problems}); run `cssl validate {shard_path}` "
             "to quarantine bad frames"
         )
-    return Shard.open(shard_path)
+    shard = Shard.open(shard_path)
+    if shard.period != period:
+        raise ShardError(f"shard {shard_path} holds period {shard.period!r}, not {period!r}")
+    return shard
 
 
 @task(**COMPUTE)
-def train(
-    params: Params,
-    period: str,
-    shard: Shard,
-    parent: Embedder | None,
-    memory: ReplayMemory,
-    history: list[Shard],
-) -> tuple[Embedder, dict[str, Any], ReplayMemory]:
-    """Model(t) and memory(t) of the period (``cssl_core.period.run_period``; nothing saved)."""
+def train(params: Params, period: str, shard: Shard, state: LineageState) -> Trained:
+    """Period t's candidate from @champion, memory(t-1) and shard(t) (``cssl_core.period``).
+
+    Checkpoints go to ``$CSSL_HOME/checkpoints/<period>``, so a rerun after a crash or a stop
+    resumes. A stop request (SIGTERM/SIGINT through :mod:`pipelines.stopping`) ends the
+    training after the current step with :class:`TrainingStopped`.
+    """
+    t0 = time.perf_counter()
     logger = get_run_logger()
     inputs = core.PeriodInputs(
         params=params,
         period=period,
         shard=shard,
-        memory=memory,
-        parent=parent,
-        history=tuple(history),
+        memory=state.memory,
+        parent=state.parent,
+        history=tuple(state.history),
         checkpoint_dir=state_dir() / "checkpoints" / period,
     )
     steps = inputs.steps
     every = max(1, steps // 10)
 
-    def on_step(log: Any, images_per_s: float) -> None:
-        if (log.step + 1) % every == 0 or log.step + 1 == steps:
+    def on_step(log: StepLog, images_per_s: float) -> None:
+        done = log.step + 1
+        progress.report(progress.TrainStep(period, done, steps, log.loss, images_per_s))
+        if done % every == 0 or done == steps:
             logger.info(
-                f"{period} train step {log.step + 1}/{steps} loss {log.loss:.3f} "
-                f"(ssl {log.ssl:.3f}, distill {log.distill:.3f}) "
-                f"{images_per_s:.0f} img/s"
+                f"{period} train step {done}/{steps} loss {log.loss:.3f} "
+                f"(ssl {log.ssl:.3f}, distill {log.distill:.3f}) {images_per_s:.0f} img/s"
             )
 
-    out = core.run_period(inputs, on_step=on_step)
-    result = out.train
-    info = {
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "wall_seconds": result.wall_seconds,
-        "images_per_second": result.images_per_second,
-        "history": [asdict(h) for h in result.history],
-    }
-    return out.model, info, out.memory
+    with stopping.graceful_training():
+        try:
+            out = core.run_period(inputs, on_step=on_step, should_stop=stopping.stop_requested)
+        except core.TrainingInterrupted as exc:
+            raise TrainingStopped(
+                f"training of {period} stopped on request ({exc}); rerun the same command to "
+                "resume from the checkpoint it wrote"
+            ) from None
+    if stopping.stop_requested():  # the request came with the last step: stop before evaluating
+        raise TrainingStopped(f"{period}: stopped on request after its last training step")
+    if out.train.resumed_from:
+        logger.info(f"{period}: resumed from step {out.train.resumed_from}")
+    return Trained(out.model, out.train, out.memory, time.perf_counter() - t0)
 
 
 @task(**COMPUTE)
-def evaluate(model: Embedder, shards: list[Shard], params: Params) -> dict[str, dict[str, float]]:
-    scores = core.evaluate_model(model, core.eval_sets_for(shards, params), params)
-    return {p: {"knn": s.knn, "linear": s.linear} for p, s in scores.items()}
+def evaluate(params: Params, model: Embedder, state: LineageState) -> Scores:
+    """The candidate and the champion on every period's eval split so far; a randomly
+    initialised model on the new one (the FWT baseline)."""
+    t0 = time.perf_counter()
+    sets = core.eval_sets_for(state.shards, params)
+    new = {state.shards[-1].period: sets[state.shards[-1].period]}
+    candidate = core.evaluate_model(model, sets, params)
+    champion = core.evaluate_model(state.parent, sets, params) if state.parent else {}
+    baseline = core.evaluate_model(core.new_model(params), new, params)
+    return Scores(candidate, champion, baseline, time.perf_counter() - t0)
+
+
+@task(**COMPUTE)
+def decide_promotion(params: Params, period: str, scores: Scores, state: LineageState) -> Decision:
+    """The gate on the candidate's row, the champion's, and the lineage's forgetting with the
+    candidate as period t's row. Forgetting that cannot be computed is NaN (the gate fails)."""
+    metric = params.gate.metric
+    row = core.accuracy_row(scores.candidate, metric)
+    champion_row = core.accuracy_row(scores.champion, metric)
+    matrix = with_row(state.matrix, period, row)
+    try:
+        forgetting = lineage_rows(matrix).forgetting(period)
+    except (MissingAccuracy, KeyError):
+        forgetting = float("nan")
+    average = sum(row.values()) / len(row) if row else float("nan")
+    gate = decide(row, champion_row or None, period, forgetting, params.gate)
+    verdict = "passes the gate" if gate.promote else "is rejected"
+    get_run_logger().info(f"{period}: the candidate {verdict}: " + "; ".join(gate.reasons))
+    return Decision(gate, row, champion_row, matrix, forgetting, average)
+
+
+@task(**COMPUTE)
+def select_memory(
+    params: Params, period: str, shard: Shard, state: LineageState, trained: Trained, promote: bool
+) -> ReplayMemory:
+    """memory(t) = select(memory(t-1) ∪ shard(t)), chosen by the model the lineage continues
+    from after period t: the candidate when it is promoted, else the champion it was trained
+    from (a freshly initialised model before the first promotion).
+
+    Why re-select rather than carry memory(t-1) forward: period t's frames are real data of
+    the stream that the next period should replay (its model, the champion, never trained on
+    them), and a rejected candidate must not choose them (``diverse`` and ``hard`` selection
+    depend on the model that scores the frames). With ``reservoir`` and ``balanced`` the
+    choice does not depend on the model, so both rules give the same memory.
+
+    Memory versions are immutable: when an earlier refresh of period t already published
+    memory(t) (chosen by the lineage's model then), it is kept, so a rerun is idempotent; it
+    must have been selected with the configured ``replay.selection`` and ``capacity``.
+    """
+    if state.published is not None:
+        kept = state.published
+        if not core.memory_matches(params, kept):
+            cfg = params.replay
+            raise ReplayError(
+                f"the replay memory of {period} was selected with {kept.selection} and capacity "
+                f"{kept.capacity} (or by an older cssl), but the config asks for {cfg.selection} "
+                f"and {cfg.capacity}; published memory versions never change: refresh into a "
+                "new store.root"
+            )
+        return kept
+    if promote:
+        return trained.memory
+    keeper = state.parent or core.new_model(params)
+    return core.next_memory(params, state.memory, shard, keeper, period)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -259,115 +493,99 @@ def period_lock(period: str) -> Iterator[None]:
 
 
 @contextmanager
-def tracked_run(registry: Registry, name: str) -> Iterator[str]:
-    """An MLflow run that ends FINISHED, or FAILED when the body raises."""
-    run = registry.client.create_run(registry.experiment_id(), run_name=name)
+def tracked_run(registry_uri: str, name: str) -> Iterator[str]:
+    """A registry run that ends FINISHED, or FAILED when the body raises."""
+    run_id = start_run(registry_uri, name)
     try:
-        yield run.info.run_id
+        yield run_id
     except BaseException:
         try:
-            registry.client.set_terminated(run.info.run_id, "FAILED")
+            end_run.with_options(retries=1, retry_delay_seconds=1)(registry_uri, run_id, True)
         except Exception as exc:  # noqa: BLE001 - the tracking server may be the fault itself
             # Keep the error that stopped the run; a run left RUNNING is never registered.
-            logging.getLogger(__name__).warning(
-                "could not mark MLflow run %s FAILED: %s",
-                run.info.run_id,
+            _logger.warning(
+                "could not mark run %s FAILED: %s",
+                run_id,
                 redact(f"{exc.__class__.__name__}: {exc}"),
             )
         raise
-    registry.client.set_terminated(run.info.run_id, "FINISHED")
+    end_run(registry_uri, run_id, False)
 
 
-def lineage_matrix(
-    registry: Registry, periods: list[str], metric: str, candidate: dict[str, float] | None = None
-) -> AccuracyMatrix:
-    """R[i][j] from the registry: row i is the newest promoted version of period i (the
-    newest finished version when none of that period passed the gate), so a rejected
-    candidate never stands in for the model the lineage continued from.
-
-    ``candidate`` replaces the row of the last period (the version being decided on).
-    R[i-1][i] (the model before period i arrived, evaluated on it) fills the superdiagonal.
-    """
-    latest: dict[str, VersionInfo] = {}
-    for v in registry.versions():  # oldest first
-        held = latest.get(v.period)
-        if held is None or v.tags.get("gate") == "pass" or held.tags.get("gate") != "pass":
-            latest[v.period] = v
-    matrix = AccuracyMatrix(periods)
-    for i, p in enumerate(periods):
-        if candidate is not None and i == len(periods) - 1:
-            row = candidate
-            before = {}
-        elif p in latest:
-            metrics = registry.run_data(latest[p].run_id)["metrics"]
-            row = {q: metrics[f"{metric}/{q}"] for q in periods if f"{metric}/{q}" in metrics}
-            nxt = periods[i + 1] if i + 1 < len(periods) else None
-            before = {}
-            if nxt and nxt in latest:
-                key = f"champion_{metric}/{nxt}"
-                later = registry.run_data(latest[nxt].run_id)["metrics"]
-                if key in later:
-                    before = {nxt: later[key]}
-        else:
-            continue
-        for q, value in {**row, **before}.items():
-            matrix.set(p, q, value)
-    return matrix
-
-
-def _log_run(
-    run_id: str,
-    registry: Registry,
-    params: Params,
-    train_info: dict[str, Any],
-    scores: dict[str, dict[str, float]],
-    champion_scores: dict[str, dict[str, float]],
-    baseline: dict[str, dict[str, float]],
-    matrix: AccuracyMatrix,
-    decision: GateDecision | None,
-    extra: dict[str, float],
-) -> None:
-    from mlflow.entities import Metric, Param
-
-    from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
-
-    client = registry.client
-    now = int(time.time() * 1000)
-    flat = _flatten(params.model_dump(mode="json"))
-    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
-    metrics = [
-        Metric(f"train/{k}", float(h[k]), now, h["step"])
-        for h in train_info["history"]
-        for k in ("loss", "ssl", "distill", "lr")
-    ]
-    for name, table in (("", scores), ("champion_", champion_scores), ("random_", baseline)):
-        for p, s in table.items():
-            metrics += [Metric(f"{name}{m}/{p}", float(v), now, 0) for m, v in s.items()]
-    metrics += [Metric(k, float(v), now, 0) for k, v in extra.items()]
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run_id, metrics=metrics[i : i + 900])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "accuracy_matrix.json").write_text(json.dumps(matrix.to_dict(), indent=2))
-        (out / "accuracy_matrix.md").write_text(matrix.to_markdown() + "\n")
-        if decision is not None:
-            (out / "gate.json").write_text(
-                json.dumps({"promote": decision.promote, "reasons": decision.reasons}, indent=2)
-            )
-        plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
-        plot_accuracy_curves(matrix, out / "accuracy_curves.png")
-        client.log_artifacts(run_id, str(out), artifact_path="eval")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and k != "periods":
             flat.update(_flatten(v, f"{key}."))
         else:
-            flat[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
+            flat[key] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     return flat
+
+
+def version_tags(
+    params: Params,
+    shard: Shard,
+    state: LineageState,
+    trained: Trained,
+    decision: Decision,
+    memory: ReplayMemory,
+) -> VersionTags:
+    """What the new version was made from, and the gate's verdict on it."""
+    return VersionTags(
+        period=shard.period,
+        shard_fingerprint=shard.fingerprint,
+        config_hash=params.config_hash(),
+        parent_version=state.champion.version if state.champion else None,
+        memory_manifest=f"{params.store.root}/memory/{shard.period}/manifest.json",
+        memory_fingerprint=memory.fingerprint,
+        git_commit=git_commit(),
+        strategy=params.train.strategy,
+        weights_sha256=trained.model.state_fingerprint(),
+        gate="pass" if decision.promote else "reject",
+    )
+
+
+def summarize(
+    version: VersionInfo,
+    state: LineageState,
+    trained: Trained,
+    scores: Scores,
+    decision: Decision,
+    total_seconds: float,
+) -> RefreshSummary:
+    return RefreshSummary(
+        version.period,
+        version.version,
+        decision.promote,
+        champion_version=state.champion.version if state.champion else None,
+        reasons=decision.gate.reasons,
+        row=decision.row,
+        champion_row=decision.champion_row,
+        forgetting=decision.forgetting,
+        average_accuracy=decision.average_accuracy,
+        resumed_from=trained.result.resumed_from,
+        timings={
+            "total": total_seconds,
+            "train": trained.seconds,
+            "evaluate": scores.seconds,
+            "orchestration": total_seconds - trained.seconds - scores.seconds,
+        },
+    )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # -- the flow ----------------------------------------------------------------------------
@@ -391,143 +609,30 @@ def refresh(
     t_start = time.perf_counter()
     params = load_params(params_path, overrides or [])
     period = resolve_period(params, period)
-    index = params.period_index(period)
-    chain = params.period_names[: index + 1]
-    previous = params.periods[period].previous
-    store_uri = params.store.root
-    registry = Registry()
-    logger = get_run_logger()
+    registry, store = tracking_uri(), params.store.root
     if shard and source:
         raise ValueError("give either --shard or --source, not both")
     with period_lock(period):
-        shard_path = shard or ingest_source(source or params.period_source(period), period, params)
-        new_shard = validate(shard_path, params)
-        if new_shard.period != period:
-            raise ShardError(
-                f"shard {shard_path} holds period {new_shard.period!r}, not {period!r}"
-            )
-        publish_shard(store_uri, str(new_shard.path))
-        done = registry.find_completed(period, new_shard.fingerprint, params.config_hash())
+        path = shard or ingest_source(source or params.period_source(period), period, params)
+        new_shard = validate(path, params, period)
+        publish_shard(store, new_shard)
+        done = find_completed(registry, new_shard, params)
         if done is not None:
-            champion = registry.champion()
-            logger.info(f"{period} already refreshed as version {done.version}; nothing to do")
-            promoted = champion is not None and champion.version == done.version
-            return RefreshSummary(
-                period,
-                done.version,
-                promoted=promoted,
-                skipped=True,
-                champion_version=champion.version if champion else None,
-                reasons=["already refreshed: same shard and config"],
-            ).as_dict()
-
-        shards = load_shards(store_uri, chain)
-        history = shards[:-1]
-        champion, parent = load_champion(registry.uri)
-        memory = load_memory(store_uri, previous, params.replay.capacity)
-
+            get_run_logger().info(f"{period} already refreshed as version {done.version}")
+            return done.as_dict()
+        state = load_lineage(registry, params, period)
         with tracked_run(registry, f"refresh-{period}") as run_id:
-            t0 = time.perf_counter()
-            model, train_info, new_memory = train(
-                params, period, new_shard, parent, memory, history
-            )
-            t_train = time.perf_counter() - t0
-
-            store = open_store(store_uri)
-            if ReplayMemory.exists(store, period):
-                new_memory = ReplayMemory.load(store, period)
-            else:
-                save_memory(store_uri, new_memory, period)
-
-            t0 = time.perf_counter()
-            scores = evaluate(model, shards, params)
-            champion_scores = evaluate(parent, shards, params) if parent is not None else {}
-            baseline = evaluate(core.new_model(params), shards[-1:], params)
-            t_eval = time.perf_counter() - t0
-
-            metric = params.gate.metric
-            row = {p: s[metric] for p, s in scores.items()}
-            champ_row = {p: s[metric] for p, s in champion_scores.items()}
-            matrix = lineage_matrix(registry, chain, metric, candidate=row)
-            forgetting = matrix.forgetting()
-            decision = decide(row, champ_row or None, period, forgetting, params.gate)
-
-            with tempfile.TemporaryDirectory() as tmp:
-                model_dir = Path(tmp) / "embedder"
-                model.save(model_dir)
-                tags = {
-                    "period": period,
-                    "shard_fingerprint": new_shard.fingerprint,
-                    "parent_version": str(champion.version) if champion else "",
-                    "memory_manifest": f"{store_uri}/memory/{period}/manifest.json",
-                    "memory_fingerprint": new_memory.fingerprint,
-                    "config_hash": params.config_hash(),
-                    "git_commit": _git_commit(),
-                    "strategy": params.train.strategy,
-                    "weights_sha256": model.state_fingerprint(),
-                    "gate": "pass" if decision.promote else "reject",
-                }
-                for key, value in tags.items():
-                    registry.client.set_tag(run_id, key, value)
-                version = register_candidate(registry.uri, run_id, str(model_dir), tags)
-
-            summary = RefreshSummary(
-                period,
-                version.version,
-                decision.promote,
-                champion_version=champion.version if champion else None,
-                reasons=decision.reasons,
-                row=row,
-                champion_row=champ_row,
-                forgetting=forgetting,
-                average_accuracy=matrix.average_accuracy(),
-            )
+            trained = train(params, period, new_shard, state)
+            scores = evaluate(params, trained.model, state)
+            decision = decide_promotion(params, period, scores, state)
+            memory = select_memory(params, period, new_shard, state, trained, decision.promote)
+            save_memory(store, memory)
+            tags = version_tags(params, new_shard, state, trained, decision, memory)
+            version = register_candidate(registry, run_id, trained.model, tags)
             if decision.promote:
-                promote(registry.uri, version.version)
-                logger.info(f"{period}: version {version.version} promoted to @champion")
-            else:
-                logger.warning(
-                    f"{period}: version {version.version} rejected: " + "; ".join(decision.failed)
-                )
-            t_total = time.perf_counter() - t_start
-            summary.timings = {
-                "total": t_total,
-                "train": t_train,
-                "evaluate": t_eval,
-                "orchestration": t_total - t_train - t_eval,
-            }
-            _log_run(
-                run_id,
-                registry,
-                params,
-                train_info,
-                scores,
-                champion_scores,
-                baseline,
-                matrix,
-                decision,
-                {
-                    "forgetting": forgetting,
-                    "average_accuracy": summary.average_accuracy,
-                    "promoted": float(decision.promote),
-                    "train_images_per_second": train_info["images_per_second"],
-                    **{f"time/{k}": v for k, v in summary.timings.items()},
-                },
+                promote(registry, version.version)
+            summary = summarize(
+                version, state, trained, scores, decision, time.perf_counter() - t_start
             )
-            return summary.as_dict()
-
-
-def _git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+            log_run(registry, run_id, params, trained, scores, decision, summary)
+    return summary.as_dict()

@@ -1,47 +1,42 @@
-"""The MLflow model registry for ``stream-embedding``: versions, lineage tags and aliases.
+"""The model registry behind one small interface: runs, versions, lineage tags and aliases.
 
-One registered version per refreshed period. A version counts as finished only once its
-``cssl.status`` tag says ``complete`` (set last), so a run that died half way through
-registration is never mistaken for a finished one. Aliases ``@champion`` (serving) and
-``@challenger`` (last candidate) replace the deprecated stages; the registered model keeps a
-``cssl.champion_history`` tag so ``rollback`` knows where to go back to.
+The flow, ``cssl report``, ``cssl embed`` and the CLI talk to a :class:`ModelRegistry` and
+nothing else, and get typed records back (:class:`VersionInfo`, :class:`RunRecord`,
+:class:`Rollback`), never a backend's own objects. :func:`open_registry` is the one place that
+picks the implementation (MLflow, :mod:`pipelines.mlflow_registry`): another registry is a new
+subclass plus one line there.
+
+Rules every implementation keeps:
+
+- One registered version per refreshed period. A version counts as finished only once the
+  registry marks it complete, which happens last, so a run that died half way through
+  registration is never mistaken for a finished one (:meth:`ModelRegistry.versions` lists
+  finished versions only).
+- Aliases ``@champion`` (serving) and ``@challenger`` (last candidate); promotions are
+  remembered so :meth:`ModelRegistry.rollback` goes back to the previous champion.
+
+The lineage (:meth:`ModelRegistry.lineage_matrix`) is derived from those records in this module
+for every implementation: only versions that passed the gate are the lineage.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib import metadata
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
-import mlflow
-import yaml
-from filelock import FileLock
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+import numpy as np
 
-from pipelines.settings import EXPERIMENT, MODEL_NAME, state_dir, tracking_uri
+from cssl_core.evaluation.metrics import AccuracyMatrix
 
-STATUS = "cssl.status"
-HISTORY = "cssl.champion_history"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-CORE_CODE = Path(__file__).resolve().parents[1] / "cssl_core"
-SERVING_REQUIREMENTS = (
-    "torch",
-    "torchvision",
-    "timm",
-    "safetensors",
-    "numpy",
-    "pillow",
-    "pyarrow",
-    "pydantic",
-    "pyyaml",
-)
+if TYPE_CHECKING:
+    from cssl_core.learn.models import Embedder
+
+GateVerdict = Literal["pass", "reject", ""]
+RunStatus = Literal["FINISHED", "FAILED"]
+CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 class RegistryError(RuntimeError):
@@ -49,159 +44,163 @@ class RegistryError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class VersionInfo:
-    version: int
+class VersionTags:
+    """The lineage a registered version carries: what it was made from, and the gate's verdict.
+
+    ``parent_version`` is the champion it was trained from (None for the first period);
+    ``memory_manifest``/``memory_fingerprint`` name the replay memory version kept for its
+    period (the lineage's, see :mod:`pipelines.refresh`).
+    """
+
     period: str
-    run_id: str
-    tags: dict[str, str]
-    aliases: tuple[str, ...]
+    shard_fingerprint: str
+    config_hash: str
+    parent_version: int | None = None
+    memory_manifest: str = ""
+    memory_fingerprint: str = ""
+    git_commit: str = ""
+    strategy: str = ""
+    weights_sha256: str = ""
+    gate: GateVerdict = ""
+
+    def as_tags(self) -> dict[str, str]:
+        """Flat string tags (``parent_version`` empty when there is none)."""
+        tags = {f.name: getattr(self, f.name) for f in fields(self)}
+        tags["parent_version"] = "" if self.parent_version is None else str(self.parent_version)
+        return {k: str(v) for k, v in tags.items()}
 
     @classmethod
-    def of(cls, mv: ModelVersion) -> VersionInfo:
+    def from_tags(cls, tags: Mapping[str, str]) -> VersionTags:
+        """Read the lineage back from flat tags (missing tags are empty)."""
+        parent = tags.get("parent_version", "")
+        verdict = tags.get("gate", "")
+        gate: GateVerdict = "pass" if verdict == "pass" else "reject" if verdict == "reject" else ""
         return cls(
-            int(mv.version),
-            mv.tags.get("period", ""),
-            mv.run_id or "",
-            dict(mv.tags),
-            tuple(getattr(mv, "aliases", []) or []),
+            period=tags.get("period", ""),
+            shard_fingerprint=tags.get("shard_fingerprint", ""),
+            config_hash=tags.get("config_hash", ""),
+            parent_version=int(parent) if parent.isdigit() else None,
+            memory_manifest=tags.get("memory_manifest", ""),
+            memory_fingerprint=tags.get("memory_fingerprint", ""),
+            git_commit=tags.get("git_commit", ""),
+            strategy=tags.get("strategy", ""),
+            weights_sha256=tags.get("weights_sha256", ""),
+            gate=gate,
         )
 
 
-def _logged_model_id(model_uri: str) -> str | None:
-    """The logged-model id of an MLflow 3 ``models:/<model_id>`` URI (None for other URIs).
+@dataclass(frozen=True)
+class VersionInfo:
+    """One finished registered version: its number, lineage tags and aliases."""
 
-    A tracking server refuses a version whose source is ``models:/<model_id>`` unless the
-    request also names that model id (the local SQLite store does not check).
-    """
-    ref = model_uri.removeprefix("models:/")
-    if ref == model_uri or not ref or "/" in ref or "@" in ref:
-        return None
-    return ref
+    version: int
+    run_id: str
+    lineage: VersionTags
+    aliases: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)  # every tag (lineage and registry's)
 
+    @property
+    def period(self) -> str:
+        return self.lineage.period
 
-@contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite tracking store across processes.
-
-    MLflow creates its tables when a client first opens the database; two refreshes starting
-    together on a fresh store would both try, and the loser would fail with "table ...
-    already exists" instead of meeting the period lock.
-    """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock", timeout=600):
-        yield
+    @property
+    def passed_gate(self) -> bool:
+        return self.lineage.gate == "pass"
 
 
-def _pinned_requirements() -> list[str]:
-    pins = []
-    for name in SERVING_REQUIREMENTS:
-        try:
-            pins.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pins.append(name)
-    return pins
+@dataclass(frozen=True)
+class RunRecord:
+    """A tracked run as logged: final metric values, parameters and tags."""
+
+    run_id: str
+    status: str
+    metrics: Mapping[str, float]
+    params: Mapping[str, str]
+    tags: Mapping[str, str]
 
 
-class Registry:
-    """Thin, typed access to the MLflow tracking server and registry."""
+@dataclass(frozen=True)
+class MetricPoint:
+    """One metric value at a step (training curves log one point per step)."""
 
-    def __init__(self, uri: str | None = None) -> None:
-        self.uri = uri or tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        with _sqlite_init_lock(self.uri):
-            self.client = MlflowClient(self.uri)
+    key: str
+    value: float
+    step: int = 0
 
-    # -- experiment and runs -------------------------------------------------------------
-    def experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:"):
-            location = (state_dir() / "mlartifacts").as_uri()
-        try:
-            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException:  # created concurrently
-            exp = self.client.get_experiment_by_name(EXPERIMENT)
-            assert exp is not None
-            return exp.experiment_id
 
-    def log_model(self, run_id: str, model_dir: Path) -> str:
-        """Log the embedder (safetensors + config) with a models-from-code pyfunc flavour."""
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_CODE),
-                artifacts={"embedder": str(model_dir)},
-                code_paths=[str(CORE_CODE)],
-                pip_requirements=_pinned_requirements(),
-            )
-        # Leaving the block ended the run as FINISHED, but the refresh is not done: the
-        # caller sets the final status, so a refresh that dies from here on never leaves a
-        # run that looks finished.
-        self.client.update_run(run_id, status="RUNNING")
-        return info.model_uri
+@dataclass(frozen=True)
+class Rollback:
+    """What ``rollback`` did: ``@champion`` moved from one version to another."""
+
+    from_version: int
+    to_version: int
+
+
+class EmbeddingPredictor(ABC):
+    """A registered version loaded the way serving loads it: encoded frames in, embeddings out."""
+
+    @abstractmethod
+    def predict(self, images: Sequence[bytes]) -> np.ndarray:
+        """L2-normalised embeddings ``(N, D)`` float32 of ``N`` encoded frames (JPEG/PNG)."""
+
+
+class ModelRegistry(ABC):
+    """Runs, registered versions, aliases and model files of the ``stream-embedding`` model."""
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """Where the registry lives (for messages and for reopening it in another task)."""
+
+    # -- runs ----------------------------------------------------------------------------
+    @abstractmethod
+    def start_run(self, name: str) -> str:
+        """Open a run for one refresh; returns its id."""
+
+    @abstractmethod
+    def end_run(self, run_id: str, status: RunStatus) -> None:
+        """Close a run as FINISHED or FAILED."""
+
+    @abstractmethod
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None: ...
+
+    @abstractmethod
+    def log_metrics(self, run_id: str, metrics: Sequence[MetricPoint]) -> None: ...
+
+    @abstractmethod
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        """Upload every file of ``local_dir`` under ``artifact_path`` of the run."""
+
+    @abstractmethod
+    def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+
+    @abstractmethod
+    def run(self, run_id: str) -> RunRecord: ...
 
     # -- versions ------------------------------------------------------------------------
-    def ensure_registered_model(self) -> None:
-        try:
-            self.client.get_registered_model(MODEL_NAME)
-        except MlflowException:
-            try:
-                self.client.create_registered_model(
-                    MODEL_NAME, description="Stream-frame embedding, refreshed every period"
-                )
-            except MlflowException:
-                pass  # created concurrently
+    @abstractmethod
+    def register(
+        self, run_id: str, model_dir: Path, lineage: VersionTags, embedding_dim: int
+    ) -> VersionInfo:
+        """Store the embedder in ``model_dir`` (safetensors + config) as a new version of the
+        run, with its lineage tags and a serving signature (frames in, ``embedding_dim``
+        floats out); mark it complete last and point ``@challenger`` at it."""
 
-    def register(self, model_uri: str, run_id: str, tags: dict[str, str]) -> VersionInfo:
-        """Create a version, tag its lineage, then mark it complete (last) and @challenger."""
-        self.ensure_registered_model()
-        mv = self.client.create_model_version(
-            MODEL_NAME,
-            model_uri,
-            run_id=run_id,
-            tags={**tags, STATUS: "registering"},
-            model_id=_logged_model_id(model_uri),
-        )
-        self.client.set_model_version_tag(MODEL_NAME, mv.version, STATUS, "complete")
-        self.client.set_registered_model_alias(MODEL_NAME, "challenger", mv.version)
-        return VersionInfo.of(self.client.get_model_version(MODEL_NAME, mv.version))
-
+    @abstractmethod
     def versions(self) -> list[VersionInfo]:
         """All finished versions, oldest first."""
-        try:
-            found = self.client.search_model_versions(f"name='{MODEL_NAME}'")
-        except MlflowException:
-            return []
-        infos = [
-            VersionInfo.of(self.client.get_model_version(MODEL_NAME, mv.version)) for mv in found
-        ]
-        return sorted(
-            (v for v in infos if v.tags.get(STATUS) == "complete"), key=lambda v: v.version
-        )
 
+    @abstractmethod
     def get(self, version: int) -> VersionInfo:
-        try:
-            mv = self.client.get_model_version(MODEL_NAME, str(version))
-        except MlflowException:
-            raise RegistryError(f"{MODEL_NAME} has no version {version}") from None
-        info = VersionInfo.of(mv)
-        if info.tags.get(STATUS) != "complete":
-            raise RegistryError(f"{MODEL_NAME} version {version} is not a finished version")
-        return info
+        """A finished version (:class:`RegistryError` when there is none by that number)."""
 
     def find_completed(
         self, period: str, shard_fingerprint: str, config_hash: str
     ) -> VersionInfo | None:
         """The finished version already made from exactly these inputs, if any."""
         for v in self.versions():
-            t = v.tags
-            if (t.get("period"), t.get("shard_fingerprint"), t.get("config_hash")) == (
+            t = v.lineage
+            if (t.period, t.shard_fingerprint, t.config_hash) == (
                 period,
                 shard_fingerprint,
                 config_hash,
@@ -210,60 +209,104 @@ class Registry:
         return None
 
     # -- aliases -------------------------------------------------------------------------
-    def alias(self, name: str) -> VersionInfo | None:
-        try:
-            return VersionInfo.of(self.client.get_model_version_by_alias(MODEL_NAME, name))
-        except MlflowException:
-            return None
+    @abstractmethod
+    def alias(self, name: str) -> VersionInfo | None: ...
 
     def champion(self) -> VersionInfo | None:
-        return self.alias("champion")
+        return self.alias(CHAMPION)
 
-    def _history(self) -> list[int]:
-        try:
-            tags = self.client.get_registered_model(MODEL_NAME).tags
-        except MlflowException:
-            return []
-        return [int(v) for v in json.loads(tags.get(HISTORY, "[]"))]
-
+    @abstractmethod
     def promote(self, version: int) -> None:
-        """Point @champion at ``version`` and remember it for rollback."""
-        self.get(version)
-        history = [v for v in self._history() if v != version] + [version]
-        self.client.set_registered_model_alias(MODEL_NAME, "champion", str(version))
-        self.client.set_registered_model_tag(MODEL_NAME, HISTORY, json.dumps(history))
+        """Point ``@champion`` at a finished ``version`` and remember it for rollback."""
 
-    def rollback(self) -> tuple[int, int]:
-        """Move @champion back to the previous champion; returns (from, to)."""
-        history = self._history()
-        current = self.champion()
-        if current is None or len(history) < 2:
-            raise RegistryError("nothing to roll back to: fewer than two champions so far")
-        previous = history[-2]
-        self.client.set_registered_model_alias(MODEL_NAME, "champion", str(previous))
-        self.client.set_registered_model_tag(MODEL_NAME, HISTORY, json.dumps(history[:-1]))
-        return current.version, previous
+    @abstractmethod
+    def rollback(self) -> Rollback:
+        """Move ``@champion`` back to the previous champion."""
 
-    # -- artifacts -----------------------------------------------------------------------
+    # -- model files ---------------------------------------------------------------------
+    @abstractmethod
     def download_embedder(self, version: int, dest: Path | None = None) -> Path:
-        """Download a version and return its safetensors + config directory (no pickle)."""
-        dest = dest or Path(tempfile.mkdtemp(prefix=f"cssl-v{version}-"))
-        root = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{MODEL_NAME}/{version}", dst_path=str(dest)
-            )
-        )
-        mlmodel = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
-        rel = mlmodel["flavors"]["python_function"]["artifacts"]["embedder"]["path"]
-        path = (root / rel).resolve()
-        if root.resolve() not in path.parents:
-            raise RegistryError(f"version {version}: embedder path {rel!r} leaves the model")
-        return path
+        """The version's embedder directory (safetensors + config.json; nothing pickled)."""
 
-    def run_data(self, run_id: str) -> dict[str, Any]:
-        run = self.client.get_run(run_id)
-        return {
-            "metrics": dict(run.data.metrics),
-            "params": dict(run.data.params),
-            "tags": dict(run.data.tags),
-        }
+    def load_embedder(self, version: int) -> Embedder:
+        from cssl_core.learn.models import Embedder
+
+        return Embedder.load(self.download_embedder(version))
+
+    @abstractmethod
+    def resolve(self, model_ref: str) -> VersionInfo | None:
+        """The version a model reference names (``champion``, ``3``, or the backend's own URI
+        form such as ``models:/stream-embedding@champion``); None when it names none."""
+
+    @abstractmethod
+    def load_predictor(self, model_ref: str) -> EmbeddingPredictor:
+        """The model a reference names, loaded as serving loads it."""
+
+    # -- lineage -------------------------------------------------------------------------
+    def lineage(self) -> dict[str, VersionInfo]:
+        """Period -> the version the lineage continued from: the newest version of that
+        period that passed the gate. A period none of whose versions passed has no entry:
+        rejected candidates are never the lineage (the lineage continued from the champion)."""
+        kept: dict[str, VersionInfo] = {}
+        for v in self.versions():  # oldest first: a newer passing version replaces an older
+            if v.passed_gate:
+                kept[v.period] = v
+        return kept
+
+    def lineage_matrix(self, periods: Sequence[str], metric: str) -> AccuracyMatrix:
+        """R[i][j] over ``periods`` (stream order), read back from the lineage's runs.
+
+        Row i is the accuracy on every period so far of the lineage's version of period i
+        (:meth:`lineage`); a period with no promoted version has no row (NaN). The entry
+        just above each row, R[i][k] for the next lineage period k, is the accuracy on k of
+        the model before it trained on k (its run logged the champion's scores) when that
+        champion was version i.
+        """
+        kept = {p: v for p, v in self.lineage().items() if p in periods}
+        matrix = AccuracyMatrix(list(periods))
+        rows = [p for p in periods if p in kept]
+        for i, p in enumerate(rows):
+            metrics = self.run(kept[p].run_id).metrics
+            for q in periods:
+                if f"{metric}/{q}" in metrics:
+                    matrix.set(p, q, metrics[f"{metric}/{q}"])
+            if i + 1 < len(rows):
+                nxt = kept[rows[i + 1]]
+                later = self.run(nxt.run_id).metrics
+                key = f"champion_{metric}/{nxt.period}"
+                if nxt.lineage.parent_version == kept[p].version and key in later:
+                    matrix.set(p, nxt.period, later[key])
+        return matrix
+
+
+def lineage_rows(matrix: AccuracyMatrix) -> AccuracyMatrix:
+    """The square part of ``matrix`` over the periods that have a row (the lineage's periods).
+
+    Forgetting, BWT and FWT are defined on a full lineage; a period none of whose versions
+    passed the gate has no row and no model that ever learned it, so it is left out of them
+    (its eval set still counts in each row's accuracies and in the gate's averages).
+    """
+    values = matrix.values
+    keep = [k for k in range(len(matrix.periods)) if not np.isnan(values[k]).all()]
+    if not keep:
+        return matrix
+    return AccuracyMatrix([matrix.periods[k] for k in keep], values[np.ix_(keep, keep)])
+
+
+def with_row(matrix: AccuracyMatrix, period: str, row: Mapping[str, float]) -> AccuracyMatrix:
+    """A copy of ``matrix`` whose row ``period`` is ``row`` (the candidate being decided on;
+    an empty ``row`` clears it)."""
+    values = matrix.values
+    k = matrix.index(period)
+    values[k] = np.nan
+    for q, value in row.items():
+        values[k, matrix.index(q)] = value
+    return AccuracyMatrix(list(matrix.periods), values)
+
+
+def open_registry(uri: str | None = None) -> ModelRegistry:
+    """The registry the pipeline uses: MLflow at ``uri`` (default: ``MLFLOW_TRACKING_URI``,
+    else SQLite in the state folder, see :mod:`pipelines.settings`)."""
+    from pipelines.mlflow_registry import MlflowRegistry
+
+    return MlflowRegistry(uri)

@@ -205,8 +205,8 @@ def lineage(
     ``summaries`` and ``weights`` are recorded right after the runs; tests that change the
     registry afterwards (rollback, a rejected candidate) must not rely on the order of tests.
     """
+    from pipelines.mlflow_registry import MlflowRegistry
     from pipelines.refresh import refresh
-    from pipelines.registry import Registry
 
     state = new_lineage(tmp_path_factory.mktemp("lineage"), tiny_params_file)
     with environment(**state.env):
@@ -217,7 +217,7 @@ def lineage(
                 params_path=str(tiny_params_file),
                 overrides=state.overrides,
             )
-        registry = Registry()
+        registry = MlflowRegistry()
         for v in registry.versions():
             state.weights[v.period] = v.tags["weights_sha256"]
     return state

@@ -171,3 +171,156 @@ def test_config_json_and_schema(capsys):
     assert main(["config", "--schema"]) == EXIT_OK
     schema = json.loads(capsys.readouterr().out)
     assert "train" in schema["properties"]
+
+
+# -- start-up cost: what a verb imports (issue 11) -----------------------------------------
+
+HEAVY = ("torch", "timm", "torchvision", "prefect", "mlflow", "ale_py", "lancedb")
+PROBE = """
+import json, os, sys
+from pipelines.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = set(os.environ["HEAVY"].split(","))
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & heavy)))
+"""
+
+
+def _heavy_imports(tmp_path: Path, *argv: str) -> list[str]:
+    """The heavy modules ``cssl ARGV`` imported, run in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "CSSL_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    env |= {"HEAVY": ",".join(HEAVY)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["config"], ["bench", "--help"], ["validate", "no-such-shard"]],
+    ids=" ".join,
+)
+def test_help_config_and_validate_import_no_heavy_module(argv: list[str], tmp_path: Path):
+    assert _heavy_imports(tmp_path, *argv) == []
+
+
+def test_registry_verbs_import_no_torch(tmp_path: Path):
+    """``report`` needs the registry (mlflow), not the model."""
+    assert set(_heavy_imports(tmp_path, "report")) == {"mlflow"}
+
+
+# -- the first minutes after the demo (issue 11) -------------------------------------------
+
+
+def test_shard_dir_accepts_what_ingest_out_was_given(tmp_path: Path, capsys):
+    from cssl_core.config import SimulateConfig
+    from cssl_core.data.simulate import simulate_period
+    from pipelines.cli import CliError, shard_dir
+
+    cfg = SimulateConfig(frames_per_period=8, size=32)
+    simulate_period(tmp_path / "one", "p01", 0, 2, cfg)
+    assert shard_dir(tmp_path / "one") == tmp_path / "one" / "p01"
+    assert shard_dir(tmp_path / "one" / "p01") == tmp_path / "one" / "p01"
+    simulate_period(tmp_path / "one", "p02", 1, 2, cfg)
+    with pytest.raises(CliError, match="holds the shards of periods p01, p02: give one of them"):
+        shard_dir(tmp_path / "one")
+    assert shard_dir(tmp_path / "one", period="p02") == tmp_path / "one" / "p02"
+    assert main(["validate", str(tmp_path / "one"), "--check"]) == EXIT_FAILED
+    assert "p01, p02" in capsys.readouterr().err
+
+
+def test_a_newcomers_path_demo_then_the_commands_it_prints(
+    prefect_harness, tiny_params_file: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """``cssl demo`` (tiny, two periods) from a fresh directory, then every command of its
+    "Explore:" lines exactly as printed (report, embed, rollback; the MLflow UI's store), then
+    promote: they all find the demo's state with no extra settings."""
+    import shlex
+
+    import pyarrow.parquet as pq
+    from conftest import TINY_PARAMS, tiny_override_list
+
+    from cssl_core.data.shard import Shard
+    from pipelines.mlflow_registry import MlflowRegistry
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("CSSL_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    two = {**TINY_PARAMS, "periods": {"p01": {"previous": ""}, "p02": {"previous": "p01"}}}
+    sets = [x for item in tiny_override_list(two) for x in ("--set", item)]
+    capsys.readouterr()
+    assert main(["demo", "--params", str(tiny_params_file), *sets]) == EXIT_OK
+    printed = capsys.readouterr().out.splitlines()
+    at = printed.index("Explore:")
+    commands = [shlex.split(line.split("  #")[0]) for line in printed[at + 1 : at + 5]]
+    assert [c[0].rsplit("/", 1)[-1] for c in commands] == ["cssl", "cssl", "cssl", "mlflow"]
+    assert all("=" not in c[0] for c in commands)  # no settings needed before the command
+
+    report, embed, rollback, ui = (c[1:] for c in commands)
+    assert main([*report, "--json"]) == EXIT_OK
+    payload = json.loads(capsys.readouterr().out)
+    assert [v["period"] for v in payload["versions"]] == ["p01", "p02"]
+    assert payload["champion"] == 2
+    assert main(embed) == EXIT_OK
+    shard = Shard.open(tmp_path / embed[1])
+    assert pq.read_table(tmp_path / "embeddings.parquet").num_rows == shard.num_rows
+    capsys.readouterr()
+    assert main(rollback) == EXIT_OK
+    assert capsys.readouterr().out.strip() == "@champion rolled back: version 2 -> 1"
+    assert main(["promote", "2"]) == EXIT_OK
+    store = ui[ui.index("--backend-store-uri") + 1]
+    assert MlflowRegistry(store).champion().version == 2
+
+
+def test_the_temporary_prefect_server_gets_time_a_retry_and_a_one_line_failure(
+    monkeypatch, capsys, tiny_params_file: Path, sim_shards: Path
+):
+    """A server that never answers (as on a busy machine): two tries with the generous
+    timeout, then one line saying what happened and what to set; no flow runs."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.prefect_server import PrefectServerUnavailable, start_local_server
+
+    tries: list[int | None] = []
+
+    def never_answers(self, timeout=None):  # noqa: ANN001, ANN202
+        tries.append(timeout)
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", never_answers)
+    monkeypatch.setattr(SubprocessASGIServer, "stop", lambda self: None)
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(PrefectServerUnavailable, match=r"within 90 s \(2 tries"):
+            start_local_server()
+        assert tries == [90, 90]
+        capsys.readouterr()
+        argv = ["refresh", "--period", "p01", "--shard", str(sim_shards / "p01")]
+        assert main([*argv, "--params", str(tiny_params_file)]) == EXIT_FAILED
+    assert len(tries) == 4
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[:2] == [
+        "starting the local Prefect server (waiting up to 90 s)",
+        "starting the local Prefect server (no answer; once more, waiting up to 90 s)",
+    ]
+    assert len(lines) == 3 and lines[2].startswith("error: the temporary Prefect server did not")
+    for needle in ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=", "PREFECT_API_URL="):
+        assert needle in lines[2]

@@ -21,7 +21,7 @@ from cssl_core.data.shard import Shard
 from cssl_core.data.storage import LocalStore
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
-from pipelines.registry import Registry
+from pipelines.mlflow_registry import MlflowRegistry
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -92,9 +92,9 @@ def test_repro_matches_the_prefect_flow(dvc_repo, lineage: Lineage):
         assert model.state_fingerprint() == lineage.weights[period], period
     p02 = json.loads((repo / "data" / "metrics" / "p02.json").read_text())
     assert p02["weights_sha256"] == lineage.weights["p02"]
-    registry = Registry(lineage.tracking_uri)
+    registry = MlflowRegistry(lineage.tracking_uri)
     version = next(v for v in registry.versions() if v.period == "p02" and v.version <= 3)
-    logged = registry.run_data(version.run_id)["metrics"]
+    logged = registry.run(version.run_id).metrics
     for q, scores in p02["scores"].items():
         assert scores["knn"] == logged[f"knn/{q}"]
         assert scores["linear"] == logged[f"linear/{q}"]

@@ -26,7 +26,9 @@ from cssl_core.evaluation.evaluate import (
     knn_accuracy,
     knn_predict,
     linear_probe_accuracy,
+    majority_scores,
 )
+from cssl_core.evaluation.outcomes import FrameOutcomes
 from cssl_core.learn.augment import IMAGENET_MEAN, IMAGENET_STD
 from cssl_core.learn.models import Embedder
 
@@ -344,6 +346,80 @@ def test_evaluate_periods_scores_each_period_from_one_feature_pass(tmp_path: Pat
         assert scores[period] == PeriodScores(knn=knn, linear=linear)
     # Solid, well separated colours: even a randomly initialised ResNet separates them.
     assert scores["p01"].knn == 1.0 and scores["p02"].knn == 1.0
+
+
+def test_evaluate_periods_keeps_each_eval_frames_outcome_paired_across_models(
+    tmp_path: Path,
+) -> None:
+    shard = Shard.open(write_colour_shard(tmp_path, "p01", ["red", "green", "blue"], seed=14))
+    es = eval_set_from_shard(shard, max_train_frames=30, seed=0)
+    table = shard.read(["frame_id", "stream_id", "category"], split="eval").to_pylist()
+    streams = {r["frame_id"]: r["stream_id"] for r in table if r["category"] is not None}
+    assert es.test_frame_ids == tuple(sorted(streams))  # frame_id order, labelled only
+    assert es.test_frame_ids == tuple(frame_id(img) for img in es.test_images)
+    assert es.test_stream_ids == tuple(streams[f] for f in es.test_frame_ids)
+
+    cfg = EvalConfig(knn_k=5, probe_epochs=20, max_train_frames=30)
+    a = evaluate_periods(tiny_embedder(), {"p01": es}, cfg, input_size=32)["p01"]
+    b = evaluate_periods(ChannelMean(), {"p01": es}, cfg, input_size=32)["p01"]
+    assert a.frames is not None and b.frames is not None
+    for scores in (a, b):
+        frames = scores.frames
+        assert frames is not None
+        assert frames.frame_ids == es.test_frame_ids
+        assert frames.clusters == es.test_stream_ids  # eval.cluster: stream (the default)
+        assert frames.labels == tuple(es.test_labels)
+        assert scores.knn == frames.knn.mean() and scores.linear == frames.linear.mean()
+    a.frames.check_paired(b.frames)
+
+    # The per-frame kNN outcome is the classifier's, frame by frame.
+    codes, classes = encode_labels([*es.train_labels, *es.test_labels])
+    n = len(es.train_images)
+    feats = extract_features(ChannelMean(), [*es.train_images, *es.test_images], 32)
+    preds = knn_predict(feats[:n], codes[:n], feats[n:], k=5, num_classes=len(classes))
+    assert np.array_equal(b.frames.knn, preds.numpy() == codes[n:])
+    diff = a.frames.difference(b.frames, "knn", n_resamples=200)
+    assert diff.estimate == pytest.approx(a.knn - b.knn)
+    assert diff.n_clusters == 3 and diff.n_frames == 18
+
+    per_frame = EvalConfig(knn_k=5, probe_epochs=20, cluster="frame")
+    c = evaluate_periods(ChannelMean(), {"p01": es}, per_frame, input_size=32)["p01"]
+    assert c.frames is not None and c.frames.clusters == es.test_frame_ids
+
+
+def test_majority_baseline_predicts_the_most_frequent_reference_category(tmp_path: Path) -> None:
+    shard = Shard.open(write_colour_shard(tmp_path, "p01", ["red", "green", "blue"], seed=15))
+    es = eval_set_from_shard(shard, max_train_frames=1000, seed=0)
+    base = majority_scores(es)  # 12 reference frames per colour: a tie, 'blue' sorts first
+    assert base.knn == base.linear == pytest.approx(1 / 3)
+    assert base.frames is not None
+    assert np.array_equal(base.frames.knn, np.array(es.test_labels) == "blue")
+    assert base.frames.frame_ids == es.test_frame_ids
+    # Fewer blue reference frames: green and red tie now, and green sorts first.
+    keep = [k for k, y in enumerate(es.train_labels) if y != "blue" or k % 2]
+    fewer_blue = EvalSet(
+        [es.train_images[k] for k in keep],
+        [es.train_labels[k] for k in keep],
+        es.test_images,
+        es.test_labels,
+        es.test_frame_ids,
+        es.test_stream_ids,
+    )
+    assert np.array_equal(
+        majority_scores(fewer_blue).frames.knn, np.array(es.test_labels) == "green"
+    )
+
+
+def test_a_hand_built_eval_set_names_frames_by_position() -> None:
+    rng = np.random.default_rng(16)
+    imgs = [colour_jpeg(c, rng) for c in ["red", "blue"] * 3]
+    es = EvalSet(imgs[:4], ["red", "blue"] * 2, imgs[4:], ["red", None])
+    assert es.eval_frame_ids == ("#0", "#1") and es.eval_clusters() == ("#0", "#1")
+    scores = evaluate_periods(ChannelMean(), {"p": es}, EvalConfig(knn_k=3, probe_epochs=5), 16)
+    frames = scores["p"].frames
+    assert isinstance(frames, FrameOutcomes) and frames.frame_ids == ("#0",)
+    with pytest.raises(ValueError, match="test_stream_ids has 1 entries for 2"):
+        EvalSet(imgs[:4], ["red", "blue"] * 2, imgs[4:], ["red", None], None, ("s",))
 
 
 def test_evaluate_periods_skips_unlabelled_frames_and_names_an_empty_period() -> None:

@@ -1,46 +1,217 @@
-"""The promotion gate on plain numbers: every threshold decides on its own."""
+"""The paired promotion gate on per-frame outcomes: each rule, the corrections, failing closed,
+and real outcomes from real (tiny) models."""
+
+from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from cssl_core.config import GateConfig
+import numpy as np
+import pytest
+
+from cssl_core.config import ConfigError, EvalConfig, GateConfig, load_params
+from cssl_core.evaluation.outcomes import FrameOutcomes
 from pipelines.gate import decide
 
-CFG = GateConfig(avg_accuracy_tolerance=0.01, new_period_tolerance=0.0, max_forgetting=0.10)
+CFG = GateConfig(margin=0.05, max_forgetting=0.10, bootstrap_samples=500)
+CLUSTERS, PER_CLUSTER = 40, 10
 
 
-def test_first_period_promotes_a_finite_candidate():
-    d = decide({"p01": 0.5}, None, "p01", 0.0, CFG)
+def outcomes(acc: float, seed: int, clusters: int = CLUSTERS, ids: str = "f") -> FrameOutcomes:
+    """Frames in ``clusters`` streams of PER_CLUSTER frames, exactly ``acc`` of them right,
+    in an order drawn with ``seed``."""
+    n = clusters * PER_CLUSTER
+    right = np.zeros(n, dtype=bool)
+    right[np.random.default_rng(seed).permutation(n)[: round(acc * n)]] = True
+    return FrameOutcomes(
+        tuple(f"{ids}{k:04d}" for k in range(n)),
+        tuple(f"s{k // PER_CLUSTER:02d}" for k in range(n)),
+        tuple("pong" for _ in range(n)),
+        right,
+        right,
+    )
+
+
+def flipped(base: FrameOutcomes, wrong: int, seed: int) -> FrameOutcomes:
+    """``base`` with ``wrong`` of its right frames made wrong (a model worse by wrong/n)."""
+    knn = base.knn.copy()
+    hits = np.flatnonzero(knn)
+    knn[np.random.default_rng(seed).choice(hits, size=wrong, replace=False)] = False
+    return FrameOutcomes(base.frame_ids, base.clusters, base.labels, knn, knn)
+
+
+CHAMPION = {"p01": outcomes(0.80, 1), "p02": outcomes(0.70, 2)}
+BEST = {"p01": 0.80}
+
+
+def test_first_period_promotes_and_shows_the_accuracy_with_its_interval():
+    d = decide({"p01": outcomes(0.75, 3)}, None, "p01", {}, CFG)
     assert d.promote and d.failed == []
+    assert d.reasons[-2].startswith("PASS champion: none yet; knn on p01 0.750 ±0.0")
+    assert d.reasons[-1] == "PASS forgetting: no earlier period to forget"
 
 
-def test_better_candidate_promotes():
-    d = decide({"p01": 0.6, "p02": 0.7}, {"p01": 0.6, "p02": 0.5}, "p02", 0.02, CFG)
+def test_the_champion_itself_is_not_rejected():
+    d = decide(CHAMPION, CHAMPION, "p02", BEST, CFG)
     assert d.promote, d.reasons
+    assert "PASS p01 non-inferior: Δ +0.000 [+0.000, +0.000] > -0.050 (95%, 40 clusters)" in (
+        d.reasons
+    )
+    assert d.differences["p02"].estimate == 0.0 and d.forgetting is not None
+    assert d.forgetting.estimate == 0.0 and d.forgetting.high < CFG.max_forgetting
 
 
-def test_average_within_tolerance_passes_and_beyond_fails():
-    champ = {"p01": 0.70, "p02": 0.60}  # avg 0.65
-    ok = decide({"p01": 0.68, "p02": 0.61}, champ, "p02", 0.02, CFG)  # avg 0.645 >= 0.64
-    assert ok.promote, ok.reasons
-    bad = decide({"p01": 0.64, "p02": 0.61}, champ, "p02", 0.02, CFG)  # avg 0.625 < 0.64
-    assert not bad.promote
-    assert [r.split(":")[0] for r in bad.failed] == ["FAIL average accuracy"]
-
-
-def test_worse_on_new_period_fails():
-    d = decide({"p01": 0.9, "p02": 0.59}, {"p01": 0.6, "p02": 0.6}, "p02", 0.0, CFG)
+def test_a_candidate_worse_by_more_than_the_margin_is_rejected_with_its_interval():
+    worse = {"p01": flipped(CHAMPION["p01"], 60, 4), "p02": CHAMPION["p02"]}  # -0.15 on p01
+    d = decide(worse, CHAMPION, "p02", BEST, CFG)
     assert not d.promote
-    assert d.failed == ["FAIL accuracy on p02: candidate 0.590 vs champion 0.600"]
+    (p01,) = [r for r in d.failed if "p01" in r]
+    assert p01.startswith("FAIL p01 non-inferior: Δ -0.150 [")
+    assert p01.endswith("] <= -0.050 (95%, 40 clusters)")
+    assert d.differences["p01"].high < 0
 
 
-def test_too_much_forgetting_fails():
-    d = decide({"p01": 0.9, "p02": 0.9}, {"p01": 0.5, "p02": 0.5}, "p02", 0.11, CFG)
+def test_new_period_better_or_non_inferior():
+    equal_new = {"p01": CHAMPION["p01"], "p02": CHAMPION["p02"]}
+    strict = CFG.model_copy(update={"new_period": "better"})
+    d = decide(equal_new, CHAMPION, "p02", BEST, strict)
     assert not d.promote
-    assert d.failed == ["FAIL forgetting: 0.110 > max 0.100"]
+    assert d.failed == ["FAIL p02 better: Δ +0.000 [+0.000, +0.000] <= +0.000 (95%, 40 clusters)"]
+    improved = dict(CHAMPION)
+    improved["p02"] = flipped(CHAMPION["p02"], 0, 0)  # same outcomes, then make it better:
+    knn = CHAMPION["p02"].knn.copy()
+    knn[np.flatnonzero(~knn)[:60]] = True  # +0.15 on p02
+    improved["p02"] = FrameOutcomes(
+        CHAMPION["p02"].frame_ids, CHAMPION["p02"].clusters, CHAMPION["p02"].labels, knn, knn
+    )
+    assert decide(improved, CHAMPION, "p02", BEST, strict).promote
 
 
-def test_nan_never_promotes():
-    d = decide({"p01": math.nan}, None, "p01", 0.0, CFG)
+def test_too_much_forgetting_fails_on_its_upper_bound():
+    d = decide(CHAMPION, CHAMPION, "p02", {"p01": 0.95}, CFG)  # forgot 0.15 since its best
     assert not d.promote
-    d = decide({"p01": 0.5, "p02": 0.5}, {"p01": 0.1, "p02": 0.1}, "p02", math.nan, CFG)
+    (reason,) = d.failed
+    assert reason.startswith("FAIL forgetting: +0.150 [+0.")
+    assert "upper bound > max 0.100" in reason
+    # Point forgetting 0.08 is under the limit, but not its upper bound on 400 frames.
+    d = decide(CHAMPION, CHAMPION, "p02", {"p01": 0.88}, CFG)
+    assert d.forgetting is not None and d.forgetting.estimate == pytest.approx(0.08)
+    assert not d.promote and d.failed[0].startswith("FAIL forgetting: +0.080")
+
+
+# -- failing closed ---------------------------------------------------------------------------
+
+
+def test_a_candidate_missing_an_old_period_fails():
+    d = decide({"p02": CHAMPION["p02"]}, CHAMPION, "p02", BEST, CFG)
     assert not d.promote
+    assert "FAIL complete: candidate has no accuracy on p01" in d.failed
+
+
+def test_a_missing_new_period_or_best_earlier_accuracy_is_named():
+    d = decide({"p01": CHAMPION["p01"]}, None, "p02", BEST, CFG)
+    assert d.failed == ["FAIL complete: candidate has no accuracy on p02"]
+    d = decide(CHAMPION, {"p01": CHAMPION["p01"]}, "p02", BEST, CFG)
+    assert d.failed == ["FAIL complete: champion has no accuracy on the new period p02"]
+    d = decide(CHAMPION, CHAMPION, "p02", {}, CFG)
+    assert d.failed == ["FAIL complete: no best earlier accuracy logged for p01"]
+
+
+def test_nan_never_promotes_and_the_finite_check_says_what():
+    d = decide(CHAMPION, CHAMPION, "p02", {"p01": math.nan}, CFG)
+    assert not d.promote
+    assert d.failed == ["FAIL finite: not finite: best earlier p01=nan"]
+
+
+def test_an_infinite_threshold_that_slipped_through_fails_closed():
+    loose = GateConfig.model_construct(**{**CFG.model_dump(), "margin": math.inf})
+    worse = {"p01": flipped(CHAMPION["p01"], 200, 5), "p02": CHAMPION["p02"]}
+    d = decide(worse, CHAMPION, "p02", BEST, loose)
+    assert not d.promote
+    assert "gate.margin=inf" in " ".join(d.failed)
+
+
+def test_non_finite_or_replaced_thresholds_are_a_configuration_error():
+    for key in ("margin", "max_forgetting", "confidence"):
+        for value in ("inf", "nan"):
+            with pytest.raises(ConfigError, match=f"gate.{key}"):
+                load_params(None, [f"gate.{key}={value}"])
+    for key in ("avg_accuracy_tolerance", "new_period_tolerance"):
+        with pytest.raises(ConfigError, match=f"gate.{key} was replaced by .*gate.margin"):
+            load_params(None, [f"gate.{key}=0.01"])
+
+
+def test_results_on_different_frames_cannot_be_paired():
+    other = {"p01": outcomes(0.8, 1, ids="g"), "p02": CHAMPION["p02"]}
+    d = decide(other, CHAMPION, "p02", BEST, CFG)
+    assert not d.promote
+    assert d.failed[0].startswith("FAIL p01 paired: the two models were scored on different")
+
+
+def test_one_cluster_gives_no_interval_and_no_promotion():
+    lone_champ = {"p01": outcomes(0.8, 1, clusters=1)}
+    lone_cand = {"p01": flipped(lone_champ["p01"], 1, 6)}
+    d = decide(lone_cand, lone_champ, "p01", {}, CFG)
+    assert not d.promote
+    assert d.failed[0].startswith("FAIL p01 non-inferior: Δ -0.100, no interval from 1 cluster")
+
+
+# -- multiplicity ---------------------------------------------------------------------------
+
+
+def test_corrections_widen_each_periods_interval():
+    champion = {p: outcomes(0.7, k) for k, p in enumerate(["p01", "p02", "p03"])}
+    candidate = {
+        "p01": flipped(champion["p01"], 4, 7),  # -0.01: far from the margin, smallest p
+        "p02": flipped(champion["p02"], 12, 8),  # -0.03
+        "p03": flipped(champion["p03"], 8, 9),  # -0.02
+    }
+    best = {"p01": 0.7, "p02": 0.7}
+    levels = {}
+    for correction in ("none", "bonferroni", "holm"):
+        cfg = CFG.model_copy(update={"correction": correction, "max_forgetting": 1.0})
+        d = decide(candidate, champion, "p03", best, cfg)
+        levels[correction] = {p: iv.confidence for p, iv in d.differences.items()}
+    assert levels["none"] == {"p01": 0.95, "p02": 0.95, "p03": 0.95}
+    assert levels["bonferroni"] == pytest.approx({p: 1 - 0.05 / 3 for p in candidate})
+    # Holm: the smallest one-sided p-value is tested strictest, the largest at 95%.
+    assert levels["holm"] == pytest.approx({"p01": 1 - 0.05 / 3, "p03": 0.975, "p02": 0.95})
+
+
+# -- real outcomes from real models -------------------------------------------------------------
+
+
+def test_real_models_the_champion_passes_and_a_known_worse_model_is_rejected(tmp_path: Path):
+    """Per-frame outcomes from evaluate_periods on real shards: a model that sees colour (the
+    category) is the champion; the candidate that sees only brightness is known to be worse."""
+    import torch
+    from test_evaluate import ChannelMean, write_colour_shard
+
+    from cssl_core.data.shard import Shard
+    from cssl_core.evaluation.evaluate import eval_set_from_shard, evaluate_periods
+
+    class Brightness(torch.nn.Module):
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            grey = x.mean(dim=(1, 2, 3))
+            return torch.stack([grey, torch.ones_like(grey)], dim=1)
+
+    colours = {"p01": ["red", "green", "blue"], "p02": ["blue", "gold", "green"]}
+    sets = {
+        p: eval_set_from_shard(Shard.open(write_colour_shard(tmp_path, p, c, seed=20 + k)), 100)
+        for k, (p, c) in enumerate(colours.items())
+    }
+    # Each colour is its own stream here (3 clusters per period), so use frames as clusters.
+    ecfg = EvalConfig(knn_k=5, probe_epochs=20, cluster="frame")
+
+    def frames(model: torch.nn.Module) -> dict[str, FrameOutcomes]:
+        scores = evaluate_periods(model, sets, ecfg, input_size=32)
+        return {p: s.frames for p, s in scores.items() if s.frames is not None}
+
+    champion, worse = frames(ChannelMean()), frames(Brightness())
+    assert champion["p01"].accuracy("knn") == 1.0
+    best = {"p01": champion["p01"].accuracy("knn")}
+    kept = decide(champion, champion, "p02", best, CFG)
+    assert kept.promote, kept.reasons
+    rejected = decide(worse, champion, "p02", best, CFG)
+    assert not rejected.promote
+    assert any(r.startswith("FAIL p01 non-inferior: Δ -") for r in rejected.failed)

@@ -53,6 +53,26 @@ def test_forgetting_uses_best_earlier_accuracy_bwt_uses_diagonal() -> None:
     assert R.bwt() == pytest.approx(-0.2, abs=1e-12)
 
 
+def test_best_earlier_and_next_period_accuracy_by_hand() -> None:
+    R = full()
+    # b_p1 = max(R[p1][p1], R[p2][p1]) = max(0.8, 0.9) = 0.9 ; b_p2 = R[p2][p2] = 0.7
+    assert R.best_earlier() == pytest.approx({"p1": 0.9, "p2": 0.7}, abs=1e-12)
+    assert R.best_earlier("p2") == pytest.approx({"p1": 0.8}, abs=1e-12)
+    assert R.best_earlier("p1") == {}
+    # N_p2 = R[p1][p2] = 0.1 ; N_p3 = R[p2][p3] = 0.3 ; average (0.1 + 0.3) / 2 = 0.2
+    assert R.next_period_accuracy() == pytest.approx({"p2": 0.1, "p3": 0.3}, abs=1e-12)
+    assert R.average_next_period_accuracy() == pytest.approx(0.2, abs=1e-12)
+    assert R.average_next_period_accuracy("p2") == pytest.approx(0.1, abs=1e-12)
+    # FWT is the average next-period accuracy above the blind baseline
+    baseline = [0.0, 0.05, 0.15]
+    assert R.fwt(baseline) == pytest.approx(0.2 - 0.1, abs=1e-12)
+    with pytest.raises(MissingAccuracy, match="at least two periods"):
+        R.average_next_period_accuracy("p1")
+    gap = AccuracyMatrix(PERIODS, [[0.8, None, None], [0.9, 0.7, 0.3], [0.6, 0.5, 0.9]])
+    with pytest.raises(MissingAccuracy, match=r"next_period_accuracy needs R\[p1\]\[p2\]"):
+        gap.next_period_accuracy()
+
+
 def test_negative_forgetting_and_positive_bwt_when_an_old_period_improves() -> None:
     R = full()
     # After p2: f_p1 = R[p1][p1] - R[p2][p1] = 0.8 - 0.9 = -0.1 ; BWT_2 = 0.9 - 0.8 = +0.1

@@ -21,7 +21,7 @@ from conftest import BIN, REPO, stop_process, wait_for_http
 from s3_server import free_port
 
 from cssl_core.data.shard import Shard
-from pipelines.registry import Registry
+from pipelines.mlflow_registry import MlflowRegistry
 
 pytestmark = pytest.mark.server
 
@@ -124,7 +124,7 @@ def test_deployment_runs_refresh_on_a_worker(
     assert inspect["state"]["type"] == "COMPLETED", logs
     assert inspect["parameters"] == parameters
 
-    registry = Registry(env["MLFLOW_TRACKING_URI"])
+    registry = MlflowRegistry(env["MLFLOW_TRACKING_URI"])
     (version,) = registry.versions()
     assert (version.version, version.period) == (1, "p01")
     assert version.tags["shard_fingerprint"] == Shard.open(sim_shards / "p01").fingerprint

@@ -25,12 +25,12 @@ from cssl_core.config import ConfigError, load_params
 from cssl_core.data.shard import Shard, ShardError
 from cssl_core.data.storage import LocalStore, open_store
 from cssl_core.evaluation.evaluate import extract_features
-from cssl_core.evaluation.metrics import AccuracyMatrix
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory, list_versions
 from pipelines.cli import main
+from pipelines.mlflow_registry import MlflowRegistry
 from pipelines.refresh import RefreshBusy, period_lock, refresh, resolve_period, validate
-from pipelines.registry import Registry
+from pipelines.registry import Rollback
 from pipelines.report import build_report
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -57,13 +57,13 @@ def _run(lin: Lineage, period: str, shard: Path | None, *extra: str, **kw) -> di
     )
 
 
-def _lineage_versions(registry: Registry) -> list:
+def _lineage_versions(registry: MlflowRegistry) -> list:
     """The three versions the session lineage made (later tests may add more)."""
     return [v for v in registry.versions() if v.version <= len(PERIODS)]
 
 
 def test_three_periods_make_a_lineage_of_versions(lin: Lineage, sim_shards: Path):
-    registry = Registry()
+    registry = MlflowRegistry()
     params = _params(lin)
     versions = _lineage_versions(registry)
     assert [v.version for v in versions] == [1, 2, 3]
@@ -112,16 +112,16 @@ def test_three_periods_make_a_lineage_of_versions(lin: Lineage, sim_shards: Path
 
 
 def test_report_reads_the_matrix_back_from_mlflow(lin: Lineage):
-    registry = Registry()
+    registry = MlflowRegistry()
     report = build_report(_params(lin), registry)
-    assert [r["version"] for r in report["versions"]][:3] == [1, 2, 3]
-    knn = AccuracyMatrix.from_dict(report["matrices"]["knn"])
+    assert [r.version for r in report.versions][:3] == [1, 2, 3]
+    knn = report.matrices["knn"]
     assert knn.periods == tuple(PERIODS)
     for i, p in enumerate(PERIODS):
         # Row i is promoted version i's accuracy on every period so far, as it was logged.
         row = lin.summaries[p]["row"]
         assert {q: knn.get(p, q) for q in PERIODS[: i + 1]} == pytest.approx(row, abs=0)
-    assert report["summary"]["knn"]["average_accuracy"] == pytest.approx(
+    assert report.summary["knn"].average_accuracy == pytest.approx(
         float(np.mean(list(lin.summaries["p03"]["row"].values())))
     )
 
@@ -129,12 +129,12 @@ def test_report_reads_the_matrix_back_from_mlflow(lin: Lineage):
 def test_rerun_of_a_finished_period_does_nothing(lin: Lineage, sim_shards: Path):
     manifest = Path(lin.store) / "memory" / "p02" / "manifest.json"
     before = manifest.read_bytes()
-    count = len(Registry().versions())
+    count = len(MlflowRegistry().versions())
     summary = _run(lin, "p02", sim_shards / "p02")
     assert summary["skipped"] is True
     assert summary["version"] == 2
     assert summary["reasons"] == ["already refreshed: same shard and config"]
-    assert len(Registry().versions()) == count
+    assert len(MlflowRegistry().versions()) == count
     assert manifest.read_bytes() == before
 
 
@@ -154,7 +154,7 @@ def test_latest_and_the_declared_source(lin: Lineage, sim_shards: Path):
 
 
 def test_a_second_refresh_of_the_same_period_fails_fast(lin: Lineage, sim_shards: Path, capsys):
-    count = len(Registry().versions())
+    count = len(MlflowRegistry().versions())
     with period_lock("p02"):
         with pytest.raises(RefreshBusy, match="another refresh of period 'p02' is running"):
             _run(lin, "p02", sim_shards / "p02")
@@ -175,13 +175,13 @@ def test_a_second_refresh_of_the_same_period_fails_fast(lin: Lineage, sim_shards
     assert code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error:") and "another refresh of period 'p02' is running" in last
-    assert len(Registry().versions()) == count
+    assert len(MlflowRegistry().versions()) == count
     # The lock is released: the same refresh now goes through (and finds the work done).
     assert _run(lin, "p02", sim_shards / "p02")["skipped"] is True
 
 
 def test_a_shard_of_another_period_is_refused(lin: Lineage, sim_shards: Path, capsys):
-    count = len(Registry().versions())
+    count = len(MlflowRegistry().versions())
     with pytest.raises(ShardError, match="holds period 'p01', not 'p02'"):
         _run(lin, "p02", sim_shards / "p01")
     capsys.readouterr()
@@ -203,12 +203,12 @@ def test_a_shard_of_another_period_is_refused(lin: Lineage, sim_shards: Path, ca
     assert last.startswith("error: shard ") and "holds period 'p01', not 'p02'" in last
     with pytest.raises(ValueError, match="either --shard or --source"):
         _run(lin, "p02", sim_shards / "p02", source=str(sim_shards / "p02"))
-    assert len(Registry().versions()) == count
+    assert len(MlflowRegistry().versions()) == count
 
 
 def test_validate_task_refuses_an_unclean_shard(lin: Lineage, sim_shards: Path, tmp_path: Path):
     params = _params(lin)
-    good = validate.fn(str(sim_shards / "p01"), params)
+    good = validate.fn(str(sim_shards / "p01"), params, "p01")
     assert good.fingerprint == Shard.open(sim_shards / "p01").fingerprint
     bad = tmp_path / "p01"
     shutil.copytree(sim_shards / "p01", bad)
@@ -220,11 +220,11 @@ def test_validate_task_refuses_an_unclean_shard(lin: Lineage, sim_shards: Path, 
     table = table.set_column(index, table.schema.field(index), pa.array(images, pa.binary()))
     pq.write_table(table, part)
     with pytest.raises(ShardError, match="is not clean.*run `cssl validate"):
-        validate.fn(str(bad), params)
+        validate.fn(str(bad), params, "p01")
 
 
 def test_embed_writes_the_champions_embeddings(lin: Lineage, sim_shards: Path, tmp_path: Path):
-    registry = Registry()
+    registry = MlflowRegistry()
     champion = registry.champion()
     assert champion is not None
     out = tmp_path / "emb.parquet"
@@ -251,7 +251,7 @@ def test_a_rejected_candidate_is_registered_but_not_promoted(
     """An unreachable gate (the candidate must beat the champion's average by 100 points) and a
     damaging update (fine-tuning at 10x the learning rate): the gate rejects it, whatever the
     data."""
-    registry = Registry()
+    registry = MlflowRegistry()
     champion = registry.champion()
     assert champion is not None and lin.summaries["p03"]["promoted"]
     count = len(registry.versions())
@@ -279,17 +279,17 @@ def test_a_rejected_candidate_is_registered_but_not_promoted(
     gate = json.loads(Path(gate_file).read_text())
     assert gate == {"promote": False, "reasons": summary["reasons"]}
     # The report's lineage keeps the promoted p03 version's row, not the rejected one's.
-    knn = AccuracyMatrix.from_dict(build_report(_params(lin), registry)["matrices"]["knn"])
+    knn = build_report(_params(lin), registry).matrices["knn"]
     assert knn.row("p03") == pytest.approx(lin.summaries["p03"]["row"], abs=0)
 
 
 def test_rollback_through_the_registry_and_the_cli(lin: Lineage, capsys):
-    registry = Registry()
+    registry = MlflowRegistry()
     original = registry.champion()
     assert original is not None
     for version in (1, 2, 3):
         registry.promote(version)
-    assert registry.rollback() == (3, 2)
+    assert registry.rollback() == Rollback(3, 2)
     assert registry.champion().version == 2
     capsys.readouterr()
     assert main(["rollback"]) == 0
@@ -323,7 +323,7 @@ def test_refresh_ingests_an_image_folder(
     shard = Shard.open(state.home / "incoming" / "p01")
     assert set(shard.manifest["categories"]) == set(frames.column("category").to_pylist())
     assert 0 < shard.num_rows <= frames.num_rows
-    version = Registry().get(1)
+    version = MlflowRegistry().get(1)
     assert version.tags["shard_fingerprint"] == shard.fingerprint
     stored = Path(state.store) / "shards" / "p01" / "manifest.json"
     assert json.loads(stored.read_text())["fingerprint"] == shard.fingerprint
@@ -360,7 +360,7 @@ def test_refresh_on_s3_with_a_tracking_server(
     first = _run(state, "p01", sim_shards / "p01")
     second = _run(state, "p02", sim_shards / "p02")
     assert (first["version"], second["version"]) == (1, 2)
-    registry = Registry()
+    registry = MlflowRegistry()
     v2 = registry.get(2)
     assert v2.tags["parent_version"] == ("1" if first["promoted"] else "")
     assert v2.tags["memory_manifest"] == f"s3://{s3_bucket}/cssl/memory/p02/manifest.json"
@@ -375,3 +375,63 @@ def test_refresh_on_s3_with_a_tracking_server(
         == (v2.tags["weights_sha256"])
     )
     assert _run(state, "p02", sim_shards / "p02")["skipped"] is True
+
+
+NEVER = ["gate.avg_accuracy_tolerance=-1", "gate.max_forgetting=0"]  # beat it by 100 points
+DIVERSE = "replay.selection=diverse"
+
+
+def _rejected_p02(tmp_path: Path, sim_shards: Path, params_file: Path, monkeypatch) -> Lineage:
+    """p01 promoted, then p02's candidate rejected, with ``diverse`` replay selection."""
+    state = new_lineage(tmp_path / "state", params_file)
+    state.use(monkeypatch)
+    assert _run(state, "p01", sim_shards / "p01", DIVERSE)["promoted"]
+    summary = _run(state, "p02", sim_shards / "p02", DIVERSE, *NEVER)
+    assert summary["promoted"] is False and summary["version"] == 2
+    return state
+
+
+def test_a_rejected_period_keeps_a_memory_chosen_by_the_champion_and_no_lineage_row(
+    tmp_path: Path, sim_shards: Path, tiny_params_file: Path, monkeypatch
+):
+    """Issue 12, fixes 5 and 6. With ``diverse`` selection the memory depends on the model
+    that embeds the frames. p02's candidate is rejected: memory(p02) must be the one the
+    champion (version 1) selects, not the rejected candidate's, and p02 has no row in the
+    lineage."""
+    from cssl_core import period as core
+
+    state = _rejected_p02(tmp_path, sim_shards, tiny_params_file, monkeypatch)
+    registry = MlflowRegistry()
+    store = LocalStore(state.store)
+    params = _params(state, DIVERSE, *NEVER)
+    shard = Shard.open(Path(state.store) / "shards" / "p02")
+    before = ReplayMemory.load(store, "p01")
+    by_champion = core.next_memory(params, before, shard, registry.load_embedder(1), "p02")
+    by_candidate = core.next_memory(params, before, shard, registry.load_embedder(2), "p02")
+    assert by_champion.fingerprint != by_candidate.fingerprint  # the rule is observable here
+    kept = ReplayMemory.load(store, "p02")
+    assert kept.fingerprint == by_champion.fingerprint
+    assert registry.get(2).lineage.memory_fingerprint == kept.fingerprint
+
+    knn = build_report(params, registry).matrices["knn"]
+    assert knn.periods == ("p01", "p02")
+    assert not np.isnan(knn.get("p01", "p01"))
+    assert np.isnan(knn.values[1]).all()  # the rejected candidate is not the lineage
+
+
+@pytest.mark.slow
+def test_refreshing_a_rejected_period_again_keeps_its_published_memory(
+    tmp_path: Path, sim_shards: Path, tiny_params_file: Path, monkeypatch
+):
+    """Memory versions never change: a later refresh of p02 (another config, rejected again)
+    registers a new version and leaves memory(p02) as the first decision published it."""
+    state = _rejected_p02(tmp_path, sim_shards, tiny_params_file, monkeypatch)
+    manifest = Path(state.store) / "memory" / "p02" / "manifest.json"
+    published = manifest.read_bytes()
+    again = _run(state, "p02", sim_shards / "p02", DIVERSE, *NEVER, "train.lr=0.05")
+    assert (again["promoted"], again["skipped"], again["version"]) == (False, False, 3)
+    assert manifest.read_bytes() == published
+    assert (
+        MlflowRegistry().get(3).lineage.memory_fingerprint
+        == ReplayMemory.load(LocalStore(state.store), "p02").fingerprint
+    )

@@ -16,7 +16,8 @@ from conftest import TINY_PARAMS
 from cssl_core.config import ModelConfig
 from cssl_core.evaluation.evaluate import extract_features
 from cssl_core.learn.models import Embedder
-from pipelines.registry import STATUS, Registry, RegistryError
+from pipelines.mlflow_registry import STATUS, MlflowRegistry, serving_signature
+from pipelines.registry import RegistryError, Rollback, VersionTags
 from pipelines.settings import MODEL_NAME
 
 pytestmark = pytest.mark.server
@@ -25,11 +26,11 @@ TINY_MODEL = ModelConfig(**TINY_PARAMS["model"])
 
 
 @pytest.fixture(scope="module")
-def registry(mlflow_server, tmp_path_factory) -> Registry:
+def registry(mlflow_server, tmp_path_factory) -> MlflowRegistry:
     """A registry on the server, emptied of ``stream-embedding`` (the server is shared)."""
     from mlflow.exceptions import MlflowException
 
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     try:
         reg.client.delete_registered_model(MODEL_NAME)
     except MlflowException:
@@ -46,36 +47,35 @@ def _env(mlflow_server, monkeypatch, tmp_path):
     mlflow.set_tracking_uri(mlflow_server.uri)
 
 
-def _tags(period: str, seed: int) -> dict[str, str]:
-    return {
-        "period": period,
-        "shard_fingerprint": f"shard-{period}",
-        "config_hash": "cfg-a",
-        "parent_version": "",
-        "memory_manifest": f"s3://store/memory/{period}/manifest.json",
-        "git_commit": "abc",
-        "seed": str(seed),
-    }
+def _tags(period: str, seed: int) -> VersionTags:
+    return VersionTags(
+        period=period,
+        shard_fingerprint=f"shard-{period}",
+        config_hash="cfg-a",
+        parent_version=None if seed == 0 else seed,
+        memory_manifest=f"s3://store/memory/{period}/manifest.json",
+        git_commit="abc",
+        strategy=f"seed-{seed}",
+        gate="pass",
+    )
 
 
 @pytest.fixture(scope="module")
-def versions(registry: Registry, tmp_path_factory) -> list[tuple[int, Embedder]]:
+def versions(registry: MlflowRegistry, tmp_path_factory) -> list[tuple[int, Embedder]]:
     """Three registered versions (p01..p03) of differently seeded tiny embedders."""
     made = []
     for seed, period in enumerate(["p01", "p02", "p03"]):
         torch.manual_seed(seed)
         model = Embedder(TINY_MODEL).eval()
         directory = model.save(tmp_path_factory.mktemp(f"model-{period}"))
-        run = registry.client.create_run(registry.experiment_id(), run_name=f"test-{period}")
-        info = registry.register(
-            registry.log_model(run.info.run_id, directory), run.info.run_id, _tags(period, seed)
-        )
-        registry.client.set_terminated(run.info.run_id, "FINISHED")
+        run_id = registry.start_run(f"test-{period}")
+        info = registry.register(run_id, directory, _tags(period, seed), model.num_features)
+        registry.end_run(run_id, "FINISHED")
         made.append((info.version, model))
     return made
 
 
-def test_an_empty_registry(registry: Registry):
+def test_an_empty_registry(registry: MlflowRegistry):
     assert registry.versions() == []
     assert registry.champion() is None
     assert registry.alias("challenger") is None
@@ -86,33 +86,34 @@ def test_an_empty_registry(registry: Registry):
         registry.get(7)
 
 
-def test_register_tags_lineage_and_moves_challenger(registry: Registry, versions):
+def test_register_tags_lineage_and_moves_challenger(registry: MlflowRegistry, versions):
     assert [v for v, _ in versions] == [1, 2, 3]
     listed = registry.versions()
     assert [v.version for v in listed] == [1, 2, 3]
     assert [v.period for v in listed] == ["p01", "p02", "p03"]
-    for info in listed:
-        assert info.tags == {**_tags(info.period, int(info.tags["seed"])), STATUS: "complete"}
+    for seed, info in enumerate(listed):
+        assert info.lineage == _tags(info.period, seed)
+        assert info.tags == {**_tags(info.period, seed).as_tags(), STATUS: "complete"}
         assert info.run_id
     assert registry.alias("challenger").version == 3
     assert registry.get(2).period == "p02"
 
 
-def test_find_completed_matches_period_shard_and_config(registry: Registry, versions):
+def test_find_completed_matches_period_shard_and_config(registry: MlflowRegistry, versions):
     assert registry.find_completed("p02", "shard-p02", "cfg-a").version == 2
     assert registry.find_completed("p02", "shard-p02", "cfg-b") is None
     assert registry.find_completed("p02", "shard-p01", "cfg-a") is None
     assert registry.find_completed("p04", "shard-p02", "cfg-a") is None
 
 
-def test_a_half_registered_version_is_never_a_finished_one(registry: Registry, versions):
+def test_a_half_registered_version_is_never_a_finished_one(registry: MlflowRegistry, versions):
     """A version whose registration died before ``cssl.status=complete`` is invisible."""
     v1 = registry.get(1)
     mv = registry.client.create_model_version(
         MODEL_NAME,
         f"runs:/{v1.run_id}/model",
         run_id=v1.run_id,
-        tags={**_tags("p04", 9), STATUS: "registering"},
+        tags={**_tags("p04", 9).as_tags(), STATUS: "registering"},
     )
     assert int(mv.version) == 4
     assert [v.version for v in registry.versions()] == [1, 2, 3]
@@ -123,7 +124,7 @@ def test_a_half_registered_version_is_never_a_finished_one(registry: Registry, v
         registry.promote(4)
 
 
-def test_promote_and_rollback_walk_the_champion_history(registry: Registry, versions):
+def test_promote_and_rollback_walk_the_champion_history(registry: MlflowRegistry, versions):
     registry.promote(1)
     with pytest.raises(RegistryError, match="nothing to roll back"):
         registry.rollback()
@@ -131,13 +132,13 @@ def test_promote_and_rollback_walk_the_champion_history(registry: Registry, vers
     registry.promote(3)
     assert registry.champion().version == 3
     assert "champion" in registry.get(3).aliases
-    assert registry.rollback() == (3, 2)
+    assert registry.rollback() == Rollback(3, 2)
     assert registry.champion().version == 2
     # Promoting a version again moves it to the end of the history (it appears once).
     registry.promote(3)
     registry.promote(1)  # history: 2, 3, 1
-    assert registry.rollback() == (1, 3)
-    assert registry.rollback() == (3, 2)
+    assert registry.rollback() == Rollback(1, 3)
+    assert registry.rollback() == Rollback(3, 2)
     assert registry.champion().version == 2
     with pytest.raises(RegistryError, match="nothing to roll back"):
         registry.rollback()
@@ -146,7 +147,9 @@ def test_promote_and_rollback_walk_the_champion_history(registry: Registry, vers
         registry.promote(99)
 
 
-def test_download_embedder_returns_the_same_weights(registry: Registry, versions, mlflow_server):
+def test_download_embedder_returns_the_same_weights(
+    registry: MlflowRegistry, versions, mlflow_server
+):
     import boto3
     from s3_server import aws_test_environment
 
@@ -171,7 +174,7 @@ def test_download_embedder_returns_the_same_weights(registry: Registry, versions
 
 
 def test_pyfunc_champion_predicts_normalised_embeddings(
-    registry: Registry, versions, cifar_jpegs: list[bytes]
+    registry: MlflowRegistry, versions, cifar_jpegs: list[bytes]
 ):
     registry.promote(2)
     images = cifar_jpegs[:10]
@@ -185,3 +188,31 @@ def test_pyfunc_champion_predicts_normalised_embeddings(
     assert np.allclose(emb, want, atol=1e-5)
     other = F.normalize(extract_features(versions[0][1], images, TINY_MODEL.input_size), dim=1)
     assert not np.allclose(emb, other.numpy(), atol=1e-3)  # it really is version 2
+    predictor = registry.load_predictor("champion")
+    assert np.array_equal(predictor.predict(images), emb)
+    assert registry.resolve("champion").version == 2
+    assert registry.resolve(f"models:/{MODEL_NAME}/3").version == 3
+    assert registry.resolve("models:/another-model@champion") is None
+
+
+def test_a_version_logs_its_serving_signature_without_warnings(
+    registry: MlflowRegistry, versions, tmp_path, recwarn, caplog
+):
+    """Frames in (an ``image`` column of bytes), float32 (N, D) out; MLflow has nothing to
+    warn about (it used to print "Failed to infer model signature" at every registration)."""
+    import logging
+
+    torch.manual_seed(5)
+    model = Embedder(TINY_MODEL).eval()
+    run_id = registry.start_run("test-signature")
+    with caplog.at_level(logging.WARNING):
+        info = registry.register(
+            run_id, model.save(tmp_path / "m"), _tags("p09", 5), model.num_features
+        )
+    registry.end_run(run_id, "FINISHED")
+    logged = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/{info.version}")
+    assert logged.signature == serving_signature(model.num_features)
+    assert logged.signature.inputs.input_names() == ["image"]
+    mlflow_warnings = [str(w.message) for w in recwarn if "mlflow" in w.filename]
+    assert mlflow_warnings == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("mlflow")] == []

@@ -7,6 +7,11 @@ probe, so the two numbers differ only by the classifier.
 
 Labels are the ``category`` strings stored in shards. Frames without a category (``None``)
 are unlabelled and excluded from every accuracy.
+
+Besides the accuracies, :func:`evaluate_periods` keeps each eval frame's outcome
+(:class:`~cssl_core.evaluation.outcomes.FrameOutcomes`): the same frames in the same order for
+every model, so two models pair frame by frame and every accuracy gets a cluster-bootstrap
+interval (:mod:`cssl_core.evaluation.intervals`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from cssl_core.config import EvalConfig
 from cssl_core.data.images import decode_batch
 from cssl_core.data.shard import Shard
+from cssl_core.evaluation.outcomes import FrameOutcomes, PeriodScores, majority_outcomes
 from cssl_core.learn.augment import eval_transform
 
 Precision = Literal["fp32", "bf16"]
@@ -197,6 +203,52 @@ def knn_accuracy(
 
 
 # -- linear probe ------------------------------------------------------------------------
+def linear_probe_predict(
+    train_feats: torch.Tensor | np.ndarray,
+    train_labels: ArrayLike,
+    test_feats: torch.Tensor | np.ndarray,
+    epochs: int = 100,
+    lr: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    num_classes: int | None = None,
+    threads: int | None = 1,
+) -> torch.Tensor:
+    r"""Class predictions of multinomial logistic regression on frozen, standardised features.
+
+    The linear evaluation protocol (Zhang et al. 2016; Chen et al. 2020, SimCLR, Sec. 4):
+    features are standardised with the *train* mean and std (dimensions constant on train
+    are only centred), then ``W x + b`` is fit with cross-entropy by mini-batch SGD
+    (momentum 0.9, cosine-decayed learning rate, zero initialisation; the problem is convex).
+    Shuffling uses a generator seeded with ``seed``, so the result is deterministic.
+    ``num_classes`` (default: the largest train code + 1) sizes the output layer.
+
+    ``threads`` caps torch's intra-op threads while fitting (restored afterwards; ``None``
+    leaves them alone). The probe's matrices are too small to gain from threads, and on a
+    busy CPU spinning threads made a 2000 x 512 probe about 5x slower (1.6 s vs 9 s, 2 cores).
+    """
+    if epochs < 1 or lr <= 0 or batch_size < 1:
+        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    x_train = _feats(train_feats, "train_feats")
+    x_test = _feats(test_feats, "test_feats")
+    if x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"train features have D={x_train.shape[1]}, test D={x_test.shape[1]}")
+    y_train = _labels(train_labels, x_train.shape[0], "train_labels")
+    classes = _num_classes(num_classes, y_train)
+
+    mean = x_train.mean(dim=0)
+    std = x_train.std(dim=0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    x_train = (x_train - mean) / std
+    x_test = (x_test - mean) / std
+
+    with _intra_op_threads(threads):
+        return _fit_probe(
+            x_train, y_train, x_test, classes, epochs, lr, seed, batch_size, weight_decay
+        )
+
+
 def linear_probe_accuracy(
     train_feats: torch.Tensor | np.ndarray,
     train_labels: ArrayLike,
@@ -210,38 +262,24 @@ def linear_probe_accuracy(
     num_classes: int | None = None,
     threads: int | None = 1,
 ) -> float:
-    r"""Test accuracy of multinomial logistic regression on frozen, standardised features.
-
-    The linear evaluation protocol (Zhang et al. 2016; Chen et al. 2020, SimCLR, Sec. 4):
-    features are standardised with the *train* mean and std (dimensions constant on train
-    are only centred), then ``W x + b`` is fit with cross-entropy by mini-batch SGD
-    (momentum 0.9, cosine-decayed learning rate, zero initialisation; the problem is convex).
-    Shuffling uses a generator seeded with ``seed``, so the result is deterministic.
-
-    ``threads`` caps torch's intra-op threads while fitting (restored afterwards; ``None``
-    leaves them alone). The probe's matrices are too small to gain from threads, and on a
-    busy CPU spinning threads made a 2000 x 512 probe about 5x slower (1.6 s vs 9 s, 2 cores).
-    """
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-    x_train = _feats(train_feats, "train_feats")
-    x_test = _feats(test_feats, "test_feats")
-    if x_train.shape[1] != x_test.shape[1]:
-        raise ValueError(f"train features have D={x_train.shape[1]}, test D={x_test.shape[1]}")
-    y_train = _labels(train_labels, x_train.shape[0], "train_labels")
-    y_test = _labels(test_labels, x_test.shape[0], "test_labels")
+    """Top-1 test accuracy of :func:`linear_probe_predict` on labelled test features (a test
+    class absent from train counts as an error)."""
+    y_train = _labels(train_labels, _feats(train_feats, "train_feats").shape[0], "train_labels")
+    y_test = _labels(test_labels, _feats(test_feats, "test_feats").shape[0], "test_labels")
     classes = _num_classes(num_classes, y_train, y_test)
-
-    mean = x_train.mean(dim=0)
-    std = x_train.std(dim=0, unbiased=False)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    x_train = (x_train - mean) / std
-    x_test = (x_test - mean) / std
-
-    with _intra_op_threads(threads):
-        return _fit_probe(
-            x_train, y_train, x_test, y_test, classes, epochs, lr, seed, batch_size, weight_decay
-        )
+    preds = linear_probe_predict(
+        train_feats,
+        y_train,
+        test_feats,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        num_classes=classes,
+        threads=threads,
+    )
+    return float((preds == y_test).double().mean())
 
 
 @contextmanager
@@ -261,14 +299,13 @@ def _fit_probe(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     x_test: torch.Tensor,
-    y_test: torch.Tensor,
     classes: int,
     epochs: int,
     lr: float,
     seed: int,
     batch_size: int,
     weight_decay: float,
-) -> float:
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     probe = nn.Linear(x_train.shape[1], classes)
     nn.init.zeros_(probe.weight)
@@ -288,8 +325,7 @@ def _fit_probe(
                 opt.step()
                 sched.step()
     with torch.no_grad():
-        preds = probe(x_test).argmax(dim=1)
-    return float((preds == y_test).double().mean())
+        return probe(x_test).argmax(dim=1)
 
 
 # -- backward compatibility --------------------------------------------------------------
@@ -343,32 +379,64 @@ def compatibility_top1(
 # -- periods -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalSet:
-    """One period's evaluation data: labelled reference (train) and eval (test) frames."""
+    """One period's evaluation data: labelled reference (train) and eval (test) frames.
+
+    ``test_frame_ids`` and ``test_stream_ids`` identify each eval frame and its stream (read
+    from the shard by :func:`eval_set_from_shard`). A set built by hand may leave them out:
+    frames are then named by position (``"#0"``, ``"#1"``, ...) and each frame is its own
+    stream, which treats the frames as independent draws.
+    """
 
     train_images: list[bytes]
     train_labels: list[str | None]
     test_images: list[bytes]
     test_labels: list[str | None]
+    test_frame_ids: tuple[str, ...] | None = None
+    test_stream_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.train_images) != len(self.train_labels):
             raise ValueError("train_images and train_labels differ in length")
         if len(self.test_images) != len(self.test_labels):
             raise ValueError("test_images and test_labels differ in length")
+        n = len(self.test_images)
+        for name in ("test_frame_ids", "test_stream_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                if len(ids) != n:
+                    raise ValueError(f"{name} has {len(ids)} entries for {n} eval frames")
+                object.__setattr__(self, name, tuple(str(i) for i in ids))
+
+    @property
+    def eval_frame_ids(self) -> tuple[str, ...]:
+        """Each eval frame's id (its position ``#k`` when the set carries none)."""
+        if self.test_frame_ids is not None:
+            return self.test_frame_ids
+        return tuple(f"#{k}" for k in range(len(self.test_images)))
+
+    def eval_clusters(self, unit: Literal["stream", "frame"] = "stream") -> tuple[str, ...]:
+        """Each eval frame's cluster id for the bootstrap: its stream (``unit="stream"``;
+        its own id when the set carries no stream ids) or the frame itself."""
+        if unit == "stream" and self.test_stream_ids is not None:
+            return self.test_stream_ids
+        if unit not in ("stream", "frame"):
+            raise ValueError(f"cluster unit must be 'stream' or 'frame', got {unit!r}")
+        return self.eval_frame_ids
+
+    def labelled_eval(self) -> np.ndarray:
+        """Positions of the labelled eval frames (the ones every accuracy is over)."""
+        return np.array([k for k, y in enumerate(self.test_labels) if y is not None], dtype=int)
 
 
-@dataclass(frozen=True)
-class PeriodScores:
-    """Accuracies on one period's eval set from the same features."""
-
-    knn: float
-    linear: float
-
-
-def _read_labelled(shard: Shard, split: str, keep: set[str] | None) -> tuple[list, list]:
-    rows: list[tuple[str, str, bytes]] = []
+def _read_labelled(
+    shard: Shard, split: str, keep: set[str] | None
+) -> tuple[list[bytes], list[str | None], list[str], list[str]]:
+    """``(images, categories, frame_ids, stream_ids)`` of the labelled frames of ``split``
+    (those in ``keep`` when given), in ``frame_id`` order."""
+    rows: list[tuple[str, str | None, bytes, str]] = []
     keep_arr = None if keep is None else pa.array(sorted(keep), type=pa.string())
-    for batch in shard.iter_batches(["frame_id", "category", "image"], split=split):
+    columns = ["frame_id", "category", "image", "stream_id"]
+    for batch in shard.iter_batches(columns, split=split):
         mask = pc.is_valid(batch.column("category"))
         if keep_arr is not None:
             mask = pc.and_(mask, pc.is_in(batch.column("frame_id"), value_set=keep_arr))
@@ -378,11 +446,12 @@ def _read_labelled(shard: Shard, split: str, keep: set[str] | None) -> tuple[lis
                 batch.column("frame_id").to_pylist(),
                 batch.column("category").to_pylist(),
                 batch.column("image").to_pylist(),
+                batch.column("stream_id").to_pylist(),
                 strict=True,
             )
         )
     rows.sort(key=lambda r: r[0])
-    return [r[2] for r in rows], [r[1] for r in rows]
+    return [r[2] for r in rows], [r[1] for r in rows], [r[0] for r in rows], [r[3] for r in rows]
 
 
 def eval_set_from_shard(shard: Shard, max_train_frames: int, seed: int = 0) -> EvalSet:
@@ -391,8 +460,9 @@ def eval_set_from_shard(shard: Shard, max_train_frames: int, seed: int = 0) -> E
     Train: labelled ``split == "train"`` frames; when there are more than
     ``max_train_frames``, a uniform sample without replacement drawn with ``seed`` from the
     frames in ``frame_id`` order (so the choice does not depend on how the shard is split
-    into parts). Test: every labelled ``split == "eval"`` frame. Both are in ``frame_id``
-    order. Only the ids and categories are read to choose; images are read for chosen rows.
+    into parts). Test: every labelled ``split == "eval"`` frame, with its ``frame_id`` and
+    ``stream_id``. Both are in ``frame_id`` order. Only the ids and categories are read to
+    choose; images are read for chosen rows.
     """
     if max_train_frames < 1:
         raise ValueError(f"max_train_frames must be >= 1, got {max_train_frames}")
@@ -410,9 +480,30 @@ def eval_set_from_shard(shard: Shard, max_train_frames: int, seed: int = 0) -> E
         keep: set[str] | None = {ids[i] for i in chosen}
     else:
         keep = set(ids)
-    train_images, train_labels = _read_labelled(shard, "train", keep)
-    test_images, test_labels = _read_labelled(shard, "eval", None)
-    return EvalSet(train_images, train_labels, test_images, test_labels)
+    train_images, train_labels, _, _ = _read_labelled(shard, "train", keep)
+    test_images, test_labels, test_ids, test_streams = _read_labelled(shard, "eval", None)
+    return EvalSet(
+        train_images, train_labels, test_images, test_labels, tuple(test_ids), tuple(test_streams)
+    )
+
+
+def majority_scores(es: EvalSet, cluster: Literal["stream", "frame"] = "stream") -> PeriodScores:
+    """The blind majority-class baseline on one period: predict the most frequent category
+    of the labelled reference (train) frames for every labelled eval frame
+    (:func:`~cssl_core.evaluation.outcomes.majority_outcomes`). Same frames and order as
+    :func:`evaluate_periods`, so it pairs with any model's outcomes."""
+    keep = es.labelled_eval()
+    if keep.size == 0:
+        raise ValueError("majority baseline: the eval set has no labelled frame")
+    frame_ids, clusters = es.eval_frame_ids, es.eval_clusters(cluster)
+    outcomes = majority_outcomes(
+        es.train_labels,
+        [str(es.test_labels[k]) for k in keep],
+        [frame_ids[k] for k in keep],
+        [clusters[k] for k in keep],
+    )
+    acc = outcomes.accuracy("knn")
+    return PeriodScores(knn=acc, linear=acc, frames=outcomes)
 
 
 def evaluate_periods(
@@ -426,7 +517,8 @@ def evaluate_periods(
     precision: Precision = "fp32",
     seed: int = 0,
 ) -> dict[str, PeriodScores]:
-    """kNN and linear-probe accuracy on each period's eval set, from one feature pass.
+    """kNN and linear-probe accuracy on each period's eval set, from one feature pass, with
+    the per-frame outcomes behind them.
 
     Per period, the train and test frames' features come from the same forward pass of
     ``model``; kNN uses ``cfg.knn_k`` / ``cfg.knn_temperature``, the probe
@@ -434,6 +526,12 @@ def evaluate_periods(
     train and test, so a test category absent from the train frames counts as an error.
     Unlabelled frames are skipped; a period with no labelled train or test frame is an
     error naming it.
+
+    Each result's ``frames`` (:class:`~cssl_core.evaluation.outcomes.FrameOutcomes`) lists
+    the labelled eval frames in the eval set's order (``frame_id`` order for a set read
+    from a shard) with both classifiers' correctness and the frame's cluster
+    (``cfg.cluster``: its stream, or the frame itself): the same frames for every model, so
+    two models' results on a period pair frame by frame.
     """
     scores: dict[str, PeriodScores] = {}
     for period, es in eval_sets.items():
@@ -452,24 +550,32 @@ def evaluate_periods(
         feats = extract_features(model, images, input_size, batch_size, device, precision)
         train_feats, test_feats = feats[: train_keep.size], feats[train_keep.size :]
         y_train, y_test = train_codes[train_keep], test_codes[test_keep]
-        knn = knn_accuracy(
+        knn_pred = knn_predict(
             train_feats,
             y_train,
             test_feats,
-            y_test,
             k=cfg.knn_k,
             temperature=cfg.knn_temperature,
             num_classes=len(classes),
         )
-        linear = linear_probe_accuracy(
+        linear_pred = linear_probe_predict(
             train_feats,
             y_train,
             test_feats,
-            y_test,
             epochs=cfg.probe_epochs,
             lr=cfg.probe_lr,
             seed=seed,
             num_classes=len(classes),
         )
-        scores[period] = PeriodScores(knn=knn, linear=linear)
+        frame_ids, clusters = es.eval_frame_ids, es.eval_clusters(cfg.cluster)
+        outcomes = FrameOutcomes(
+            tuple(frame_ids[k] for k in test_keep),
+            tuple(clusters[k] for k in test_keep),
+            tuple(str(es.test_labels[k]) for k in test_keep),
+            knn_pred.numpy() == y_test,
+            linear_pred.numpy() == y_test,
+        )
+        scores[period] = PeriodScores(
+            knn=outcomes.accuracy("knn"), linear=outcomes.accuracy("linear"), frames=outcomes
+        )
     return scores

@@ -12,7 +12,9 @@ Definitions implemented here (they differ between libraries, so each one is name
   Incremental Learning: Understanding Forgetting and Intransigence" (RWalk): the drop from
   the *best earlier* accuracy (as in Renate; Avalanche instead uses the accuracy right after
   learning the period, which is what ``bwt`` measures);
-* backward transfer ``BWT`` and forward transfer ``FWT`` -- GEM Sec. 2.
+* backward transfer ``BWT`` and forward transfer ``FWT`` -- GEM Sec. 2;
+* next-period accuracy ``R[t-1][t]`` -- the streaming protocol of CLEAR (Lin et al. 2021):
+  what the model in production scores on a period before it is refreshed on it.
 
 Missing entries are NaN. A metric never guesses: if an entry it reads is missing it raises
 :class:`MissingAccuracy` naming the entries, so a partly evaluated run cannot pass a gate by
@@ -140,14 +142,27 @@ class AccuracyMatrix:
         self._need(cells, "average_accuracy")
         return float(np.mean([self._r[c] for c in cells]))
 
+    def best_earlier(self, i: PeriodKey | None = None) -> dict[str, float]:
+        r"""The best accuracy each earlier period ``j < T`` had before ``T``.
+
+        .. math:: b_j^T = \max_{l \in \{j, \dots, T-1\}} R_{l,j}
+
+        The reference of Chaudhry et al. 2018's forgetting (RWalk); empty for ``T = 1``.
+        """
+        t = self._row_pos(i)
+        cells = [(l_, j) for j in range(t) for l_ in range(j, t)]
+        self._need(cells, "best_earlier")
+        return {self._periods[j]: float(self._r[j:t, j].max()) for j in range(t)}
+
     def per_period_forgetting(self, i: PeriodKey | None = None) -> dict[str, float]:
         r"""Forgetting of each earlier period ``j < T`` (``f_j^k`` of Chaudhry et al. 2018, RWalk).
 
         .. math:: f_j^T = \max_{l \in \{j, \dots, T-1\}} R_{l,j} - R_{T,j}
 
-        The reference is the *best* accuracy period ``j`` ever had before ``T``, not the
-        accuracy right after learning it. Positive means forgotten; negative means the model
-        is now better on ``j`` than it ever was. Empty for ``T = 1``.
+        The reference is the *best* accuracy period ``j`` ever had before ``T``
+        (:meth:`best_earlier`), not the accuracy right after learning it. Positive means
+        forgotten; negative means the model is now better on ``j`` than it ever was. Empty
+        for ``T = 1``.
         """
         t = self._row_pos(i)
         cells = [(l_, j) for j in range(t) for l_ in range(j, t + 1)]
@@ -215,6 +230,32 @@ class AccuracyMatrix:
                 )
         self._need([(j - 1, j) for j in range(1, t + 1)], "fwt")
         return float(np.mean([self._r[j - 1, j] - b[j] for j in range(1, t + 1)]))
+
+    def next_period_accuracy(self, i: PeriodKey | None = None) -> dict[str, float]:
+        r"""Accuracy on each period before training on it: what production serves until
+        that period's refresh lands (the streaming protocol of CLEAR, Lin et al. 2021,
+        "train on t, test on t+1").
+
+        .. math:: N_j = R_{j-1,j}, \qquad j = 2, \dots, T
+
+        keyed by period ``j``. Empty for ``T = 1`` (nothing served a period before the first).
+        """
+        t = self._row_pos(i)
+        self._need([(j - 1, j) for j in range(1, t + 1)], "next_period_accuracy")
+        return {self._periods[j]: float(self._r[j - 1, j]) for j in range(1, t + 1)}
+
+    def average_next_period_accuracy(self, i: PeriodKey | None = None) -> float:
+        r"""Average next-period accuracy over the periods so far.
+
+        .. math:: \bar N_T = \frac{1}{T-1} \sum_{j=2}^{T} R_{j-1,j}
+
+        :meth:`fwt` is this minus the average blind baseline ``\bar b``. With one period
+        there is no next-period accuracy: :class:`MissingAccuracy`.
+        """
+        per = self.next_period_accuracy(i)
+        if not per:
+            raise MissingAccuracy("next-period accuracy needs at least two periods")
+        return float(np.mean(list(per.values())))
 
     def summary(self, i: PeriodKey | None = None) -> dict[str, float]:
         """``average_accuracy``, ``forgetting`` and ``bwt`` at row ``i``, for logging."""

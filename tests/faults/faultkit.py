@@ -273,6 +273,8 @@ def cli_env(home: Path, tracking_uri: str, **extra: str) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": tracking_uri,
         "PYTHONUNBUFFERED": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # The CLI keeps Prefect's task lines off the console; the fault tests read them.
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
     }
     try:
         from prefect.settings import PREFECT_API_URL

@@ -53,9 +53,9 @@ def test_two_refreshes_of_one_period_started_together(
     # (Prefect logs the failed flow run above it; the CLI's own answer is that one line.)
     assert "p01: version 1" in winner[1]
 
-    from pipelines.registry import Registry
+    from pipelines.mlflow_registry import MlflowRegistry
 
-    registry = Registry(tracking)
+    registry = MlflowRegistry(tracking)
     assert [(v.version, v.period) for v in registry.versions()] == [(1, "p01")]
     runs = registry.client.search_runs([registry.experiment_id()])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("refresh-p01", "FINISHED")]

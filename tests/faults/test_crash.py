@@ -201,9 +201,9 @@ def test_kill_9_of_a_refresh_at_random_steps_then_rerun_registers_the_same_weigh
     env = cli_env(home, tracking)
 
     def nothing_published() -> None:  # killed mid-period: no version, memory or champion
-        from pipelines.registry import Registry
+        from pipelines.mlflow_registry import MlflowRegistry
 
-        registry = Registry(tracking)
+        registry = MlflowRegistry(tracking)
         assert registry.versions() == [] and registry.champion() is None, why
         assert not (store / "memory").exists() or list_versions(LocalStore(store)) == [], why
 
@@ -214,9 +214,9 @@ def test_kill_9_of_a_refresh_at_random_steps_then_rerun_registers_the_same_weigh
     logged = [int(m.group(1)) for m in REFRESH_STEP.finditer(out)]
     assert logged == list(range(kills[-1] + 1, steps + 1)), (why, logged)
 
-    from pipelines.registry import Registry
+    from pipelines.mlflow_registry import MlflowRegistry
 
-    registry = Registry(tracking)
+    registry = MlflowRegistry(tracking)
     versions = registry.versions()
     assert [(v.version, v.period) for v in versions] == [(1, "p01")], why
     assert registry.champion() is not None and registry.champion().version == 1

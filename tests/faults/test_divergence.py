@@ -26,10 +26,10 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def test_a_non_finite_loss_stops_the_refresh_and_the_champion_keeps_serving(
     bad: float, lineage: Lineage, sim_shards: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from pipelines.registry import Registry
+    from pipelines.mlflow_registry import MlflowRegistry
 
     lineage.use(monkeypatch)
-    registry = Registry()
+    registry = MlflowRegistry()
     versions = [(v.version, v.tags["cssl.status"]) for v in registry.versions()]
     champion, challenger = registry.champion(), registry.alias("challenger")
     assert champion is not None and challenger is not None

@@ -92,7 +92,7 @@ def test_replay_memory_update_rides_out_an_s3_outage_or_fails_leaving_old_versio
     #    inside the task's retry window (botocore retries, then Prefect's): the save completes.
     proxy.set_mode("drop")
     proxy.up_after(4.0)
-    save_memory(uri, m2, "p02")
+    save_memory(uri, m2)
     assert proxy.refused > 0, "the outage was never hit"
     assert ReplayMemory.load(store, "p02").fingerprint == m2.fingerprint
     before["p02"] = store.get_bytes(manifest_key("p02"))
@@ -112,7 +112,7 @@ def test_replay_memory_update_rides_out_an_s3_outage_or_fails_leaving_old_versio
     monkeypatch.setattr(S3Store, "put_bytes", put_then_outage)
     refused = proxy.refused
     with pytest.raises(StoreError) as failed:
-        save_memory.with_options(retries=1, retry_delay_seconds=1)(uri, m3, "p03")
+        save_memory.with_options(retries=1, retry_delay_seconds=1)(uri, m3)
     message = _one_line_without_secrets(failed.value)
     assert message.startswith(f"{uri}/memory/p03") is False  # names the operation first
     assert "memory/p03/" in message, message
@@ -131,7 +131,7 @@ def test_replay_memory_update_rides_out_an_s3_outage_or_fails_leaving_old_versio
     ]
 
     # 3. The rerun after the outage publishes p03 (and clears the invisible leftovers).
-    save_memory(uri, m3, "p03")
+    save_memory(uri, m3)
     assert list_versions(store) == PERIODS
     assert ReplayMemory.load(store, "p03").fingerprint == m3.fingerprint
 
@@ -216,7 +216,7 @@ def test_s3_outages_during_memory_update_and_artifact_upload_in_a_refresh(
     sim_shards: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
-    from pipelines.registry import Registry
+    from pipelines.mlflow_registry import MlflowRegistry
 
     state = _state(tmp_path, tiny_params_file, bucket, server, monkeypatch)
     store = open_store(state.store)
@@ -240,7 +240,7 @@ def test_s3_outages_during_memory_update_and_artifact_upload_in_a_refresh(
         first = _refresh(state, sim_shards, "p01")
     assert started, "the model was never uploaded through the tracking server"
     assert proxy.refused > 0, "the artifact upload never met the outage"
-    registry = Registry()
+    registry = MlflowRegistry()
     assert [v.version for v in registry.versions()] == [1] and first["version"] == 1
     assert _aliases(registry) == (1, 1)
     from cssl_core.learn.models import Embedder
@@ -252,12 +252,11 @@ def test_s3_outages_during_memory_update_and_artifact_upload_in_a_refresh(
     )
     p01_manifest = store.get_bytes(manifest_key("p01"))
 
-    # p02, attempt 1: S3 answers 503 from the moment the new memory is computed (the train
-    # task returns model and memory) and stays down past the retry window: the refresh fails
-    # cleanly, p01's memory is untouched, the new version is not registered and nothing is
-    # promoted.
+    # p02, attempt 1: S3 answers 503 from the moment the new memory is selected and stays
+    # down past the retry window: the refresh fails cleanly, p01's memory is untouched, the
+    # new version is not registered and nothing is promoted.
     with monkeypatch.context() as m:
-        _hook(m, "train", after=lambda: proxy.set_mode("503"))
+        _hook(m, "select_memory", after=lambda: proxy.set_mode("503"))
         _hook(m, "save_memory", retries=1, retry_delay_seconds=1)
         with pytest.raises(StoreError) as failed:
             _refresh(state, sim_shards, "p02")
@@ -316,12 +315,13 @@ def test_tracking_server_down_at_registration_moves_no_alias_and_the_rerun_compl
 ):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.registry import STATUS, Registry, RegistryError
+    from pipelines.mlflow_registry import STATUS, MlflowRegistry
+    from pipelines.registry import RegistryError
     from pipelines.settings import MODEL_NAME
 
     state = _state(tmp_path, tiny_params_file, bucket, server, monkeypatch)
     assert _refresh(state, sim_shards, "p01")["version"] == 1
-    registry = Registry()
+    registry = MlflowRegistry()
     assert _aliases(registry) == (1, 1)
 
     # p02: the server dies (kill -9) between creating the version and marking it complete.

@@ -64,8 +64,8 @@ def shuffled_pixels_shard(src: Path, dest: Path, seed: int = 0) -> Shard:
 def test_a_candidate_trained_on_shuffled_pixels_is_rejected_and_the_champion_stays(
     tmp_path: Path, tiny_params_file: Path, sim_shards: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    from pipelines.mlflow_registry import MlflowRegistry
     from pipelines.refresh import refresh
-    from pipelines.registry import Registry
 
     state = new_lineage(tmp_path / "state", tiny_params_file)
     state.use(monkeypatch)
@@ -85,7 +85,7 @@ def test_a_candidate_trained_on_shuffled_pixels_is_rejected_and_the_champion_sta
     bad = shuffled_pixels_shard(sim_shards / "p02", tmp_path / "bad" / "p02")
     assert bad.num_rows == Shard.open(sim_shards / "p02").num_rows
     summary = run("p02", bad.path, "train.strategy=finetune", "train.steps=30", "train.lr=1.0")
-    registry = Registry()
+    registry = MlflowRegistry()
     # The candidate is worse where it matters: on the period the champion already served.
     assert summary["row"]["p01"] < summary["champion_row"]["p01"], summary
     assert summary["promoted"] is False and summary["skipped"] is False, summary["reasons"]
