@@ -211,6 +211,12 @@ class TrainConfig(_Section):
     distill_loss: DistillLoss = "predictor"
     distill_weight: float = Field(1.0, ge=0)
     distill_temperature: float = Field(0.2, gt=0)
+    distill_rows: Literal["all", "replay"] = Field(
+        "all",
+        description="rows of the batch the distillation term covers: 'all', or only the "
+        "replayed frames (the frozen model runs on those alone: a cheaper step; a strategy "
+        "without replay distils on all rows)",
+    )
     replay_ratio: float = Field(0.5, ge=0, lt=1)
     classifier: bool = Field(False, description="Kaizen-style continual classifier on labels")
     classifier_weight: float = Field(1.0, ge=0)
