@@ -93,7 +93,12 @@ class SimulateConfig(_Section):
     frames_per_period: int = Field(2000, ge=1)
     size: int = Field(64, ge=16, le=1024)
     seed: int = 0
-    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    eval_fraction: float = Field(
+        0.6,
+        ge=0.0,
+        lt=1.0,
+        description="share of each game's frames that are eval frames (held-out streamers)",
+    )
     eval_clip_frames: int = Field(
         1,
         ge=1,
@@ -168,10 +173,12 @@ class AugmentConfig(_Section):
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0)
     hue: float = Field(
-        0.1,
+        0.5,
         ge=0,
         le=0.5,
-        description="largest hue rotation of the colour jitter, in turns (0.5: any hue)",
+        description="largest hue rotation of the colour jitter, in turns (0.5: any hue; "
+        "SimCLR's is 0.1): streamers colour-grade their capture, so a game's colours are "
+        "not part of what identifies it",
     )
     color_jitter_p: float = Field(0.8, ge=0, le=1)
     grayscale_p: float = Field(0.2, ge=0, le=1)

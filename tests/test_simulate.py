@@ -236,7 +236,9 @@ def test_streamer_styles_vary_a_lot_and_do_not_depend_on_the_period() -> None:
 def test_streamers_of_a_game_look_different() -> None:
     # Two streamers of the same game: their average frames differ a lot, far more than two
     # halves of one streamer's frames.
-    cfg = SimulateConfig(frames_per_period=400, size=32, seed=0, games_per_period=1)
+    cfg = SimulateConfig(
+        frames_per_period=400, size=32, seed=0, games_per_period=1, eval_fraction=0.2
+    )
     frames = list(simulate_period_frames(cfg, 1, 0))
     by_stream: dict[str, list[np.ndarray]] = {}
     for f in frames:
