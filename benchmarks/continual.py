@@ -74,7 +74,9 @@ from cssl_core.config import (
 )
 from cssl_core.data.shard import Shard
 from cssl_core.data.storage import atomic_path, atomic_write_json, atomic_write_text
+from cssl_core.evaluation.intervals import Interval, accuracy_interval, cluster_totals
 from cssl_core.evaluation.metrics import AccuracyMatrix
+from cssl_core.evaluation.outcomes import FrameOutcomes
 from cssl_core.learn.strategy import STRATEGY_NAMES
 
 STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
@@ -89,6 +91,8 @@ GOAL_JOINT_GAP = 0.03
 """The candidate may be at most this far below ``joint``'s average accuracy (3 points)."""
 GOAL_COMPUTE_RATIO = 0.4
 """...at no more than this fraction of ``joint``'s cumulative estimated FLOPs."""
+GOAL_CELL_HALF_WIDTH = 0.03
+"""Widest 95% interval half-width allowed for any accuracy in R."""
 
 Log = Callable[[str], None]
 
@@ -248,6 +252,8 @@ class Run:
     R: dict[str, AccuracyMatrix]
     periods: list[PeriodRecord] = field(default_factory=list)
     compatibility: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], FrameOutcomes] = field(default_factory=dict)
+    """Per-frame results behind each cell ``R[row][col]``: ``(row, col) -> outcomes``."""
 
     def metrics(self, baseline: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         """Final-row metrics of both accuracy matrices plus cumulative cost."""
@@ -257,6 +263,8 @@ class Run:
             out[f"forgetting_{m}"] = R.forgetting()
             out[f"bwt_{m}"] = R.bwt()
             out[f"fwt_{m}"] = R.fwt({p: baseline[p][m] for p in R.periods})
+            if len(R.periods) > 1:
+                out[f"next_{m}"] = R.average_next_period_accuracy()
         out["compat_new_vs_old"] = self.compatibility["new_vs_old"]
         out["compat_old_vs_old"] = self.compatibility["old_vs_old"]
         out["train_wall_s"] = sum(p.train_wall_s for p in self.periods)
@@ -385,6 +393,8 @@ def run_strategy(
         for p, s in scores.items():
             for m in METRICS:
                 R[m].set(period, p, float(getattr(s, m)))
+            if s.frames is not None:
+                run.outcomes[(period, p)] = s.frames
         run.periods.append(record)
         log(
             f"  {strategy} seed {ctx.seed} {period}: {record.steps} steps "
@@ -532,20 +542,30 @@ def _run_all(
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     machine["train_device"] = str(device)
-    log(f"building dataset {spec.label} under {out / 'data'}")
     t0 = time.perf_counter()
-    data = build_dataset(
-        spec,
-        out / "data",
-        simulate=base.simulate,
-        ingest_cfg=base.ingest,
-        num_periods=setup.periods,
-        period_order=setup.period_order,
-        train_cap=bench.train_frames_per_period,
-        eval_cap=bench.eval_frames_per_period,
-        seed=bench.data_seed,
-    )
+    datasets: dict[int, BenchDataset] = {}
+    for seed in setup.seeds:
+        # The stream is simulated per seed (another seed, another stream); other datasets
+        # are the same data for every seed.
+        per_seed = spec.kind == "stream"
+        if not per_seed and datasets:
+            datasets[seed] = next(iter(datasets.values()))
+            continue
+        root = out / "data" / (f"seed{seed}" if per_seed else "")
+        log(f"building dataset {spec.label} under {root}")
+        datasets[seed] = build_dataset(
+            spec,
+            root,
+            simulate=base.simulate.model_copy(update={"seed": seed}) if per_seed else base.simulate,
+            ingest_cfg=base.ingest,
+            num_periods=setup.periods,
+            period_order=setup.period_order,
+            train_cap=bench.train_frames_per_period,
+            eval_cap=bench.eval_frames_per_period,
+            seed=bench.data_seed,
+        )
     data_wall = time.perf_counter() - t0
+    data = datasets[setup.seeds[0]]
     params = params_for(tree, data.periods)
     log(
         f"periods {', '.join(data.periods)} ({data_wall:.1f}s); strategies "
@@ -556,8 +576,9 @@ def _run_all(
     flops_cache: dict[tuple[str, bool], float] = {}
     started = time.perf_counter()
     for seed in setup.seeds:
+        shards = datasets[seed].shards
         seeded = with_run(params, setup.strategies[0], seed)
-        eval_sets = eval_sets_for(data.shards, seeded)
+        eval_sets = eval_sets_for(shards, seeded)
         random_scores = evaluate_model(new_model(seeded), eval_sets, seeded)
         baselines[seed] = {
             p: {m: float(getattr(s, m)) for m in METRICS} for p, s in random_scores.items()
@@ -566,13 +587,13 @@ def _run_all(
         for strategy in setup.strategies:
             log(f"{strategy} seed {seed} ({time.perf_counter() - started:.0f}s elapsed)")
             run = run_strategy(
-                with_run(params, strategy, seed), data.shards, ctx, bench, flops_cache, log, device
+                with_run(params, strategy, seed), shards, ctx, bench, flops_cache, log, device
             )
             runs.append(run)
-            _write_json(
-                out / "runs" / f"{_slug(strategy)}_seed{seed}.json", run.to_dict(baselines[seed])
-            )
-    results = assemble_results(setup, data, params, bench, machine, runs, baselines, data_wall)
+            stem = out / "runs" / f"{_slug(strategy)}_seed{seed}"
+            _write_json(stem.with_suffix(".json"), run.to_dict(baselines[seed]))
+            write_outcomes(stem.with_name(stem.name + "_outcomes.parquet"), run)
+    results = assemble_results(setup, datasets, params, bench, machine, runs, baselines, data_wall)
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["machine"]["bench_wall_s"] = time.perf_counter() - started + data_wall
     write_outputs(out, results, runs)
@@ -595,9 +616,210 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _shard_info(data: BenchDataset) -> dict[str, Any]:
+    keys = ("num_rows", "splits", "categories", "fingerprint", "duplicates_dropped")
+    return {s.period: {k: s.manifest[k] for k in keys} for s in data.shards}
+
+
+# -- paired comparisons (same seed, same data, same eval frames) ---------------------------
+
+Stratum = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""``(correct_a, correct_b, clusters)`` of two models on one eval set (frame by frame)."""
+
+
+def stratified_difference(
+    strata: Sequence[Stratum],
+    *,
+    offset: float = 0.0,
+    negate: bool = False,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Interval:
+    r"""The mean over eval sets of a paired accuracy difference, with its cluster-bootstrap
+    interval:
+
+    .. math:: \hat\Delta = \frac{1}{S} \sum_{s=1}^{S} (\hat a^A_s - \hat a^B_s)
+
+    (``offset - \hat\Delta`` with ``negate``). Each eval set ``s`` (a period of one seed) is
+    a stratum: a replicate draws its clusters with replacement, on their own per stratum,
+    and scores both models on the same draw (percentile interval, ``scipy.stats.bootstrap``).
+    Pooling the seeds' eval sets this way gives the eval-sampling uncertainty of the
+    difference for the trained models at hand; the spread across seeds is reported beside it.
+    """
+    from scipy import stats
+
+    totals = [cluster_totals(clusters, a, b) for a, b, clusters in strata]
+    diffs = [t.hits[0] - t.hits[1] for t in totals]
+    sign = -1.0 if negate else 1.0
+    per_set = [d.sum() / t.n_frames for d, t in zip(diffs, totals, strict=True)]
+    estimate = offset + sign * float(np.mean(per_set))
+    n_clusters = sum(t.n_clusters for t in totals)
+    n_frames = sum(t.n_frames for t in totals)
+    if any(t.n_clusters < 2 for t in totals):
+        return Interval(estimate, math.nan, math.nan, confidence, n_clusters, n_frames)
+
+    def statistic(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        per = [
+            d[i].sum(axis=axis) / t.frames[i].sum(axis=axis)
+            for d, t, i in zip(diffs, totals, idx, strict=True)
+        ]
+        return offset + sign * np.mean(per, axis=0)
+
+    result = stats.bootstrap(
+        tuple(np.arange(t.n_clusters) for t in totals),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        batch=max(1, 2_000_000 // n_clusters),
+        rng=np.random.default_rng(seed),
+    )
+    ci = result.confidence_interval
+    return Interval(estimate, float(ci.low), float(ci.high), confidence, n_clusters, n_frames)
+
+
+def _final_cells(run: Run) -> list[tuple[str, str]]:
+    last = run.R["knn"].periods[-1]
+    return [(last, p) for p in run.R["knn"].periods]
+
+
+def paired_comparisons(
+    runs: Sequence[Run],
+    strategies: Sequence[str],
+    reference: str = LOWER,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every strategy against ``reference`` (``finetune``), paired by seed and eval frame.
+
+    Per strategy and metric (kNN, linear): the difference in final average accuracy, in
+    forgetting (the best earlier accuracies ``b_j`` taken as measured, as constants, so only
+    the final row is resampled) and in average next-period accuracy ``R[j-1][j]``; each with
+    its pooled paired cluster-bootstrap interval (:func:`stratified_difference`, one stratum
+    per seed and period) and the per-seed differences (their spread is the run-to-run
+    variation the bootstrap does not see). Plus the ratio of cumulative compute (estimated
+    FLOPs and measured train wall seconds) to the reference's, per seed.
+    """
+    by = {(r.strategy, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    if reference not in strategies:
+        return {}
+    out: dict[str, Any] = {}
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    for strategy in strategies:
+        if strategy == reference:
+            continue
+        pairs = [(by[(strategy, k)], by[(reference, k)]) for k in seeds]
+        if any(not a.outcomes or not b.outcomes for a, b in pairs):
+            continue
+        entry: dict[str, Any] = {}
+        for m in METRICS:
+            entry[m] = _metric_differences(pairs, m, boot)
+        entry["compute"] = {
+            key: mean_std([_cost(a, key) / max(_cost(b, key), 1e-12) for a, b in pairs])
+            for key in ("est_flops", "train_wall_s")
+        }
+        out[strategy] = entry
+    return out
+
+
+def _cost(run: Run, key: str) -> float:
+    """Cumulative ``est_flops`` or ``train_wall_s`` of a run."""
+    if key == "est_flops":
+        return float(sum(p.flops for p in run.periods))
+    return float(sum(p.train_wall_s for p in run.periods))
+
+
+def _metric_differences(
+    pairs: Sequence[tuple[Run, Run]], m: str, boot: Mapping[str, Any]
+) -> dict[str, Any]:
+    def strata(cells_of: Callable[[Run], list[tuple[str, str]]]) -> list[list[Stratum]]:
+        per_seed = []
+        for a, b in pairs:
+            rows = []
+            for cell in cells_of(a):
+                fa, fb = a.outcomes[cell], b.outcomes[cell]
+                fa.check_paired(fb, f"{a.strategy} and {b.strategy} on {cell}")
+                rows.append((fa.correct(m), fb.correct(m), np.asarray(fa.clusters)))
+            per_seed.append(rows)
+        return per_seed
+
+    def report(per_seed: list[list[Stratum]], offsets: list[float], negate: bool) -> dict:
+        pooled = stratified_difference(
+            [s for rows in per_seed for s in rows],
+            offset=float(np.mean(offsets)),
+            negate=negate,
+            **boot,
+        )
+        seeds = [
+            stratified_difference(rows, offset=o, negate=negate, **boot).estimate
+            for rows, o in zip(per_seed, offsets, strict=True)
+        ]
+        return {"pooled": pooled.to_dict(), "per_seed": mean_std(seeds)}
+
+    out: dict[str, Any] = {"avg_acc": report(strata(_final_cells), [0.0] * len(pairs), False)}
+    periods = pairs[0][0].R[m].periods
+    if len(periods) > 1:
+        last = periods[-1]
+        earlier = [(last, p) for p in periods[:-1]]
+        offsets = []
+        for a, b in pairs:
+            ba, bb = a.R[m].best_earlier(), b.R[m].best_earlier()
+            offsets.append(float(np.mean([ba[p] - bb[p] for p in periods[:-1]])))
+        out["forgetting"] = report(strata(lambda _r: earlier), offsets, True)
+        nxt = [(periods[j - 1], periods[j]) for j in range(1, len(periods))]
+        out["next"] = report(strata(lambda _r: nxt), [0.0] * len(pairs), False)
+    return out
+
+
+def cell_intervals(
+    runs: Sequence[Run], *, n_resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The 95% cluster-bootstrap interval of every cell of every run's R (both metrics):
+    ``runs[strategy][seed][metric][row][col]`` and the widest half-width over all of them."""
+    table: dict[str, Any] = {}
+    widest = {"half_width": 0.0, "where": None}
+    for run in runs:
+        for m in METRICS:
+            for (row, col), frames in run.outcomes.items():
+                iv = accuracy_interval(
+                    frames.correct(m), frames.clusters, n_resamples=n_resamples, seed=seed
+                )
+                cell = table.setdefault(run.strategy, {}).setdefault(str(run.seed), {})
+                cell.setdefault(m, {}).setdefault(row, {})[col] = iv.to_dict()
+                if iv.defined and iv.half_width > widest["half_width"]:
+                    widest = {
+                        "half_width": iv.half_width,
+                        "where": f"{run.strategy} seed {run.seed} {m} R[{row}][{col}] = {iv}",
+                    }
+    return {"runs": table, "widest": widest}
+
+
+def write_outcomes(path: Path, run: Run) -> Path:
+    """Every cell's per-frame outcomes of one run as Parquet (``row``, ``col`` and the
+    columns of :data:`cssl_core.evaluation.outcomes.OUTCOME_SCHEMA`), so intervals can be
+    recomputed from the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for (row, col), frames in run.outcomes.items():
+        t = frames.to_table()
+        n = t.num_rows
+        t = t.add_column(0, "col", pa.array([col] * n)).add_column(0, "row", pa.array([row] * n))
+        tables.append(t)
+    if tables:
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.concat_tables(tables), tmp)
+    return path
+
+
 def assemble_results(
     setup: BenchSetup,
-    data: BenchDataset,
+    datasets: Mapping[int, BenchDataset],
     params: Params,
     bench: BenchConfig,
     machine: dict[str, Any],
@@ -606,12 +828,16 @@ def assemble_results(
     data_wall: float,
 ) -> dict[str, Any]:
     """Everything measured, as one JSON-safe dict (see ``results.json``)."""
+    data = datasets[setup.seeds[0]]
     run_dicts = [r.to_dict(baselines[r.seed]) for r in runs]
     summary: dict[str, dict[str, Any]] = {}
     for strategy in setup.strategies:
         mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
         summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
     metric = params.gate.metric
+    boot = {"n_resamples": params.gate.bootstrap_samples, "seed": params.gate.bootstrap_seed}
+    comparisons = paired_comparisons(runs, setup.strategies, **boot)
+    cells = cell_intervals(runs, **boot)
     return {
         "benchmark": "continual",
         "schema_version": 1,
@@ -632,19 +858,8 @@ def assemble_results(
             "periods": data.periods,
             "description": data.description,
             "build_wall_s": data_wall,
-            "shards": {
-                s.period: {
-                    k: s.manifest[k]
-                    for k in (
-                        "num_rows",
-                        "splits",
-                        "categories",
-                        "fingerprint",
-                        "duplicates_dropped",
-                    )
-                }
-                for s in data.shards
-            },
+            "shards": _shard_info(data),
+            "shards_by_seed": {str(seed): _shard_info(d) for seed, d in datasets.items()},
         },
         "config": {
             "params": params.model_dump(mode="json"),
@@ -655,14 +870,27 @@ def assemble_results(
         "random_baseline": {str(seed): b for seed, b in baselines.items()},
         "runs": run_dicts,
         "summary": summary,
-        "goals": check_goals(summary, metric),
+        "comparisons": comparisons,
+        "cell_intervals": cells,
+        "goals": check_goals(summary, metric, comparisons, cells),
     }
 
 
-def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """``distill+replay`` against ``finetune`` and ``joint`` (means over seeds): pass or miss.
+def check_goals(
+    summary: Mapping[str, Mapping[str, Any]],
+    metric: str,
+    comparisons: Mapping[str, Any] | None = None,
+    cells: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Issue 13's goals for ``distill+replay`` against ``finetune`` and ``joint``: pass or miss.
 
-    A goal whose reference strategy was not run is reported as ``not measured``.
+    With ``comparisons`` (:func:`paired_comparisons`) accuracy against ``finetune`` is judged
+    on the paired difference and its pooled cluster-bootstrap interval (above zero; the
+    stretch goal +5 points on the estimate), and next-period accuracy must not be shown below
+    finetune's; without them, on the means over seeds. Forgetting, ``joint`` and compute are
+    judged on the means over seeds, precision on the widest 95% interval of any cell of R
+    (``cells``, :func:`cell_intervals`). A goal whose reference strategy was not run is
+    reported as ``not measured``.
     """
 
     def mean(strategy: str, key: str) -> float:
@@ -677,6 +905,7 @@ def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[d
         target: Callable[[], float],
         higher_is_better: bool,
         unit: str,
+        interval: Mapping[str, Any] | None = None,
     ) -> None:
         if CANDIDATE not in summary or needs not in summary:
             goals.append(
@@ -689,26 +918,50 @@ def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[d
             return
         value, bound = measured(), target()
         ok = value >= bound if higher_is_better else value <= bound
-        goals.append(
-            {
-                "goal": name,
-                "measured": value,
-                "target": bound,
-                "unit": unit,
-                "comparison": ">=" if higher_is_better else "<=",
-                "status": "pass" if ok else "miss",
-            }
-        )
+        goal = {
+            "goal": name,
+            "measured": value,
+            "target": bound,
+            "unit": unit,
+            "comparison": ">=" if higher_is_better else "<=",
+            "status": "pass" if ok else "miss",
+        }
+        if interval is not None:
+            goal["interval"] = dict(interval)
+        goals.append(goal)
 
     acc, forg = f"avg_acc_{metric}", f"forgetting_{metric}"
-    add(
-        f"average accuracy ({metric}) >= finetune + {GOAL_GAIN * 100:.0f} points",
-        LOWER,
-        lambda: mean(CANDIDATE, acc),
-        lambda: mean(LOWER, acc) + GOAL_GAIN,
-        True,
-        "fraction",
-    )
+    paired = (comparisons or {}).get(CANDIDATE, {}).get(metric, {})
+    if "avg_acc" in paired:
+        pooled = paired["avg_acc"]["pooled"]
+        add(
+            f"average accuracy ({metric}) above finetune's: paired 95% interval's lower bound > 0",
+            LOWER,
+            lambda: pooled["low"],
+            lambda: 0.0,
+            True,
+            "fraction",
+            pooled,
+        )
+        add(
+            f"stretch: average accuracy ({metric}) >= finetune's + {GOAL_GAIN * 100:.0f} "
+            "points (paired difference)",
+            LOWER,
+            lambda: pooled["estimate"],
+            lambda: GOAL_GAIN,
+            True,
+            "fraction",
+            pooled,
+        )
+    else:
+        add(
+            f"average accuracy ({metric}) >= finetune + {GOAL_GAIN * 100:.0f} points",
+            LOWER,
+            lambda: mean(CANDIDATE, acc),
+            lambda: mean(LOWER, acc) + GOAL_GAIN,
+            True,
+            "fraction",
+        )
     add(
         f"forgetting ({metric}) <= {GOAL_FORGETTING_RATIO:g} x finetune's",
         LOWER,
@@ -717,6 +970,20 @@ def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[d
         False,
         "fraction",
     )
+    if CANDIDATE in summary and LOWER in summary and mean(LOWER, forg) <= 0:
+        goals[-1]["note"] = "finetune forgot nothing here, so this goal cannot separate them"
+    if "next" in paired:
+        nxt = paired["next"]["pooled"]
+        add(
+            f"next-period accuracy ({metric}) not below finetune's: paired 95% interval's "
+            "upper bound >= 0",
+            LOWER,
+            lambda: nxt["high"],
+            lambda: 0.0,
+            True,
+            "fraction",
+            nxt,
+        )
     add(
         f"average accuracy ({metric}) within {GOAL_JOINT_GAP * 100:.0f} points of joint",
         UPPER,
@@ -741,8 +1008,20 @@ def check_goals(summary: Mapping[str, Mapping[str, Any]], metric: str) -> list[d
         False,
         "ratio",
     )
-    if CANDIDATE in summary and LOWER in summary and mean(LOWER, forg) <= 0:
-        goals[1]["note"] = "finetune forgot nothing here, so this goal cannot separate them"
+    widest = (cells or {}).get("widest", {})
+    if widest.get("where"):
+        goals.append(
+            {
+                "goal": "every accuracy in R (every run, both metrics): 95% interval <= "
+                f"±{GOAL_CELL_HALF_WIDTH:.2f}",
+                "measured": widest["half_width"],
+                "target": GOAL_CELL_HALF_WIDTH,
+                "unit": "fraction",
+                "comparison": "<=",
+                "status": "pass" if widest["half_width"] <= GOAL_CELL_HALF_WIDTH else "miss",
+                "note": f"widest: {widest['where']}",
+            }
+        )
     return goals
 
 
@@ -755,6 +1034,66 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _pm(stat: Mapping[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _signed(iv: Mapping[str, Any], scale: float = 100.0) -> str:
+    """A difference in points with its exact bounds: ``+1.2 [-0.8, +3.1]``."""
+    if iv.get("low") is None or iv.get("high") is None:
+        return f"{iv['estimate'] * scale:+.1f} [no interval]"
+    return f"{iv['estimate'] * scale:+.1f} [{iv['low'] * scale:+.1f}, {iv['high'] * scale:+.1f}]"
+
+
+def _comparison_lines(comparisons: Mapping[str, Any], metric: str, n_seeds: int) -> list[str]:
+    """The paired differences against finetune, as a Markdown table."""
+    if not comparisons:
+        return []
+    lines = [
+        "",
+        f"### Paired differences against {LOWER} (same seed, same data, same eval frames)",
+        "",
+        "Δ in points, strategy minus finetune: the estimate pooled over seeds and periods "
+        "with its 95% cluster-bootstrap interval (eval clips resampled within each period of "
+        f"each seed, both models on the same draw), then the mean ± std of the {n_seeds} "
+        "per-seed differences (training-run spread, which the bootstrap does not include). "
+        f"Forgetting and next-period on {metric}. Compute: ratio to finetune's cumulative "
+        "estimated FLOPs.",
+        "",
+        "| strategy | Δ avg kNN | Δ avg linear | Δ forgetting | Δ next-period | "
+        "compute / finetune |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        if not entry:
+            return ""
+        return f"{_signed(entry['pooled'])}; {_pm(entry['per_seed'])}"
+
+    for strategy, c in comparisons.items():
+        lines.append(
+            f"| {strategy} | {cell(c['knn']['avg_acc'])} | {cell(c['linear']['avg_acc'])} | "
+            f"{cell(c[metric].get('forgetting'))} | {cell(c[metric].get('next'))} | "
+            f"{_pm(c['compute']['est_flops'], 1.0, 2)} |"
+        )
+    return lines
+
+
+def _matrix_with_intervals(R: AccuracyMatrix, cells: Mapping[str, Any]) -> str:
+    """R as Markdown with each cell's 95% half-width: ``0.612 ±0.027``."""
+    names = list(R.periods)
+    lines = ["| after \\ on | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in names:
+        out = []
+        for col in names:
+            iv = cells.get(row, {}).get(col)
+            if iv is None:
+                out.append("")
+            elif iv.get("low") is None:
+                out.append(f"{iv['estimate']:.3f}")
+            else:
+                half = max(iv["estimate"] - iv["low"], iv["high"] - iv["estimate"])
+                out.append(f"{iv['estimate']:.3f} ±{half:.3f}")
+        lines.append(f"| {row} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
 
 
 def format_markdown(results: Mapping[str, Any]) -> str:
@@ -787,18 +1126,21 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         "of the final model's queries in the period-1 model's gallery (BCT), with the "
         "period-1 model's own score (old/old) beside it.",
         "",
-        "| strategy | final avg kNN | final avg linear | forgetting | BWT | FWT | "
+        "| strategy | final avg kNN | final avg linear | forgetting | next-period | BWT | FWT | "
         "compatibility new/old (old/old) | train wall s | est. TFLOPs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for strategy, s in results["summary"].items():
+        nxt = s.get(f"next_{metric}")
         lines.append(
             f"| {strategy} | {_pm(s['avg_acc_knn'])} | {_pm(s['avg_acc_linear'])} | "
-            f"{_pm(s[f'forgetting_{metric}'])} | {_pm(s[f'bwt_{metric}'])} | "
+            f"{_pm(s[f'forgetting_{metric}'])} | {_pm(nxt) if nxt else ''} | "
+            f"{_pm(s[f'bwt_{metric}'])} | "
             f"{_pm(s[f'fwt_{metric}'])} | {_pm(s['compat_new_vs_old'])} "
             f"({s['compat_old_vs_old']['mean'] * 100:.1f}) | "
             f"{_pm(s['train_wall_s'], 1.0, 0)} | {_pm(s['est_flops'], 1e-12, 2)} |"
         )
+    lines += _comparison_lines(results.get("comparisons", {}), metric, len(seeds))
     lines += [
         "",
         f"### Goals: {CANDIDATE} vs {LOWER} and {UPPER} (measured, not tuned)",
@@ -813,8 +1155,11 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         scale = 100.0 if g["unit"] == "fraction" else 1.0
         fmt = ".1f" if g["unit"] == "fraction" else ".2f"
         note = f" ({g['note']})" if "note" in g else ""
+        shown = f"{g['measured'] * scale:{fmt}}"
+        if "interval" in g:
+            shown = f"{_signed(g['interval'])} (Δ [95% interval], points)"
         lines.append(
-            f"| {g['goal']} | {g['measured'] * scale:{fmt}} | "
+            f"| {g['goal']} | {shown} | "
             f"{g['comparison']} {g['target'] * scale:{fmt}} | {g['status']}{note} |"
         )
     lines += [
@@ -822,13 +1167,17 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         "Presets are sized for the time budget; no setting was chosen by looking at the eval "
         "splits, which are CIFAR-10's test images for the CIFAR datasets.",
         "",
-        f"### Accuracy matrices R[i][j] ({metric}, seed {seeds[0]})",
+        f"### Accuracy matrices R[i][j] ({metric}, seed {seeds[0]}; ± is the 95% "
+        "cluster-bootstrap half-width)",
         "",
     ]
+    cells = results.get("cell_intervals", {}).get("runs", {})
     for run in results["runs"]:
         if run["seed"] == seeds[0]:
             R = AccuracyMatrix.from_dict(run["R"][metric])
-            lines += [f"**{run['strategy']}**", "", R.to_markdown(), ""]
+            mine = cells.get(run["strategy"], {}).get(str(run["seed"]), {}).get(metric)
+            table = _matrix_with_intervals(R, mine) if mine else R.to_markdown()
+            lines += [f"**{run['strategy']}**", "", table, ""]
     lines += [
         "### Machine",
         "",
@@ -929,6 +1278,9 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{_pm(s[f'forgetting_{metric}'])}, train {s['train_wall_s']['mean']:.0f}s, "
             f"{s['est_flops']['mean'] / 1e12:.2f} TFLOPs"
         )
+    for strategy, c in results.get("comparisons", {}).items():
+        paired = c[metric]["avg_acc"]["pooled"]
+        lines.append(f"{strategy:>15}: avg {metric} minus {LOWER}'s {_signed(paired)} points")
     for g in results["goals"]:
         lines.append(f"goal {g['status']}: {g['goal']}")
     return lines

@@ -51,7 +51,7 @@ GOALS = {"AVX512-BF16": 1.5, "AVX2-only": 1.1}
 
 def lightly_transform(augment: AugmentConfig, size: int) -> Any:
     """lightly's ``SimCLRTransform`` set to cssl's augmentation: crop scale, colour jitter
-    (strength ``s`` for brightness, contrast and saturation, ``s / 4`` for hue, applied with
+    (strength ``s`` for brightness, contrast and saturation, ``hue`` for hue, applied with
     probability ``color_jitter_p``), grayscale and blur probabilities, horizontal flips."""
     from lightly.transforms import SimCLRTransform
 
@@ -63,7 +63,7 @@ def lightly_transform(augment: AugmentConfig, size: int) -> Any:
         cj_bright=s,
         cj_contrast=s,
         cj_sat=s,
-        cj_hue=s / 4,
+        cj_hue=augment.hue,
         min_scale=augment.crop_scale_min,
         random_gray_scale=augment.grayscale_p,
         gaussian_blur=augment.blur_p,

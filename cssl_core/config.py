@@ -93,7 +93,18 @@ class SimulateConfig(_Section):
     frames_per_period: int = Field(1000, ge=1)
     size: int = Field(32, ge=16, le=1024)
     seed: int = 0
-    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    eval_fraction: float = Field(
+        0.6,
+        ge=0.0,
+        lt=1.0,
+        description="share of each game's frames that are eval frames (held-out streamers)",
+    )
+    eval_clip_frames: int = Field(
+        1,
+        ge=1,
+        description="frames per eval clip; every eval clip is shown by its own held-out "
+        "streamer, so the number of clips sets how precisely a period's accuracy is known",
+    )
     games_per_period: int = Field(4, ge=1)
     frame_skip: int = Field(8, ge=1)
     facecam: bool = True
@@ -161,6 +172,14 @@ class AugmentConfig(_Section):
 
     crop_scale_min: float = Field(0.2, gt=0, le=1)
     color_jitter: float = Field(0.4, ge=0)
+    hue: float = Field(
+        0.5,
+        ge=0,
+        le=0.5,
+        description="largest hue rotation of the colour jitter, in turns (0.5: any hue; "
+        "SimCLR's is 0.1): streamers colour-grade their capture, so a game's colours are "
+        "not part of what identifies it",
+    )
     color_jitter_p: float = Field(0.8, ge=0, le=1)
     grayscale_p: float = Field(0.2, ge=0, le=1)
     blur_p: float = Field(0.0, ge=0, le=1)
@@ -199,6 +218,12 @@ class TrainConfig(_Section):
     distill_loss: DistillLoss = "predictor"
     distill_weight: float = Field(1.0, ge=0)
     distill_temperature: float = Field(0.2, gt=0)
+    distill_rows: Literal["all", "replay"] = Field(
+        "all",
+        description="rows of the batch the distillation term covers: 'all', or only the "
+        "replayed frames (the frozen model runs on those alone: a cheaper step; a strategy "
+        "without replay distils on all rows)",
+    )
     replay_ratio: float = Field(0.5, ge=0, lt=1)
     classifier: bool = Field(False, description="Kaizen-style continual classifier on labels")
     classifier_weight: float = Field(1.0, ge=0)

@@ -269,3 +269,18 @@ def test_bad_batches_are_rejected(cifar: torch.Tensor) -> None:
         aug(cifar.float(), _gen(0))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         eval_transform(cifar[0])
+
+
+def test_hue_range_is_its_own_setting() -> None:
+    def shifts(**kw: float) -> torch.Tensor:
+        return sample_view_params(AugmentConfig(**kw), 4096, 32, 32, _gen(12)).hue
+
+    simclr = shifts(hue=0.1)  # SimCLR's s / 4 at s = 0.4
+    assert simclr.abs().max() <= 0.1 and simclr.abs().max() > 0.09
+    wide = shifts()  # the default: any hue
+    assert wide.abs().max() > 0.49 and wide.abs().max() <= 0.5
+    assert torch.equal(shifts(hue=0.0), torch.zeros(4096))
+    # The hue range does not move the other factors (same draws, same generator state).
+    a = sample_view_params(AugmentConfig(hue=0.5), 64, 32, 32, _gen(13))
+    b = sample_view_params(AugmentConfig(hue=0.1), 64, 32, 32, _gen(13))
+    assert torch.equal(a.brightness, b.brightness) and torch.equal(a.boxes, b.boxes)

@@ -17,14 +17,13 @@ from cssl_core.data.shard import Frame, Shard
 from cssl_core.data.simulate import (
     CANVAS,
     EPOCH,
-    EVAL_STREAMERS_PER_GAME,
     GAME_POOL,
     PERIOD_LENGTH,
     SEGMENT_FRAMES,
     STREAMERS_PER_GAME,
     Box,
     colour_grade_matrix,
-    eval_streamers,
+    eval_streamer_style,
     frame_counts,
     game_schedule,
     plan_clips,
@@ -34,7 +33,7 @@ from cssl_core.data.simulate import (
 )
 
 NUM_PERIODS = 4
-SMALL = SimulateConfig(frames_per_period=60, size=48, seed=3)
+SMALL = SimulateConfig(frames_per_period=60, size=48, seed=3, eval_clip_frames=2)
 
 
 def _total_variation(p: dict[str, float], q: dict[str, float]) -> float:
@@ -47,7 +46,14 @@ def _distribution(frames: list[Frame]) -> dict[str, float]:
 
 
 def _streamer(frame: Frame) -> int:
+    """The train streamer of a train frame."""
     return int(frame.stream_id.rsplit("-s", 1)[1])
+
+
+def _eval_clip(frame: Frame) -> tuple[int, int]:
+    """``(period index, clip)`` of an eval frame's held-out streamer."""
+    period, clip = frame.stream_id.rsplit("-e", 1)[1].split(".")
+    return int(period), int(clip)
 
 
 @pytest.fixture(scope="module")
@@ -100,49 +106,53 @@ def test_frame_counts_use_largest_remainder() -> None:
 
 
 # -- held-out streamers ------------------------------------------------------------------
-def test_plan_clips_deals_eval_clips_to_eval_streamers_only() -> None:
-    clips = plan_clips(103, 0.2, np.random.default_rng(0), eval_only=(2, 5))
+def test_plan_clips_cuts_eval_frames_into_own_streamer_clips() -> None:
+    clips = plan_clips(103, 0.2, np.random.default_rng(0), eval_clip_frames=4)
     eval_clips = [c for c in clips if c.split == "eval"]
     train_clips = [c for c in clips if c.split == "train"]
     assert sum(c.frames for c in eval_clips) == 21  # floor(0.2 * 103 + 0.5)
-    assert sorted(c.frames for c in eval_clips) == [21]
+    assert [c.frames for c in eval_clips] == [4, 4, 4, 4, 4, 1]
+    assert [c.streamer for c in eval_clips] == list(range(6))  # one held-out streamer each
     assert sorted(c.frames for c in train_clips) == [20, 20, 21, 21]
-    assert {c.streamer for c in eval_clips} <= {2, 5}
-    assert {c.streamer for c in train_clips} <= set(range(STREAMERS_PER_GAME)) - {2, 5}
-    many = plan_clips(5000, 0.2, np.random.default_rng(1), eval_only=(0, 7))
-    assert max(c.frames for c in many) == SEGMENT_FRAMES
-    assert {c.streamer for c in many if c.split == "eval"} == {0, 7}
-    assert {c.streamer for c in many if c.split == "train"} == set(range(1, 7))
-    assert sum(c.frames for c in many if c.split == "eval") == 1000
-    for bad in ((), tuple(range(STREAMERS_PER_GAME)), (8,)):
-        with pytest.raises(ValueError, match="must name some but not all of 8 streamers"):
-            plan_clips(10, 0.2, np.random.default_rng(0), eval_only=bad)
+    assert {c.streamer for c in train_clips} <= set(range(STREAMERS_PER_GAME))
+    many = plan_clips(5000, 0.2, np.random.default_rng(1))
+    assert max(c.frames for c in many if c.split == "train") == SEGMENT_FRAMES
+    assert {c.streamer for c in many if c.split == "train"} == set(range(STREAMERS_PER_GAME))
+    assert [c.frames for c in many if c.split == "eval"] == [1] * 1000
+    assert plan_clips(10, 0.0, np.random.default_rng(0))[0].split == "train"
+    with pytest.raises(ValueError, match="eval_clip_frames=0 and num_streamers=6 must be >= 1"):
+        plan_clips(10, 0.2, np.random.default_rng(0), eval_clip_frames=0)
 
 
-def test_eval_streamers_are_fixed_per_game_and_vary_between_games() -> None:
-    roles = {g: eval_streamers(0, g) for g in GAME_POOL}
-    for game, chosen in roles.items():
-        assert len(chosen) == EVAL_STREAMERS_PER_GAME == len(set(chosen))
-        assert list(chosen) == sorted(chosen)
-        assert all(0 <= s < STREAMERS_PER_GAME for s in chosen)
-        assert eval_streamers(0, game) == chosen
-    assert len(set(roles.values())) > 3
-    assert any(eval_streamers(1, g) != roles[g] for g in GAME_POOL)
+def test_eval_streamers_show_faces_and_looks_no_train_streamer_shows() -> None:
+    train = [streamer_style(0, g, k) for g in GAME_POOL for k in range(STREAMERS_PER_GAME)]
+    held_out = [eval_streamer_style(0, g, p, c) for g in GAME_POOL for p in (0, 3) for c in (0, 9)]
+    assert not {s.face for s in held_out} & {s.face for s in train}
+    assert all(0 <= s.face < 100 for s in held_out)
+    looks = {(s.view, s.zoom, s.grade) for s in train}
+    assert len({(s.view, s.zoom, s.grade) for s in held_out} - looks) == len(held_out)
+    assert eval_streamer_style(0, "pong", 2, 5) == eval_streamer_style(0, "pong", 2, 5)
+    assert eval_streamer_style(0, "pong", 2, 5) != eval_streamer_style(1, "pong", 2, 5)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        eval_streamer_style(0, "pong", 0, -1)
 
 
 def test_eval_streams_never_appear_in_any_train_split(periods: list[list[Frame]]) -> None:
     seen_eval: set[str] = set()
     seen_train: set[str] = set()
-    for frames in periods:
+    for index, frames in enumerate(periods):
         for f in frames:
             assert f.category is not None
-            held_out = _streamer(f) in eval_streamers(SMALL.seed, f.category)
-            assert held_out == (f.split == "eval"), f.stream_id
-            (seen_eval if f.split == "eval" else seen_train).add(f.stream_id)
+            if f.split == "eval":
+                assert _eval_clip(f)[0] == index
+                seen_eval.add(f.stream_id)
+            else:
+                assert 0 <= _streamer(f) < STREAMERS_PER_GAME
+                seen_train.add(f.stream_id)
     assert seen_eval and seen_train and not seen_eval & seen_train
 
 
-def test_eval_split_is_the_configured_fraction_of_each_game(periods: list[list[Frame]]) -> None:
+def test_eval_split_is_the_configured_fraction_and_clip_length(periods: list[list[Frame]]) -> None:
     total_eval = 0
     for frames in periods:
         assert {f.split for f in frames} == {"train", "eval"}
@@ -151,6 +161,9 @@ def test_eval_split_is_the_configured_fraction_of_each_game(periods: list[list[F
         for game, n in per_game.items():
             assert eval_per_game[game] == math.floor(SMALL.eval_fraction * n + 0.5)
         total_eval += sum(eval_per_game.values())
+        # Each eval stream is one clip of eval_clip_frames (the game's last may be shorter).
+        clip_sizes = Counter(f.stream_id for f in frames if f.split == "eval")
+        assert set(clip_sizes.values()) <= {1, SMALL.eval_clip_frames}
     fraction = total_eval / (NUM_PERIODS * SMALL.frames_per_period)
     assert abs(fraction - SMALL.eval_fraction) <= 0.05
 
@@ -188,7 +201,7 @@ def test_streamer_styles_vary_a_lot_and_do_not_depend_on_the_period() -> None:
     assert all(0 <= s.face < 100 for s in styles)  # the first 100 LFW crops are the faces
     assert streamer_style(0, "pong", 1) == streamer_style(0, "pong", 1)
     assert streamer_style(0, "pong", 1) != streamer_style(1, "pong", 1)
-    with pytest.raises(ValueError, match="streamer must be in 0..7, got 8"):
+    with pytest.raises(ValueError, match="streamer must be in 0..5, got 6"):
         streamer_style(0, "pong", STREAMERS_PER_GAME)
 
     def inside(box: Box, outer: Box) -> bool:
@@ -214,7 +227,7 @@ def test_streamer_styles_vary_a_lot_and_do_not_depend_on_the_period() -> None:
     assert len({(s.cam.x, s.cam.y, s.cam.w) for s in styles}) > 0.9 * len(styles)
     assert {s.chat.x == 0 for s in styles if s.chat is not None} == {True, False}
     assert {s.frame_width > 0 for s in styles} == {True, False}
-    # The eight streamers of a game each have their own layout, grade and backdrop.
+    # The six train streamers of a game each have their own layout, grade and backdrop.
     for g in range(len(GAME_POOL)):
         mine = styles[g * STREAMERS_PER_GAME : (g + 1) * STREAMERS_PER_GAME]
         assert len({(s.view, s.zoom, s.background) for s in mine}) == STREAMERS_PER_GAME
@@ -223,7 +236,9 @@ def test_streamer_styles_vary_a_lot_and_do_not_depend_on_the_period() -> None:
 def test_streamers_of_a_game_look_different() -> None:
     # Two streamers of the same game: their average frames differ a lot, far more than two
     # halves of one streamer's frames.
-    cfg = SimulateConfig(frames_per_period=400, size=32, seed=0, games_per_period=1)
+    cfg = SimulateConfig(
+        frames_per_period=400, size=32, seed=0, games_per_period=1, eval_fraction=0.2
+    )
     frames = list(simulate_period_frames(cfg, 1, 0))
     by_stream: dict[str, list[np.ndarray]] = {}
     for f in frames:
@@ -265,7 +280,9 @@ def test_frames_decode_at_size_with_consistent_metadata(periods: list[list[Frame
             assert img.size == (SMALL.size, SMALL.size) and img.mode == "RGB"
             assert f.image[:3] == b"\xff\xd8\xff"
             assert f.source == f"ale:{f.category}"
-            assert re.fullmatch(rf"{f.category}-s[0-{STREAMERS_PER_GAME - 1}]", f.stream_id)
+            pattern = rf"{f.category}-(s[0-{STREAMERS_PER_GAME - 1}]|e{index}\.\d+)"
+            assert re.fullmatch(pattern, f.stream_id)
+            assert (f.split == "eval") == ("-e" in f.stream_id)
             assert f.ts.tzinfo is not None and start <= f.ts < start + PERIOD_LENGTH
             by_stream.setdefault(f.stream_id, []).append(f)
         for stream in by_stream.values():
@@ -320,7 +337,11 @@ def test_facecam_and_chat_change_only_their_own_pixels() -> None:
     checked_cam = checked_chat = 0
     for (f, p), (_, c), (_, t) in zip(plain, cam, chat, strict=True):
         assert f.category is not None
-        style = streamer_style(base.seed, f.category, _streamer(f))
+        style = (
+            streamer_style(base.seed, f.category, _streamer(f))
+            if f.split == "train"
+            else eval_streamer_style(base.seed, f.category, *_eval_clip(f))
+        )
         # The game is the same play (overlays draw from their own random stream): away from
         # an overlay, the pixels are bit-identical; inside it they differ a lot.
         for overlay, image in ((style.cam, c), (style.chat, t)):
@@ -363,12 +384,11 @@ def test_simulate_period_writes_an_openable_shard(tmp_path: Path) -> None:
     n_eval = sum(math.floor(cfg.eval_fraction * n + 0.5) for n in expected.values())
     assert manifest["splits"] == {"eval": n_eval, "train": 30 - n_eval}
     assert table.column("split").to_pylist().count("eval") == n_eval
-    # The split survives the shard: eval rows come from the eval-only streamers.
+    # The split survives the shard: eval rows come from held-out streamers of period 2.
     for split, stream in zip(
         table.column("split").to_pylist(), table.column("stream_id").to_pylist(), strict=True
     ):
-        game, streamer = stream.rsplit("-s", 1)
-        assert (int(streamer) in eval_streamers(cfg.seed, game)) == (split == "eval")
+        assert (split == "eval") == bool(re.fullmatch(r".+-e1\.\d+", stream))
     # A rerun produces the same bytes: same fingerprint, same manifest.
     again = simulate_period(tmp_path, "p02", 1, 3, cfg)
     assert again["fingerprint"] == manifest["fingerprint"]

@@ -4,9 +4,9 @@ Each period shows a handful of games whose popularity drifts: a few "evergreen" 
 every period while trending games rise, peak and fade as a window slides over a seeded order
 of the pool (:func:`game_schedule`, ``simulate.schedule: drifting``, the default). A list of
 regimes instead gives known truth for drift detection: static stretches with the same mix,
-sudden switches to new games and gradual take-overs (:func:`regime_schedule`). Every game is
-played by :data:`STREAMERS_PER_GAME` streamers; each streamer is one ``stream_id`` and keeps
-the same look in every period.
+sudden switches to new games and gradual take-overs (:func:`regime_schedule`). The train split
+of every game is played by :data:`STREAMERS_PER_GAME` streamers; each is one ``stream_id`` and
+keeps the same look in every period. The eval split is played by streamers seen once.
 
 Look. A frame is real emulator output (``ale_py``, ROMs bundled with the package) composed
 like a stream on a :data:`CANVAS` x :data:`CANVAS` canvas, then resized to ``size`` x ``size``
@@ -28,14 +28,18 @@ captured frames, as a person holds a direction). A captured frame is taken every
 ``frame_skip`` emulator frames. A game over resets the game, and every (re)start first plays
 an unrecorded warm-up so title screens are not recorded over and over.
 
-Split. Evaluation must measure recognising a game across streamers, not recalling a layout,
-so each game's streamers are split for good into :data:`EVAL_STREAMERS_PER_GAME` eval-only
-streamers and train streamers (:func:`eval_streamers`, the same in every period): no eval
-streamer ever appears in any period's train split. Each game's frames in a period are cut
-into clips of at most :data:`SEGMENT_FRAMES` consecutive captured frames;
-``round(eval_fraction * n)`` of a game's ``n`` frames are eval clips, dealt to the eval
-streamers, and the rest are train clips, dealt to the train streamers (:func:`plan_clips`).
-Clips of a streamer are separated by unrecorded play (:data:`GAP_EMULATOR_FRAMES`).
+Split. Evaluation must measure recognising a game on streamers the model never saw, and
+must be able to tell two models apart. Each game's frames in a period are
+``round(eval_fraction * n)`` eval frames and the rest train frames (:func:`plan_clips`). Train
+frames are cut into clips of at most :data:`SEGMENT_FRAMES` consecutive captured frames, dealt
+to the game's :data:`STREAMERS_PER_GAME` train streamers. Eval frames are cut into clips of
+``eval_clip_frames`` frames, and **every eval clip is played by its own held-out streamer**
+(:func:`eval_streamer_style`: a look drawn like a train streamer's, with a face no train
+streamer shows, keyed by period, game and clip), so no eval look ever appears in a train split
+and eval clips are independent units: the clip (its ``stream_id``) is the cluster of a
+bootstrap interval, and the number of eval clips, not of eval frames, sets its width
+(docs/benchmarks.md, "Sizing an eval split"). Clips of a streamer are separated by unrecorded
+play (:data:`GAP_EMULATOR_FRAMES`), and so are consecutive eval clips of a game.
 
 Determinism. Every random draw comes from a generator seeded by ``(seed, period index, game,
 streamer, purpose)``, so period ``i`` depends only on the seed, ``i`` and the schedule, and a
@@ -83,12 +87,12 @@ GAME_POOL: tuple[str, ...] = (
     "qbert",
     "kangaroo",
 )
-STREAMERS_PER_GAME = 8
-"""Streamers per game; 12 games x 8 streamers need 96 distinct faces of the 100 available."""
-EVAL_STREAMERS_PER_GAME = 2
-"""Streamers of each game that only ever appear in the eval split (held out from training)."""
+STREAMERS_PER_GAME = 6
+"""Train streamers per game; 12 games x 6 streamers show 72 of the 100 faces available."""
+TRAIN_FACES = len(GAME_POOL) * STREAMERS_PER_GAME
+"""Faces of the seeded face order that train streamers show; eval streamers show the others."""
 SEGMENT_FRAMES = 25
-"""Longest clip of consecutive captured frames; a clip is all train or all eval."""
+"""Longest train clip of consecutive captured frames (an eval clip has ``eval_clip_frames``)."""
 STREAMER_POPULARITY_CONCENTRATION = 2.0
 """Dirichlet concentration of how a period's clips are dealt to a split's streamers."""
 WARMUP_EMULATOR_FRAMES = (150, 450)
@@ -158,7 +162,7 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 
 # Purposes of the random streams. Each purpose always takes the same number of keys, so no two
 # streams share a seed (NumPy's SeedSequence ignores trailing zeros: [1, 2] == [1, 2, 0]).
-_ORDER, _POPULARITY, _PLAN, _EMULATOR, _PLAY, _OVERLAY, _STYLE, _FACES, _ROLES = range(9)
+_ORDER, _POPULARITY, _PLAN, _EMULATOR, _PLAY, _OVERLAY, _STYLE, _FACES, _EVAL_STYLE = range(9)
 
 
 def _rng(seed: int, purpose: int, *keys: int) -> np.random.Generator:
@@ -304,16 +308,14 @@ def frame_counts(shares: dict[str, float], total: int) -> dict[str, int]:
     return counts
 
 
-def eval_streamers(seed: int, game: str) -> tuple[int, ...]:
-    """The game's eval-only streamers (sorted): the same in every period, so never trained on."""
-    rng = _rng(seed, _ROLES, _game_key(game))
-    chosen = rng.choice(STREAMERS_PER_GAME, size=EVAL_STREAMERS_PER_GAME, replace=False)
-    return tuple(sorted(int(s) for s in chosen))
-
-
 @dataclass(frozen=True)
 class Clip:
-    """A run of consecutive captured frames of one streamer, all in one split."""
+    """A run of consecutive captured frames of one streamer, all in one split.
+
+    ``streamer`` is a train streamer (``0..STREAMERS_PER_GAME - 1``) for a train clip and the
+    clip's own number among the game's eval clips of the period for an eval clip (each eval
+    clip has its own held-out streamer, :func:`eval_streamer_style`).
+    """
 
     streamer: int
     frames: int
@@ -324,39 +326,43 @@ def plan_clips(
     count: int,
     eval_fraction: float,
     rng: np.random.Generator,
-    eval_only: Sequence[int],
+    eval_clip_frames: int = 1,
     num_streamers: int = STREAMERS_PER_GAME,
 ) -> list[Clip]:
-    """Cut one game's ``count`` frames into train and eval clips and deal them to streamers.
+    """Cut one game's ``count`` frames into train and eval clips.
 
-    Exactly ``floor(eval_fraction * count + 0.5)`` frames are eval. Each split is cut into
-    near-equal clips of at most :data:`SEGMENT_FRAMES`. Eval clips go to the ``eval_only``
-    streamers and train clips to the others, each clip to a streamer drawn with per-period
-    popularity weights (Dirichlet with :data:`STREAMER_POPULARITY_CONCENTRATION`); the clips
-    are returned in a shuffled order.
+    Exactly ``floor(eval_fraction * count + 0.5)`` frames are eval, cut into clips of
+    ``eval_clip_frames`` (the last one shorter when it does not divide), numbered ``0, 1, ...``
+    in order: each is its own held-out streamer. The train frames are cut into near-equal
+    clips of at most :data:`SEGMENT_FRAMES`, each dealt to one of ``num_streamers`` train
+    streamers drawn with per-period popularity weights (Dirichlet with
+    :data:`STREAMER_POPULARITY_CONCENTRATION`). Eval clips come first, then the train clips in
+    a shuffled order.
     """
-    eval_set = sorted(set(eval_only))
-    train_set = [s for s in range(num_streamers) if s not in eval_set]
-    if not eval_set or not train_set or not all(0 <= s < num_streamers for s in eval_set):
+    if eval_clip_frames < 1 or num_streamers < 1:
         raise ValueError(
-            f"eval_only={tuple(eval_only)} must name some but not all of {num_streamers} streamers"
+            f"eval_clip_frames={eval_clip_frames} and num_streamers={num_streamers} must be >= 1"
         )
     n_eval = int(math.floor(eval_fraction * count + 0.5))
-    clips: list[Clip] = []
-    for split, n, streamers in (("eval", n_eval, eval_set), ("train", count - n_eval, train_set)):
-        popularity = rng.dirichlet(np.full(len(streamers), STREAMER_POPULARITY_CONCENTRATION))
-        if n == 0:
-            continue
-        lengths = [len(c) for c in np.array_split(np.arange(n), math.ceil(n / SEGMENT_FRAMES))]
-        owners = rng.choice(streamers, size=len(lengths), p=popularity)
-        clips += [Clip(int(s), int(k), split) for s, k in zip(owners, lengths, strict=True)]
-    return [clips[i] for i in rng.permutation(len(clips))]
+    clips = [
+        Clip(k, min(eval_clip_frames, n_eval - start), "eval")
+        for k, start in enumerate(range(0, n_eval, eval_clip_frames))
+    ]
+    n_train = count - n_eval
+    popularity = rng.dirichlet(np.full(num_streamers, STREAMER_POPULARITY_CONCENTRATION))
+    if n_train:
+        chunks = np.array_split(np.arange(n_train), math.ceil(n_train / SEGMENT_FRAMES))
+        owners = rng.choice(num_streamers, size=len(chunks), p=popularity)
+        train = [Clip(int(s), len(c), "train") for s, c in zip(owners, chunks, strict=True)]
+        clips += [train[i] for i in rng.permutation(len(train))]
+    return clips
 
 
 class _Player:
     """One game in the emulator, played with random persistent actions."""
 
     def __init__(self, game: str, seed: int, frame_skip: int) -> None:
+        self.game = game
         self.frame_skip = frame_skip
         ALEInterface.setLoggerMode(LoggerMode.Error)
         self.ale = ALEInterface()
@@ -502,16 +508,39 @@ def _cam_box(rng: np.random.Generator, view: Box) -> Box:
     return Box(x, y, side, side)
 
 
+def _face_order(seed: int) -> np.ndarray:
+    """The seed's order of the face crops: train streamers show the first
+    :data:`TRAIN_FACES`, eval streamers the rest."""
+    return _rng(seed, _FACES).permutation(len(_faces()))
+
+
 def streamer_style(seed: int, game: str, streamer: int) -> StreamerStyle:
-    """Draw a streamer's look; it depends on ``(seed, game, streamer)`` and on no period.
+    """Draw a train streamer's look; it depends on ``(seed, game, streamer)`` and on no period.
 
     The layout is drawn the same way whether or not ``simulate.chat`` / ``simulate.facecam``
     are on (they only decide what is drawn), so switching an overlay off keeps the game view.
     """
     if not 0 <= streamer < STREAMERS_PER_GAME:
         raise ValueError(f"streamer must be in 0..{STREAMERS_PER_GAME - 1}, got {streamer}")
-    faces = _rng(seed, _FACES).permutation(len(_faces()))
-    rng = _rng(seed, _STYLE, _game_key(game), streamer)
+    slot = GAME_POOL.index(game) * STREAMERS_PER_GAME + streamer
+    face = int(_face_order(seed)[slot])
+    return _draw_style(_rng(seed, _STYLE, _game_key(game), streamer), face)
+
+
+def eval_streamer_style(seed: int, game: str, period_index: int, clip: int) -> StreamerStyle:
+    """The look of the held-out streamer who plays eval clip ``clip`` of ``game`` in period
+    ``period_index``: drawn from the same ranges as a train streamer's, showing one of the
+    faces no train streamer shows, and never used for anything else."""
+    if clip < 0 or period_index < 0:
+        raise ValueError(f"period_index and clip must be >= 0, got {period_index}, {clip}")
+    rng = _rng(seed, _EVAL_STYLE, _game_key(game), period_index, clip)
+    unused = _face_order(seed)[TRAIN_FACES:]
+    face = int(unused[rng.integers(len(unused))])
+    return _draw_style(rng, face)
+
+
+def _draw_style(rng: np.random.Generator, face: int) -> StreamerStyle:
+    """A streamer's look from ``rng`` (layout, grade, backdrop, facecam, chat) with ``face``."""
     # Chat sidebar: a side and a width, or none; the game view lives in the rest.
     chat: Box | None = None
     free = Box(0, 0, CANVAS, CANVAS)
@@ -558,9 +587,8 @@ def streamer_style(seed: int, game: str, streamer: int) -> StreamerStyle:
     dark_chat = rng.random() < 0.7
     chat_background = _hsv(rng, (0.0, 0.4), (0.05, 0.2) if dark_chat else (0.8, 0.97))
     chat_text = _hsv(rng, (0.0, 0.15), (0.75, 0.95) if dark_chat else (0.1, 0.3))
-    slot = GAME_POOL.index(game) * STREAMERS_PER_GAME + streamer
     return StreamerStyle(
-        face=int(faces[slot % len(faces)]),
+        face=face,
         zoom=zoom_box,
         view=view,
         grade=grade,
@@ -672,12 +700,38 @@ def _period_start(index: int) -> datetime:
     return EPOCH + index * PERIOD_LENGTH
 
 
+def _clip_frames(
+    cfg: SimulateConfig,
+    player: _Player,
+    overlay: _Overlay,
+    clip: Clip,
+    stream_id: str,
+    period_start: datetime,
+    offset_ms: float,
+) -> Iterator[Frame]:
+    """The frames of one clip: captured from ``player``, composed by ``overlay``, JPEG-coded;
+    the clip starts ``offset_ms`` into the period."""
+    frame_ms = cfg.frame_skip * 1000 / ATARI_FPS
+    for j in range(clip.frames):
+        canvas = overlay.compose(player.capture())
+        img = Image.fromarray(canvas).resize((cfg.size, cfg.size), Image.Resampling.BILINEAR)
+        yield Frame(
+            image=encode_jpeg(img),
+            stream_id=stream_id,
+            ts=period_start + timedelta(milliseconds=round(offset_ms + j * frame_ms)),
+            source=f"ale:{player.game}",
+            category=player.game,
+            split=clip.split,
+        )
+
+
 def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) -> Iterator[Frame]:
     """Yield the ``cfg.frames_per_period`` frames of period ``index`` (0-based).
 
-    Frames carry ``category`` (the game), ``source`` (``"ale:<game>"``), ``stream_id``
-    (``"<game>-s<k>"``), a synthetic UTC ``ts`` inside the period and an explicit ``split``
-    (eval frames come only from the game's :func:`eval_streamers`; see the module docstring).
+    Frames carry ``category`` (the game), ``source`` (``"ale:<game>"``), ``stream_id``, a
+    synthetic UTC ``ts`` inside the period and an explicit ``split``. A train frame's stream
+    is its train streamer, ``"<game>-s<k>"``; an eval frame's is its clip's own held-out
+    streamer, ``"<game>-e<period>.<clip>"`` (see the module docstring).
     """
     if not 0 <= index < num_periods:
         raise ValueError(f"period index {index} is outside 0..{num_periods - 1}")
@@ -691,11 +745,12 @@ def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) ->
         if count == 0:
             continue
         gkey = _game_key(game)
-        clips = plan_clips(count, cfg.eval_fraction, plan_rng, eval_streamers(cfg.seed, game))
+        clips = plan_clips(count, cfg.eval_fraction, plan_rng, cfg.eval_clip_frames)
         ale_seed = int(_rng(cfg.seed, _EMULATOR, index, gkey).integers(2**31))
         player = _Player(game, ale_seed, cfg.frame_skip)
+
         for streamer in range(STREAMERS_PER_GAME):
-            mine = [c for c in clips if c.streamer == streamer]
+            mine = [c for c in clips if c.split == "train" and c.streamer == streamer]
             if not mine:
                 continue
             play_rng = _rng(cfg.seed, _PLAY, index, gkey, streamer)
@@ -704,23 +759,26 @@ def simulate_period_frames(cfg: SimulateConfig, num_periods: int, index: int) ->
             player.session(play_rng)
             longest = max(c.frames for c in mine) * frame_ms
             starts = np.sort(play_rng.uniform(0, period_ms - longest, size=len(mine)))
-            stream_id = f"{game}-s{streamer}"
             for n, (clip, clip_start) in enumerate(zip(mine, starts, strict=True)):
                 if n:
                     player.advance(int(play_rng.integers(*GAP_EMULATOR_FRAMES, endpoint=True)))
-                for j in range(clip.frames):
-                    canvas = overlay.compose(player.capture())
-                    img = Image.fromarray(canvas).resize(
-                        (cfg.size, cfg.size), Image.Resampling.BILINEAR
-                    )
-                    yield Frame(
-                        image=encode_jpeg(img),
-                        stream_id=stream_id,
-                        ts=start + timedelta(milliseconds=round(clip_start + j * frame_ms)),
-                        source=f"ale:{game}",
-                        category=game,
-                        split=clip.split,
-                    )
+                stream_id = f"{game}-s{streamer}"
+                yield from _clip_frames(cfg, player, overlay, clip, stream_id, start, clip_start)
+        # The eval clips: one play session of the game, each clip shown by its own streamer.
+        evals = [c for c in clips if c.split == "eval"]
+        if evals:
+            play_rng = _rng(cfg.seed, _PLAY, index, gkey, STREAMERS_PER_GAME)
+            player.session(play_rng)
+        for clip in evals:
+            if clip.streamer:
+                player.advance(int(play_rng.integers(*GAP_EMULATOR_FRAMES, endpoint=True)))
+            style = eval_streamer_style(cfg.seed, game, index, clip.streamer)
+            # Overlay motion keys after the train streamers' (0..STREAMERS_PER_GAME - 1).
+            rng = _rng(cfg.seed, _OVERLAY, index, gkey, STREAMERS_PER_GAME + clip.streamer)
+            clip_start = float(play_rng.uniform(0, period_ms - clip.frames * frame_ms))
+            stream_id = f"{game}-e{index}.{clip.streamer}"
+            overlay = _Overlay(style, cfg, rng)
+            yield from _clip_frames(cfg, player, overlay, clip, stream_id, start, clip_start)
 
 
 def simulate_period(

@@ -2,8 +2,9 @@
 
 The pipeline is SimCLR's (Chen et al. 2020, appendix A): random resized crop, horizontal
 flip, colour jitter applied with probability ``color_jitter_p`` (brightness, contrast and
-saturation strength ``s = color_jitter``, hue ``s / 4``, in a random order), random
-grayscale, optional Gaussian blur, then normalisation with the ImageNet mean and std.
+saturation strength ``s = color_jitter``, hue rotation up to ``hue`` turns, in a random
+order), random grayscale, optional Gaussian blur, then normalisation with the ImageNet mean
+and std.
 
 Applying a ``torchvision.transforms.v2`` transform to a batch tensor draws ONE set of random
 parameters for the whole batch. Looping over samples fixes that but costs a Python round
@@ -140,7 +141,7 @@ def sample_view_params(
     """
     boxes = sample_crop_boxes(batch, height, width, (cfg.crop_scale_min, 1.0), generator)
     s = cfg.color_jitter
-    hue_max = min(s / 4.0, 0.5)
+    hue_max = cfg.hue
 
     def coin(p: float) -> Tensor:
         return torch.rand(batch, generator=generator) < p

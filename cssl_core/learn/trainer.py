@@ -6,7 +6,9 @@ frames from the replay memory), makes two SimCLR views, and minimises
     L = L_NT-Xent(z1, z2) + lambda_D * L_distill(current, frozen)  [+ lambda_C * L_classifier]
 
 where the distillation term (when the strategy distils, :mod:`cssl_core.learn.strategy`; the
-term is ``train.distill_loss`` of :mod:`cssl_core.learn.distill`) pulls the current model
+term is ``train.distill_loss`` of :mod:`cssl_core.learn.distill`; over the whole batch, or
+with ``train.distill_rows: replay`` over the replayed rows alone, so the frozen model runs on
+those only: a cheaper step) pulls the current model
 toward the frozen previous model. Everything that makes a step random (batch indices, replay
 draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint ends
 with exactly the weights of an uninterrupted run (on CPU).
@@ -372,9 +374,19 @@ class ContinualTrainer:
         v1, v2 = self.augmenter.view(x, first), self.augmenter.view(x, second)
         return self._prepare(v1), self._prepare(v2)
 
-    def _global(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32, then this rank's rows -> the global batch (identity for one process)."""
-        return ddp.to_global_batch(x.float(), *self._layout)
+    def _global(self, x: torch.Tensor, layout: tuple[int, int] | None = None) -> torch.Tensor:
+        """fp32, then this rank's rows -> the global batch (identity for one process);
+        ``layout`` is ``(new, replay)`` rows of ``x`` across ranks (default: the batch's)."""
+        return ddp.to_global_batch(x.float(), *(layout or self._layout))
+
+    def _distils_replay_only(self) -> bool:
+        """``train.distill_rows: replay`` with replayed rows in the batch."""
+        return self.cfg.distill_rows == "replay" and self._layout[1] > 0
+
+    def _distilled_rows(self) -> tuple[int, int]:
+        """``(new, replay)`` rows the frozen model runs on: the replayed rows alone with
+        ``distill_rows: replay``, else the whole batch."""
+        return (0, self._layout[1]) if self._distils_replay_only() else self._layout
 
     def loss_terms(
         self, v1: torch.Tensor, v2: torch.Tensor, labels: list[str | None]
@@ -391,13 +403,18 @@ class ContinualTrainer:
             local: StudentOutputs = forward(v1, v2)
             frozen_local = self._teacher_outputs(v1, v2)
         student = local.map(self._global)
-        frozen = frozen_local.map(self._global) if frozen_local is not None else None
+        frozen = None
+        if frozen_local is not None:
+            frozen = frozen_local.map(lambda x: self._global(x, self._distilled_rows()))
         with torch.autocast(self.device.type, enabled=False):
             ssl = nt_xent(student.z1, student.z2, cfg.temperature)
             total = ssl
             distill = torch.zeros((), device=ssl.device)
             if self.distill is not None and frozen is not None:
-                distill = self.distill(student, frozen, cfg.distill_temperature)
+                taught = student
+                if self._distils_replay_only():
+                    taught = student.map(lambda x: x[self._layout[0] :])
+                distill = self.distill(taught, frozen, cfg.distill_temperature)
                 total = total + cfg.distill_weight * distill
             clf = torch.zeros((), device=ssl.device)
             if student.logits is not None:
@@ -413,6 +430,9 @@ class ContinualTrainer:
         teacher = self.teacher
         if self.distill is None or teacher is None:
             return None
+        if self._distils_replay_only():  # this rank's replayed rows follow its new rows
+            new_here = len(range(self._layout[0])[self.rank :: self.world_size])
+            v1, v2 = v1[new_here:], v2[new_here:]
         f1, f2 = teacher(v1), teacher(v2)
         logits = None
         if self._uses_classifier() and teacher.classifier is not None and teacher.categories:
@@ -438,8 +458,9 @@ class ContinualTrainer:
             loss = F.cross_entropy(logits[rows], target)
         if frozen is not None and frozen.logits is not None:
             n_old = frozen.logits.shape[1]
+            taught = logits[self._layout[0] :] if self._distils_replay_only() else logits
             loss = loss + classifier_distill(
-                logits[:, :n_old], frozen.logits, self.cfg.classifier_temperature
+                taught[:, :n_old], frozen.logits, self.cfg.classifier_temperature
             )
         return loss
 
