@@ -93,6 +93,8 @@ def _as_label_list(labels: Labels) -> np.ndarray | list[str | None]:
 
 
 def _normalised(x: FeatureArray, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()  # e.g. a view of an Arrow buffer; torch wants writable memory
     t = torch.as_tensor(x).detach().to("cpu", torch.float32)
     if t.ndim != 2 or t.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {tuple(t.shape)}")
