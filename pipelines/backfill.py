@@ -32,6 +32,7 @@ features; the flow holds at most ``window`` chunks of vectors.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -69,6 +70,7 @@ class BackfillReport:
     seconds: float
     embed_seconds: float
     order: str
+    workers: tuple[str, ...] = ()  # host:pid of the processes that embedded chunks
 
     @property
     def rows_per_s(self) -> float:
@@ -121,7 +123,8 @@ def embed_chunk(
     shards = {fp: Shard.open(path) for fp, path in shard_dirs.items()}
     images = read_chunk_images(spec, shards)
     emb = embed_images(model, images, batch_size, device)
-    return ChunkEmbeddings(spec.index, spec.frame_ids, emb, time.perf_counter() - start)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return ChunkEmbeddings(spec.index, spec.frame_ids, emb, time.perf_counter() - start, worker)
 
 
 def _model_dim(model_dir: str | Path) -> int:
@@ -150,6 +153,7 @@ def run_backfill(
     by_fp = open_shards(shards)
     shard_dirs = {fp: str(s.path) for fp, s in by_fp.items()}
     embed_s = 0.0
+    workers: set[str] = set()
     with index.writer():
         source = index.pointer().live
         state = index.start_backfill(
@@ -179,6 +183,7 @@ def run_backfill(
         for i in pending:
             chunk = embed_chunk(index.chunk_spec(i), model_dir, shard_dirs, batch_size, device)
             embed_s += chunk.seconds
+            workers.add(chunk.worker)
             index.commit_chunk(chunk)
             done += 1
             if on_commit is not None:
@@ -196,6 +201,7 @@ def run_backfill(
         time.perf_counter() - start,
         embed_s,
         state.order,
+        tuple(sorted(workers)),
     )
 
 
@@ -241,6 +247,7 @@ def backfill(
     shard_dirs = {fp: str(s.path.absolute()) for fp, s in open_shards(shards).items()}
     model_dir = str(Path(model_dir).absolute())
     embed_s = 0.0
+    workers: set[str] = set()
     with index.writer():
         source = index.pointer().live
         state = index.start_backfill(
@@ -278,6 +285,7 @@ def backfill(
                 )
             chunk = in_flight.popleft().result()
             embed_s += chunk.seconds
+            workers.add(chunk.worker)
             index.commit_chunk(chunk)
         switched = index.finish_backfill()
     return BackfillReport(
@@ -292,6 +300,7 @@ def backfill(
         time.perf_counter() - start,
         embed_s,
         state.order,
+        tuple(sorted(workers)),
     )
 
 

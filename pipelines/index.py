@@ -341,6 +341,7 @@ class ChunkEmbeddings:
     frame_ids: tuple[str, ...]
     embeddings: np.ndarray
     seconds: float = 0.0
+    worker: str = ""  # host:pid of the process that embedded the chunk
 
 
 # -- the index -----------------------------------------------------------------------------------

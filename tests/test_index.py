@@ -321,3 +321,32 @@ def test_index_on_s3(s3_bucket):
     assert index.finish_backfill()
     again = EmbeddingIndex(uri)  # a fresh reader sees the switch through the pointer in S3
     assert again.pointer().live.table == state.table and again.status().rows_per_version == {2: 40}
+
+
+def test_backfill_recovers_from_crashes_around_the_plan_and_the_switch(tmp_path):
+    from pipelines.index import HistoryEntry, IndexPointer, LiveTable
+
+    index = EmbeddingIndex(tmp_path / "index")
+    index.add(synthetic_rows(40, 8), model_version=1)
+    # A crash after the staging table was created but before the pointer named it leaves an
+    # orphan table; the next start replaces it.
+    index.db.create_table("frames_v2", data=pa.table({"junk": [1, 2, 3]}))
+    state = _start(index)
+    assert index._open(state.table).count_rows() == 40
+    for i in index.pending_chunks():
+        spec = index.chunk_spec(i)
+        index.commit_chunk(ChunkEmbeddings(i, spec.frame_ids, np.ones((len(spec), 6)) + i))
+    # A crash right after the pointer write leaves the backfill columns; any later run of the
+    # backfill (or its finish) removes them.
+    pointer = index.pointer()
+    index._write_pointer(
+        IndexPointer(
+            LiveTable(state.table, 2, 6),
+            None,
+            (*pointer.history, HistoryEntry(state.table, 2, "t")),
+        )
+    )
+    assert "old_embedding" in index._open(state.table).schema.names
+    assert _start(index) is None
+    assert "old_embedding" not in index._open(state.table).schema.names
+    assert index.status().rows_per_version == {2: 40}
