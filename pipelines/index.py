@@ -103,6 +103,7 @@ META_FIELDS = [
 ]
 META_SCHEMA = pa.schema(META_FIELDS)
 _BACKFILL_COLUMNS = ("old_embedding", "backfill_rank", "backfill_priority")
+_COMMIT_COLUMNS = ("frame_id", "model_version", "embedding")
 
 
 _LOCKS: dict[str, FileLock] = {}
@@ -169,6 +170,10 @@ class FrameRows:
         for f in META_FIELDS:
             if f.name not in self.meta.column_names:
                 raise EmbeddingIndexError(f"frame rows lack the column {f.name!r}")
+        if np.ndim(self.embeddings) != 2:
+            raise EmbeddingIndexError(
+                f"embeddings must be an (N, D) array, got shape {np.shape(self.embeddings)}"
+            )
         if self.meta.num_rows != len(self.embeddings):
             raise EmbeddingIndexError(
                 f"{self.meta.num_rows} metadata rows but {len(self.embeddings)} embeddings"
@@ -486,7 +491,9 @@ class EmbeddingIndex:
                     f"embeddings have D={dim}, the index table has D={target_dim}"
                 )
             data = self._rows_table(rows, model_version, target_dim, table.schema, extra)
-            return self._upsert(table, data)
+            # In a staging table a frame already there keeps its place in the backfill plan
+            # (and its old embedding): only its new embedding and version are written.
+            return self._upsert(table, data, _COMMIT_COLUMNS if extra else None)
 
     @staticmethod
     def _rows_table(
@@ -504,11 +511,13 @@ class EmbeddingIndex:
             cols["backfill_priority"] = pa.nulls(n, pa.float32())
         return pa.table(cols, schema=schema)
 
-    def _upsert(self, table: Any, data: pa.Table) -> AddResult:
-        """Insert new frames with ``add`` and replace existing ones with an update-only
-        ``merge_insert`` on ``frame_id``. (A merge that may also insert joins the whole table
-        in Lance 0.40, so its cost grows with the table; an update-only merge and an append
-        do not.)"""
+    def _upsert(
+        self, table: Any, data: pa.Table, update_columns: Sequence[str] | None = None
+    ) -> AddResult:
+        """Insert new frames with ``add`` and update existing ones (all columns, or only
+        ``update_columns``) with an update-only ``merge_insert`` on ``frame_id``. (A merge that
+        may also insert joins the whole table in Lance 0.40, so its cost grows with the table;
+        an update-only merge and an append do not.)"""
         inserted = updated = 0
         for start in range(0, data.num_rows, COMMIT_ROWS):
             part = data.slice(start, COMMIT_ROWS)
@@ -519,6 +528,8 @@ class EmbeddingIndex:
             old_rows = part.filter(is_old)
             new_rows = part.filter(pc.invert(is_old))
             if old_rows.num_rows:
+                if update_columns is not None:
+                    old_rows = old_rows.select(list(update_columns))
                 table.merge_insert("frame_id").when_matched_update_all().execute(old_rows)
                 updated += old_rows.num_rows
             if new_rows.num_rows:
@@ -942,7 +953,7 @@ class _Plan:
     row_ids: np.ndarray  # sorted LanceDB row ids of the source table
     rank: np.ndarray  # rank[i]: backfill rank of row_ids[i]
     priority: np.ndarray  # priority[i]: of row_ids[i]
-    scan_batch: int = 8192
+    scan_batch: int = 4096
     meta: dict[str, Any] = field(default_factory=dict)
 
 

@@ -182,6 +182,12 @@ def test_backfill_steps_mixed_search_and_atomic_switch(tmp_path):
         index.add(synthetic_rows(2, 8, prefix="x"), model_version=1)
     extra = synthetic_rows(1, 6, seed=5, prefix="new")
     index.add(extra, model_version=2)
+    # A planned frame embedded early keeps its place in the plan and its old vector.
+    early = synthetic_rows(1, 6, seed=6, prefix="f")  # frame f00000, not yet re-embedded
+    index.add(early, model_version=2)
+    assert index.stored_vectors("f00000").old_vector is not None
+    home_chunk = next(s for s in specs if "f00000" in s.frame_ids)
+    assert index.chunk_spec(home_chunk.index) == home_chunk
     assert (
         index.search(extra.embeddings[0], k=1, adapter=lambda q: np.ones(8))[0].frame_id
         == "new00000"

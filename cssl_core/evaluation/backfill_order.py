@@ -39,7 +39,7 @@ from cssl_core.evaluation.compatibility import (
     encode_joint_labels,
 )
 
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 22  # similarities per block (16 MiB of float32)
 
 
 def density_uncertainty(
@@ -56,7 +56,7 @@ def density_uncertainty(
     the reference has fewer usable rows). ``exclude[i]`` is the position of row ``i`` itself
     in ``reference`` (``-1`` when it is not there), so a row never counts as its own
     neighbour. Values lie in ``[0, 2]``; larger means sparser, i.e. more uncertain.
-    Memory is one block of similarities (at most 16M elements) at a time.
+    Memory is one block of similarities (at most 4M elements, 16 MiB) at a time.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
