@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -127,8 +127,61 @@ def embed_chunk(
     return ChunkEmbeddings(spec.index, spec.frame_ids, emb, time.perf_counter() - start, worker)
 
 
-def _model_dim(model_dir: str | Path) -> int:
-    return int(load_model(model_dir).num_features)
+class _Run:
+    """One run of a backfill: plan (or resume), commit chunks, switch, report. The writer
+    side shared by :func:`run_backfill` and the :func:`backfill` flow."""
+
+    def __init__(
+        self,
+        index: EmbeddingIndex,
+        model_dir: str | Path,
+        version: int,
+        order: Order,
+        chunk_size: int,
+        waves: int,
+        seed: int,
+    ) -> None:
+        self.index, self.version, self.order = index, version, order
+        self.start = time.perf_counter()
+        live = index.pointer().live
+        self.source_version = live.model_version if live else None
+        dim = int(load_model(model_dir).num_features)
+        self.state = index.start_backfill(
+            version,
+            dim,
+            order=order,
+            chunk_size=chunk_size,
+            waves=waves,
+            seed=seed,
+        )
+        self.pending = index.pending_chunks() if self.state else []
+        self.done = self.state.chunks - len(self.pending) if self.state else 0
+        self.embed_s = 0.0
+        self.workers: set[str] = set()
+
+    def commit(self, chunk: ChunkEmbeddings) -> None:
+        self.index.commit_chunk(chunk)
+        self.embed_s += chunk.seconds
+        self.workers.add(chunk.worker)
+        self.done += 1
+
+    def finish(self) -> BackfillReport:
+        switched = self.index.finish_backfill() if self.state else False
+        s = self.state
+        return BackfillReport(
+            self.index.uri,
+            self.version,
+            self.source_version,
+            s.rows if s else 0,
+            s.chunks if s else 0,
+            s.chunks - len(self.pending) if s else 0,
+            len(self.pending),
+            switched,
+            time.perf_counter() - self.start,
+            self.embed_s,
+            s.order if s else self.order,
+            tuple(sorted(self.workers)),
+        )
 
 
 def run_backfill(
@@ -146,63 +199,18 @@ def run_backfill(
     on_commit: Callable[[int, int], None] | None = None,
 ) -> BackfillReport:
     """Backfill the index to ``version`` in this process, one chunk after another. Resumable:
-    rerun after any interruption and only the chunks not yet committed are embedded.
-    ``on_commit(chunk, chunks_done)`` is called after each commit (progress)."""
-    start = time.perf_counter()
+    rerun after any interruption and only the chunks not yet committed are embedded; a run
+    on an index already on ``version`` does nothing. ``on_commit(chunk, chunks_done)`` is
+    called after each commit (progress)."""
     index = EmbeddingIndex(index_uri)
-    by_fp = open_shards(shards)
-    shard_dirs = {fp: str(s.path) for fp, s in by_fp.items()}
-    embed_s = 0.0
-    workers: set[str] = set()
+    shard_dirs = {fp: str(s.path) for fp, s in open_shards(shards).items()}
     with index.writer():
-        source = index.pointer().live
-        state = index.start_backfill(
-            version,
-            _model_dim(model_dir),
-            order=order,
-            chunk_size=chunk_size,
-            waves=waves,
-            seed=seed,
-        )
-        if state is None:
-            return BackfillReport(
-                index.uri,
-                version,
-                version,
-                0,
-                0,
-                0,
-                0,
-                False,
-                time.perf_counter() - start,
-                0,
-                order,
-            )
-        pending = index.pending_chunks()
-        done = state.chunks - len(pending)
-        for i in pending:
-            chunk = embed_chunk(index.chunk_spec(i), model_dir, shard_dirs, batch_size, device)
-            embed_s += chunk.seconds
-            workers.add(chunk.worker)
-            index.commit_chunk(chunk)
-            done += 1
+        run = _Run(index, model_dir, version, order, chunk_size, waves, seed)
+        for i in run.pending:
+            run.commit(embed_chunk(index.chunk_spec(i), model_dir, shard_dirs, batch_size, device))
             if on_commit is not None:
-                on_commit(i, done)
-        switched = index.finish_backfill()
-    return BackfillReport(
-        index.uri,
-        version,
-        source.model_version if source else None,
-        state.rows,
-        state.chunks,
-        state.chunks - len(pending),
-        len(pending),
-        switched,
-        time.perf_counter() - start,
-        embed_s,
-        state.order,
-        tuple(sorted(workers)),
-    )
+                on_commit(i, run.done)
+        return run.finish()
 
 
 # -- the distributed flow ----------------------------------------------------------------------
@@ -242,38 +250,12 @@ def backfill(
     :func:`run_backfill`."""
     if order not in ("uncertainty", "random"):
         raise EmbeddingIndexError(f"order must be 'uncertainty' or 'random', got {order!r}")
-    start = time.perf_counter()
     index = EmbeddingIndex(index_uri)
     shard_dirs = {fp: str(s.path.absolute()) for fp, s in open_shards(shards).items()}
     model_dir = str(Path(model_dir).absolute())
-    embed_s = 0.0
-    workers: set[str] = set()
     with index.writer():
-        source = index.pointer().live
-        state = index.start_backfill(
-            version,
-            _model_dim(model_dir),
-            order=order,  # type: ignore[arg-type]
-            chunk_size=chunk_size,
-            waves=waves,
-            seed=seed,
-        )
-        if state is None:
-            return BackfillReport(
-                index.uri,
-                version,
-                version,
-                0,
-                0,
-                0,
-                0,
-                False,
-                time.perf_counter() - start,
-                0,
-                order,
-            )
-        pending = deque(index.pending_chunks())
-        to_run = len(pending)
+        run = _Run(index, model_dir, version, cast(Order, order), chunk_size, waves, seed)
+        pending = deque(run.pending)
         in_flight: deque[Any] = deque()
         while pending or in_flight:
             while pending and len(in_flight) < max(1, window):
@@ -283,25 +265,8 @@ def backfill(
                         spec, model_dir, shard_dirs, batch_size, device, threads_per_worker
                     )
                 )
-            chunk = in_flight.popleft().result()
-            embed_s += chunk.seconds
-            workers.add(chunk.worker)
-            index.commit_chunk(chunk)
-        switched = index.finish_backfill()
-    return BackfillReport(
-        index.uri,
-        version,
-        source.model_version if source else None,
-        state.rows,
-        state.chunks,
-        state.chunks - to_run,
-        to_run,
-        switched,
-        time.perf_counter() - start,
-        embed_s,
-        state.order,
-        tuple(sorted(workers)),
-    )
+            run.commit(in_flight.popleft().result())  # in plan order
+        return run.finish()
 
 
 def dask_task_runner(workers: int = 2, address: str | None = None) -> Any:
