@@ -205,7 +205,7 @@ def measure_bare(
 ) -> dict[str, Any]:
     """Batched inference of the model on the archive's frames, images already in memory."""
     from cssl_core.data.shard import Shard
-    from pipelines.index import embed_images
+    from pipelines.index_build import embed_images
 
     images = [img for s in shards for img in Shard.open(s).read(["image"])["image"].to_pylist()]
     model = _warm_model(model_dir, threads, batch_size)
@@ -252,7 +252,7 @@ def measure_build(
     index_dir: str, shards: list[str], model_dir: str, batch_size: int, threads: int
 ) -> dict[str, Any]:
     """``build_index`` of the archive with the version-1 model."""
-    from pipelines.index import build_index
+    from pipelines.index_build import build_index
 
     _warm_model(model_dir, threads, batch_size)
     t0 = time.perf_counter()

@@ -50,9 +50,8 @@ from pipelines.index import (
     EmbeddingIndex,
     EmbeddingIndexError,
     Order,
-    embed_images,
-    read_chunk_images,
 )
+from pipelines.index_build import embed_images, read_chunk_images
 
 
 @dataclass(frozen=True)

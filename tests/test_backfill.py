@@ -20,7 +20,8 @@ from conftest import REPO, TINY_PARAMS
 from cssl_core.config import ModelConfig
 from cssl_core.data.shard import Shard
 from cssl_core.learn.models import Embedder
-from pipelines.index import EmbeddingIndex, build_index, embed_images, iter_shard_frames
+from pipelines.index import EmbeddingIndex
+from pipelines.index_build import build_index, embed_images, iter_shard_frames
 
 DRIVER = Path(__file__).with_name("backfill_driver.py")
 PERIODS = ("p01", "p02", "p03")

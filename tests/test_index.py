@@ -19,14 +19,15 @@ from pipelines.backfill import run_backfill
 from pipelines.index import (
     META_SCHEMA,
     ChunkEmbeddings,
+    ChunkSpec,
     EmbeddingIndex,
     EmbeddingIndexError,
     FrameRows,
-    build_index,
-    embed_images,
-    iter_shard_frames,
-    read_chunk_images,
+    HistoryEntry,
+    IndexPointer,
+    LiveTable,
 )
+from pipelines.index_build import build_index, embed_images, iter_shard_frames, read_chunk_images
 
 
 @pytest.fixture(autouse=True)
@@ -293,8 +294,6 @@ def test_run_backfill_in_process(tmp_path, sim_shards, tiny_models):
 
 
 def test_read_chunk_images_checks_frame_ids(tmp_path, sim_shards):
-    from pipelines.index import ChunkSpec
-
     shard = Shard.open(sim_shards / "p01")
     meta, images = next(iter_shard_frames(shard, 1024))
     picks = list(range(meta.num_rows))[::-7]
@@ -330,8 +329,6 @@ def test_index_on_s3(s3_bucket):
 
 
 def test_backfill_recovers_from_crashes_around_the_plan_and_the_switch(tmp_path):
-    from pipelines.index import HistoryEntry, IndexPointer, LiveTable
-
     index = EmbeddingIndex(tmp_path / "index")
     index.add(synthetic_rows(40, 8), model_version=1)
     # A crash after the staging table was created but before the pointer named it leaves an
