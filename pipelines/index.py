@@ -47,8 +47,9 @@ partitions probed and the best ``50 k`` candidates re-ranked with the stored vec
 search needs no training and never misses a neighbour, and it costs about 1.4 ms per 1,000 rows
 of 512 dimensions on the 2-core development CPU (135 ms at 1e5, 1.5 s at 1e6; ``cssl bench
 index``), so up to 50,000 rows it answers within ~70 ms, while an IVF_PQ index costs tens of
-seconds to train and is rebuilt for every new space. Above, the index answers in ~15 ms at any
-size measured. Scores are cosine similarities (``1 - cosine distance``).
+seconds to train and is rebuilt for every new space. Above, the index answered top-10 in
+19 ms at 1e5 and 51 ms at 1e6 (p50, recall@10 1.00 and 0.94 against exact search, on clustered
+synthetic vectors). Scores are cosine similarities (``1 - cosine distance``).
 
 **Writers.** One writer at a time per index: writes take a file lock in ``CSSL_HOME/locks``
 (which serialises processes on one machine; for an object-store index, run one writer, e.g. the
