@@ -124,7 +124,7 @@ def format_duration(value: timedelta) -> str:
     if seconds == 0:
         return "0s"
     for unit, size in _UNITS.items():
-        if seconds % size == 0:
+        if unit != "w" and seconds % size == 0:  # 7d reads better than 1w
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
 
