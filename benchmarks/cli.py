@@ -1,5 +1,5 @@
 """The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers |
-drift``.
+drift | watch``.
 
 Every benchmark's options live here, in one torch-free module: building the parser imports
 only the standard library, so ``cssl --help`` stays instant. Each command imports its
@@ -337,6 +337,29 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# -- watch -----------------------------------------------------------------------------------
+
+
+def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="results and cache directory")
+    parser.add_argument(
+        "--frames-per-period",
+        type=int,
+        default=None,
+        help="simulated frames per period (default: simulate.frames_per_period)",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=2000, help="cluster bootstrap resamples (default 2000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from benchmarks.watch import run_from_args
+
+    return run_from_args(args)
+
+
 # -- registration ----------------------------------------------------------------------------
 
 BenchCommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
@@ -371,6 +394,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "drift check: false triggers on no-shift pairs, power against shift size, cost",
         add_drift_arguments,
         cmd_drift,
+    ),
+    (
+        "watch",
+        "stream replay: refresh every period vs only when watch says so (refreshes, "
+        "next-period accuracy, cost of a drift check)",
+        add_watch_arguments,
+        cmd_watch,
     ),
 )
 

@@ -76,11 +76,11 @@ from cssl_core.data.shard import Shard
 from cssl_core.data.storage import atomic_path, atomic_write_json, atomic_write_text
 from cssl_core.evaluation.intervals import Interval, accuracy_interval, cluster_totals
 from cssl_core.evaluation.metrics import AccuracyMatrix
-from cssl_core.evaluation.outcomes import FrameOutcomes
+from cssl_core.evaluation.outcomes import FrameOutcomes, Metric
 from cssl_core.learn.strategy import STRATEGY_NAMES
 
 STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
-METRICS = ("knn", "linear")
+METRICS: tuple[Metric, ...] = ("knn", "linear")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 CANDIDATE, LOWER, UPPER = "distill+replay", "finetune", "joint"
 GOAL_GAIN = 0.05
@@ -249,7 +249,7 @@ class Run:
 
     strategy: str
     seed: int
-    R: dict[str, AccuracyMatrix]
+    R: dict[Metric, AccuracyMatrix]
     periods: list[PeriodRecord] = field(default_factory=list)
     compatibility: dict[str, float] = field(default_factory=dict)
     outcomes: dict[tuple[str, str], FrameOutcomes] = field(default_factory=dict)
@@ -734,7 +734,7 @@ def _cost(run: Run, key: str) -> float:
 
 
 def _metric_differences(
-    pairs: Sequence[tuple[Run, Run]], m: str, boot: Mapping[str, Any]
+    pairs: Sequence[tuple[Run, Run]], m: Metric, boot: Mapping[str, Any]
 ) -> dict[str, Any]:
     def strata(cells_of: Callable[[Run], list[tuple[str, str]]]) -> list[list[Stratum]]:
         per_seed = []
@@ -781,7 +781,7 @@ def cell_intervals(
     """The 95% cluster-bootstrap interval of every cell of every run's R (both metrics):
     ``runs[strategy][seed][metric][row][col]`` and the widest half-width over all of them."""
     table: dict[str, Any] = {}
-    widest = {"half_width": 0.0, "where": None}
+    widest: dict[str, Any] = {"half_width": 0.0, "where": None}
     for run in runs:
         for m in METRICS:
             for (row, col), frames in run.outcomes.items():
@@ -835,9 +835,9 @@ def assemble_results(
         mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
         summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
     metric = params.gate.metric
-    boot = {"n_resamples": params.gate.bootstrap_samples, "seed": params.gate.bootstrap_seed}
-    comparisons = paired_comparisons(runs, setup.strategies, **boot)
-    cells = cell_intervals(runs, **boot)
+    n_resamples, seed = params.gate.bootstrap_samples, params.gate.bootstrap_seed
+    comparisons = paired_comparisons(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
+    cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
     return {
         "benchmark": "continual",
         "schema_version": 1,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,9 +22,11 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
+    PlainSerializer,
     Tag,
     ValidationError,
     WithJsonSchema,
@@ -45,6 +49,100 @@ class _Section(BaseModel):
 
 
 PERIOD_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def is_period_name(name: str) -> bool:
+    """Whether ``name`` can name a period (:data:`PERIOD_NAME`: a path component, a tag)."""
+    return re.match(PERIOD_NAME, name) is not None
+
+
+@dataclass(frozen=True)
+class PeriodChain:
+    """A period and the periods the stream went through before it, oldest first.
+
+    ``periods[-1]`` is the period; the one before it is its ``previous`` (whose replay memory
+    it continues from) and its position is its ``index`` (what a strategy that retrains on the
+    history, and the simulator, need). For a period declared in ``params.yaml`` the chain is
+    the declared one (:meth:`Params.chain`); for a period that is not, the orchestration layer
+    builds it from the periods the registry has refreshed (``pipelines.registry``), so a new
+    period needs no edit of ``params.yaml``.
+    """
+
+    periods: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.periods:
+            raise ConfigError("a period chain needs at least the period itself")
+        bad = [p for p in self.periods if not is_period_name(p)]
+        if bad:
+            raise ConfigError(f"period name {bad[0]!r} must match {PERIOD_NAME}")
+        if len(set(self.periods)) != len(self.periods):
+            raise ConfigError(f"a period appears twice in the chain {list(self.periods)}")
+
+    @property
+    def period(self) -> str:
+        return self.periods[-1]
+
+    @property
+    def previous(self) -> str:
+        """The period before this one ("" for the first of the stream)."""
+        return self.periods[-2] if len(self.periods) > 1 else ""
+
+    @property
+    def index(self) -> int:
+        """Position in the stream (0 for the first period)."""
+        return len(self.periods) - 1
+
+    @property
+    def history(self) -> tuple[str, ...]:
+        """The periods before this one, oldest first."""
+        return self.periods[:-1]
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def _parse_duration(value: Any) -> Any:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` as a timedelta; anything else goes on to
+    pydantic (a number of seconds, ISO 8601 ``P90D``, ``HH:MM:SS``)."""
+    if isinstance(value, str):
+        if match := _DURATION.match(value):
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+        if not value.strip().startswith(("P", "-P")) and ":" not in value:
+            raise PydanticCustomError(
+                "duration",
+                "'{value}' is not a duration: use e.g. 90d, 12h, 30m or 45s",
+                {"value": value},
+            )
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact ``<n><unit>`` form (``90d``, ``36h``, ``0s``)."""
+    seconds = value.total_seconds()
+    if seconds == 0:
+        return "0s"
+    for unit, size in _UNITS.items():
+        if unit != "w" and seconds % size == 0:  # 7d reads better than 1w
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _non_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise PydanticCustomError("negative_duration", "a duration cannot be negative")
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_parse_duration),
+    AfterValidator(_non_negative),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?[smhdw]$", "examples": ["90d"]}),
+]
+"""A length of time: ``90d``, ``12h``, ``30m``, ``45s``, ``2w`` (or seconds, or ISO 8601)."""
 
 
 class Period(_Section):
@@ -370,6 +468,57 @@ class DriftConfig(_Section):
     )
 
 
+class WatchConfig(_Section):
+    """When the ``watch`` flow starts a refresh of a new shard.
+
+    A refresh starts when the drift check finds drift (``drift:``), or when ``@champion`` was
+    registered more than ``max_age`` ago, or when the user forces it; but never within
+    ``cooldown`` of the last refresh that started (unless forced), so a flapping signal cannot
+    start refreshes back to back.
+    """
+
+    max_age: Duration = Field(
+        timedelta(days=90), description="refresh when @champion is older than this, drift or not"
+    )
+    cooldown: Duration = Field(
+        timedelta(days=7),
+        description="no refresh starts within this long after the last one started (unless forced)",
+    )
+    refresh_deployment: str = Field(
+        "refresh-gpu",
+        min_length=1,
+        description="the deployment of the refresh flow that watch starts when a Prefect server "
+        "has it (refresh/<name>); without one, watch runs the refresh in its own process",
+    )
+
+
+CalendarUnit = Literal["month", "week", "day"]
+
+
+def calendar_period(moment: datetime, every: CalendarUnit) -> str:
+    """The name of the calendar period (UTC) ``moment`` falls in: ``2026-12`` (month),
+    ``2026-W49`` (ISO week) or ``2026-12-07`` (day). A naive ``moment`` is taken as UTC."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if every == "month":
+        return f"{utc.year:04d}-{utc.month:02d}"
+    if every == "week":
+        year, week, _ = utc.isocalendar()
+        return f"{year:04d}-W{week:02d}"
+    return utc.strftime("%Y-%m-%d")
+
+
+class CalendarConfig(_Section):
+    """Names of periods that are not declared in ``periods``: ``cssl refresh --period auto``
+    (and ``watch`` with no period) names the period from the UTC calendar."""
+
+    periods_every: CalendarUnit = Field(
+        "month", description="month (2026-12), week (2026-W49) or day (2026-12-07), UTC"
+    )
+
+    def period_at(self, moment: datetime) -> str:
+        return calendar_period(moment, self.periods_every)
+
+
 class DistributedConfig(_Section):
     """Data-parallel training under torchrun (DDP). Only the train step runs in these
     processes; the rest of a refresh stays in one process. One process on one node (the
@@ -424,6 +573,8 @@ class Params(_Section):
     store: StoreConfig = StoreConfig()
     distributed: DistributedConfig = DistributedConfig()
     drift: DriftConfig = DriftConfig()
+    watch: WatchConfig = WatchConfig()
+    calendar: CalendarConfig = CalendarConfig()
 
     @model_validator(mode="after")
     def _periods_chain(self) -> Params:
@@ -442,12 +593,19 @@ class Params(_Section):
     def period_names(self) -> list[str]:
         return list(self.periods)
 
+    def is_declared(self, name: str) -> bool:
+        return name in self.periods
+
     def period_index(self, name: str) -> int:
         """Position of a period in the chain; a clear error for an unknown name."""
         if name not in self.periods:
             known = ", ".join(self.periods)
             raise ConfigError(f"unknown period {name!r}; params.yaml lists: {known}")
         return list(self.periods).index(name)
+
+    def chain(self, name: str) -> PeriodChain:
+        """The declared chain up to period ``name`` (a clear error for an undeclared name)."""
+        return PeriodChain(tuple(self.period_names[: self.period_index(name) + 1]))
 
     def period_source(self, name: str) -> str:
         """Where a period's raw frames come from: its own ``source`` or ``ingest.source``."""
@@ -461,9 +619,16 @@ class Params(_Section):
         does not change the model (a DDP step equals the single-process step on the same
         global batch), so a period may resume on a different number of processes. ``drift``
         is left out too: it decides whether to refresh, not what a refresh produces, so
-        tuning it does not make finished periods look unfinished.
+        tuning it does not make finished periods look unfinished; so are ``watch`` (when to
+        refresh) and ``calendar`` (what an undeclared period is called). ``periods`` is left
+        out because declaring a period names it, it does not change what any period trains
+        on (a period's frames are its shard's fingerprint, its parent and memory the lineage's):
+        appending the periods that ran to params.yaml (``cssl lineage export --write``) must
+        not make every finished period look unfinished.
         """
-        dump = self.model_dump(mode="json", exclude={"distributed", "drift"})
+        dump = self.model_dump(
+            mode="json", exclude={"distributed", "drift", "watch", "calendar", "periods"}
+        )
         blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

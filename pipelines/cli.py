@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
 
 
 class CliError(Exception):
@@ -180,7 +180,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    import tempfile
+
     from cssl_core.data.ingest import ingest
+    from cssl_core.data.storage import download_prefix
+    from pipelines.events import SHARD_PUBLISHED, emit_shard_published
 
     params = _params(args)
     cfg = params.ingest.model_copy(
@@ -195,6 +199,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         }
     )
     sources = list(args.sources)
+    labels_from_dirs = args.labels_from_dirs
     if not sources:
         if params.period_source(args.period) == "simulate":
             from cssl_core.data.simulate import simulate_period
@@ -215,19 +220,26 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 [f"{args.period}: simulated {manifest['num_rows']} frames; shard at {where}"],
             )
             return EXIT_OK
-        sources = [params.period_source(args.period)]
-    with _progress(None, f"ingest {args.period}") as progress:
-        advance = _advance(progress)
-        report = ingest(
-            sources,
-            args.period,
-            Path(args.out),
-            cfg,
-            labels_from_dirs=args.labels_from_dirs,
-            category=args.category,
-            progress=lambda _source, n: advance(n),
-        )
-    _emit(args, report.as_dict(), report.summary_lines())
+        # The period's own source is ingested as the refresh flow ingests it (an image
+        # folder's sub-folders are categories), so `dvc repro` remakes the flow's shard.
+        sources, labels_from_dirs = [params.period_source(args.period)], True
+    with tempfile.TemporaryDirectory(prefix="cssl-source-") as staging:
+        local = [str(download_prefix(s, staging)) if s.startswith("s3://") else s for s in sources]
+        with _progress(None, f"ingest {args.period}") as progress:
+            advance = _advance(progress)
+            report = ingest(
+                local,
+                args.period,
+                Path(args.out),
+                cfg,
+                labels_from_dirs=labels_from_dirs,
+                category=args.category,
+                progress=lambda _source, n: advance(n),
+            )
+    lines = report.summary_lines()
+    if emit_shard_published(args.period, str(report.path.resolve()), report.manifest):
+        lines.append(f"sent {SHARD_PUBLISHED} for {args.period} to the Prefect server")
+    _emit(args, report.as_dict(), lines)
     return EXIT_OK
 
 
@@ -418,7 +430,8 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     params = _params(args)
     shard = str(shard_dir(args.shard, args.period)) if args.shard else None
     period = params.period_names[-1] if args.period == "latest" else args.period
-    steps = _period_steps(params, period) if period in params.periods else 1
+    declared = period is not None and params.is_declared(period)
+    steps = _period_steps(params, period) if declared else params.train.steps
     with flow_session(args, TrainingProgress(steps)):
         from pipelines.refresh import refresh
 
@@ -509,14 +522,32 @@ def explore_lines(
     ]
 
 
+DEMO_STREAMS = ("drifting", "static-then-shift")
+"""``cssl demo --stream``: ``drifting`` (games rise and fade every period, every period is
+refreshed) or ``static-then-shift`` (the same game mix until the last period switches to new
+games; the first period is refreshed and ``watch`` decides for each later one)."""
+
+
+def static_then_shift(periods: int) -> list[str]:
+    """The overrides of ``cssl demo --stream static-then-shift`` for ``periods`` periods: a
+    static stretch, then a sudden switch to new games in the last period; no cooldown (the
+    demo replays a month per minute, so every refresh would start within a day of the last)."""
+    schedule = f"[{{kind: static, periods: {periods - 1}}}, {{kind: sudden}}]"
+    return [f"simulate.schedule={schedule}", "watch.cooldown=0s"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cssl_core.data.simulate import simulate_period
 
     # The demo's state is the default state (CSSL_HOME, SQLite MLflow in it, the store under
-    # it), so `cssl report`, `embed`, `promote`, `rollback` and `mlflow ui` find it as is.
+    # it), so `cssl report`, `embed`, `promote`, `rollback` and `mlflow ui` find it as is. A
+    # variant keeps its own state (.cssl/<variant>), so the two demos never mix periods.
     env: dict[str, str] = {}
+    variant = args.stream != "drifting"
     if args.workdir:
         os.environ["CSSL_HOME"] = str(Path(args.workdir).resolve())
+    elif variant and not os.environ.get("CSSL_HOME"):
+        os.environ["CSSL_HOME"] = str(_here(state_dir() / args.stream))
     if os.environ.get("CSSL_HOME"):
         env["CSSL_HOME"] = os.environ["CSSL_HOME"]
     if os.environ.pop("MLFLOW_TRACKING_URI", None):
@@ -524,14 +555,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     home = state_dir()
     shards = home / "demo" / "shards"
     overrides = [f"store.root={home / 'store'}", *(args.set or [])]
+    names = load_params(args.params, overrides).period_names
+    if variant:
+        if len(names) < 3:
+            raise CliError(f"--stream {args.stream} needs at least 3 periods in params.yaml")
+        overrides = [*static_then_shift(len(names)), *overrides]
     params = load_params(args.params, overrides)
-    names = params.period_names
     t0 = time.perf_counter()
     out.print(
         f"[bold]cssl demo[/]: {len(names)} periods of {params.simulate.frames_per_period} "
         f"simulated Atari stream frames; strategy {params.train.strategy}, "
         f"{params.train.steps} steps per period; state in {home}/"
     )
+    if variant:
+        out.print(
+            f"stream {args.stream}: {', '.join(names[:-1])} show the same game mix, "
+            f"{names[-1]} switches to new games. {names[0]} is refreshed; for each later "
+            "period the watch flow checks the frames for drift under @champion and starts a "
+            "refresh only if it finds drift (watch.cooldown is 0 s here: the demo replays a "
+            "month in minutes)"
+        )
     for index, period in enumerate(names):
         if not (shards / period / MANIFEST).is_file():
             with _progress(params.simulate.frames_per_period, f"simulate {period}") as progress:
@@ -548,12 +591,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with flow_session(args, training):
         from pipelines.refresh import refresh
         from pipelines.report import build_report, format_report
+        from pipelines.watch import watch
 
-        for period in names:
+        for index, period in enumerate(names):
+            shard = str(shards / period)
+            if variant and index > 0:
+                out.rule(f"watch {period}")
+                record = watch(period, shard=shard, params_path=args.params, overrides=overrides)
+                _print_watch(record)
+                done = record["refresh"].get("summary")
+                if done is None or done["skipped"]:
+                    training.skip(_period_steps(params, period))
+                continue
             out.rule(f"refresh {period}")
-            summary = refresh(
-                period, shard=str(shards / period), params_path=args.params, overrides=overrides
-            )
+            summary = refresh(period, shard=shard, params_path=args.params, overrides=overrides)
             if summary["skipped"]:
                 training.skip(_period_steps(params, period))
             _print_refresh(summary)
@@ -565,6 +616,109 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in explore_lines(home, shards, names, env):
         out.print(line)
     out.print(f"Rerunning is idempotent; delete {_here(home)} to start over.")
+    return EXIT_OK
+
+
+def _print_watch(record: dict[str, Any]) -> None:
+    refresh = record["refresh"]
+    colour = "green" if record["action"] == "refresh" else "yellow"
+    out.print(f"[bold]{record['period']}[/]: [{colour}]{record['summary']}[/]")
+    for reason in record["reasons"]:
+        out.print(f"    {reason}")
+    if record["drift"]:
+        moved = [c for c in record["drift"]["result"]["category_shifts"] if c["difference"]]
+        if moved:
+            out.print(
+                "    categories moved most: "
+                + ", ".join(
+                    f"{c['category']} {c['reference_share']:.0%}->{c['new_share']:.0%}"
+                    for c in moved[:3]
+                )
+            )
+    out.print(f"    recorded as run {record['run_id']} of the MLflow experiment cssl-watch")
+    if refresh.get("mode") == "deployment":
+        out.print(f"    started flow run {refresh['flow_run_id']} of {refresh['deployment']}")
+    elif refresh.get("mode") == "in-process":
+        _print_refresh(refresh["summary"])
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    params = _params(args)
+    shard = str(shard_dir(args.shard, args.period)) if args.shard else None
+    with flow_session(args, TrainingProgress(params.train.steps)):
+        from pipelines.watch import watch
+
+        record = watch(
+            args.period,
+            shard=shard,
+            source=args.source,
+            force=args.force,
+            params_path=args.params,
+            overrides=_overrides(args),
+        )
+    if args.json:
+        _emit(args, record, [])
+    else:
+        _print_watch(record)
+    return EXIT_OK
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from pipelines.drift import run_drift
+    from pipelines.registry import open_registry
+
+    params = _params(args)
+    shard = str(shard_dir(args.shard, args.period)) if args.shard else None
+    reference = args.reference
+    if reference is not None and Path(reference).is_dir():
+        reference = str(shard_dir(reference))
+    report = run_drift(
+        params,
+        open_registry(),
+        period=args.period,
+        shard=shard,
+        reference=reference,
+        model=args.model,
+        log=not args.no_log,
+    )
+    lines = report.lines()
+    if report.run_id:
+        lines.append(f"    recorded as run {report.run_id} of the MLflow experiment cssl-drift")
+    _emit(args, report.to_dict(), lines)
+    return EXIT_DRIFT if args.fail_on_drift and report.drifted else EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from pipelines.lineage import append_periods, periods_to_export, ran_periods
+    from pipelines.registry import open_registry
+
+    target = None
+    if args.write is not None:
+        target = Path(args.write or args.params or "params.yaml")
+        params = load_params(target, list(args.set or ()))
+    else:
+        params = _params(args)
+    ran = ran_periods(open_registry())
+    new = periods_to_export(params, ran)
+    if target is not None:
+        append_periods(target, new)
+    lines = ["periods that ran (stream order): " + (", ".join(p.name for p in ran) or "none")]
+    if new:
+        lines.append("not in params.yaml (add them under periods:, or use --write):")
+        lines += [f"  {p.yaml_entry()}" for p in new]
+    else:
+        lines.append("params.yaml already declares every period that ran")
+    if target is not None and new:
+        lines.append(
+            f"appended {len(new)} period(s) to {target}; `dvc repro train@{new[-1].name}` "
+            "rebuilds it"
+        )
+    payload = {
+        "ran": [p.as_dict() for p in ran],
+        "exported": [p.as_dict() for p in new],
+        "written": str(target) if target is not None and new else None,
+    }
+    _emit(args, payload, lines)
     return EXIT_OK
 
 
@@ -674,7 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parsers(p.add_subparsers(dest="bench", metavar="BENCH"), common)
 
     p = verb("refresh", cmd_refresh, "Refresh the model for one period (the Prefect flow).")
-    p.add_argument("--period", required=True, help="a period of params.yaml, or 'latest'")
+    p.add_argument(
+        "--period",
+        help="a period of params.yaml, 'latest' (the last one there), 'auto' (the calendar "
+        "period now, calendar.periods_every), or a new name (it continues @champion's lineage); "
+        "default: the period of --shard, or the last path component of --source",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--shard", help="a validated shard directory (OUT/PERIOD)")
     where.add_argument(
@@ -701,6 +860,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir",
         help="keep the demo's state here instead of the default state folder (CSSL_HOME, .cssl)",
+    )
+    p.add_argument(
+        "--stream",
+        choices=DEMO_STREAMS,
+        default="drifting",
+        help="drifting: every period refreshed (default); static-then-shift: the same games "
+        "until the last period, the first refreshed and `watch` deciding for the others "
+        "(state in .cssl/static-then-shift unless --workdir or CSSL_HOME)",
+    )
+
+    p = verb("drift", cmd_drift, "Do a shard's frames differ from a reference? (MMD test)")
+    p.add_argument("--period", help="the period checked (default: the shard's)")
+    p.add_argument(
+        "--shard", help="the new frames: a shard directory (default: the period's in the store)"
+    )
+    p.add_argument(
+        "--reference",
+        metavar="DIR_OR_PERIOD",
+        help="a shard directory, or a period whose shard is in the store (default: "
+        "drift.reference: champion | previous | memory)",
+    )
+    p.add_argument(
+        "--model",
+        help="embed with this model: a version, an alias, a models:/ URI or an embedder "
+        "directory (default: @champion)",
+    )
+    p.add_argument(
+        "--fail-on-drift", action="store_true", help=f"exit {EXIT_DRIFT} when drift is found"
+    )
+    p.add_argument("--no-log", action="store_true", help="do not record the check in MLflow")
+
+    p = verb("watch", cmd_watch, "Refresh a new period only if it drifted or @champion is old.")
+    p.add_argument(
+        "--period",
+        help="the period (default: the shard's, or the source's last path component; 'auto': "
+        "the calendar period now)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--shard", help="the new period's shard directory")
+    where.add_argument("--source", help="raw frames to ingest first: path or s3://bucket/prefix")
+    p.add_argument("--force", action="store_true", help="refresh whatever the checks say")
+
+    p = verb("lineage", cmd_lineage, "The periods that ran, for params.yaml and DVC.")
+    lineage = p.add_subparsers(dest="lineage_action", required=True, metavar="ACTION")
+    e = lineage.add_parser(
+        "export",
+        parents=[common],
+        help="print the periods that ran and params.yaml does not declare",
+        description="Print the periods that ran (name, previous, source) and params.yaml "
+        "does not declare; --write appends them to its periods: block, so `dvc repro "
+        "train@<period>` rebuilds any of them.",
+    )
+    e.add_argument(
+        "--write",
+        nargs="?",
+        const="",
+        metavar="PARAMS_YAML",
+        help="append them to this params file (default: --params, else ./params.yaml)",
     )
 
     p = verb("train", cmd_train, "DVC stage: train one period from files (no MLflow).")

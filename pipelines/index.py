@@ -553,7 +553,8 @@ class EmbeddingIndex:
         fold new rows into the existing one (``optimize``). Returns whether one exists."""
         from lancedb.index import IvfPq
 
-        name = table_name or (self.pointer().live.table if self.pointer().live else None)
+        live = self.pointer().live
+        name = table_name or (live.table if live else None)
         if name is None:
             return False
         table = self._open(name)

@@ -68,13 +68,35 @@ BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 def _version_info(mv: ModelVersion) -> VersionInfo:
     tags = dict(mv.tags or {})
+    created = getattr(mv, "creation_timestamp", None)
     return VersionInfo(
         version=int(mv.version),
         run_id=mv.run_id or "",
         lineage=VersionTags.from_tags(tags),
         aliases=tuple(getattr(mv, "aliases", []) or []),
         tags=tags,
+        created=created / 1000.0 if created else None,
     )
+
+
+def _run_record(run: Any) -> RunRecord:
+    start = run.info.start_time
+    return RunRecord(
+        run_id=str(run.info.run_id),
+        status=str(run.info.status),
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+        name=str(run.info.run_name or ""),
+        start_time=start / 1000.0 if start else None,
+    )
+
+
+def _quoted(value: str) -> str:
+    """A tag value inside MLflow's single-quoted filter string."""
+    if "'" in value:
+        raise RegistryError(f"a tag value to search for cannot contain a quote: {value!r}")
+    return value
 
 
 def _logged_model_id(model_uri: str) -> str | None:
@@ -149,23 +171,24 @@ class MlflowRegistry(ModelRegistry):
         return self._uri
 
     # -- runs ----------------------------------------------------------------------------
-    def experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
+    def experiment_id(self, name: str = EXPERIMENT) -> str:
+        exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return str(exp.experiment_id)
         location = None
         if self._uri.startswith("sqlite:"):
             location = (state_dir() / "mlartifacts").as_uri()
         try:
-            return str(self.client.create_experiment(EXPERIMENT, artifact_location=location))
+            return str(self.client.create_experiment(name, artifact_location=location))
         except MlflowException:  # created concurrently
-            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return str(exp.experiment_id)
 
-    def start_run(self, name: str) -> str:
-        return str(self.client.create_run(self.experiment_id(), run_name=name).info.run_id)
+    def start_run(self, name: str, experiment: str | None = None) -> str:
+        experiment_id = self.experiment_id(experiment or EXPERIMENT)
+        return str(self.client.create_run(experiment_id, run_name=name).info.run_id)
 
     def end_run(self, run_id: str, status: RunStatus) -> None:
         self.client.set_terminated(run_id, status)
@@ -188,14 +211,22 @@ class MlflowRegistry(ModelRegistry):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def run(self, run_id: str) -> RunRecord:
-        run = self.client.get_run(run_id)
-        return RunRecord(
-            run_id=run_id,
-            status=str(run.info.status),
-            metrics=dict(run.data.metrics),
-            params=dict(run.data.params),
-            tags=dict(run.data.tags),
+        return _run_record(self.client.get_run(run_id))
+
+    def search_runs(
+        self, experiment: str | None = None, tags: Mapping[str, str] | None = None, limit: int = 1
+    ) -> list[RunRecord]:
+        exp = self.client.get_experiment_by_name(experiment or EXPERIMENT)
+        if exp is None:
+            return []
+        where = " and ".join(f"tags.`{k}` = '{_quoted(v)}'" for k, v in (tags or {}).items())
+        found = self.client.search_runs(
+            [str(exp.experiment_id)],
+            filter_string=where,
+            max_results=limit,
+            order_by=["attributes.start_time DESC"],
         )
+        return [_run_record(r) for r in found]
 
     # -- versions ------------------------------------------------------------------------
     def log_model(self, run_id: str, model_dir: Path, embedding_dim: int) -> str:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cssl_core import period as core
-from cssl_core.config import Params, load_params
+from cssl_core.config import ConfigError, Params, PeriodChain, is_period_name, load_params
+from cssl_core.data import storage
 from cssl_core.data.shard import Shard, ShardError
 from cssl_core.data.storage import open_store, redact
 from cssl_core.evaluation.intervals import (
@@ -56,6 +58,7 @@ from pipelines.registry import (
     VersionTags,
     lineage_rows,
     open_registry,
+    period_chain,
     with_row,
 )
 from pipelines.settings import state_dir, tracking_uri
@@ -67,6 +70,7 @@ IO_RETRIES: dict[str, Any] = {
 }
 COMPUTE: dict[str, Any] = {"cache_policy": NO_CACHE}
 LATEST = "latest"
+AUTO = "auto"
 _logger = logging.getLogger(__name__)
 
 
@@ -85,12 +89,14 @@ class TrainingStopped(RuntimeError):
 class LineageState:
     """What period t continues from, read from the store and the registry.
 
+    ``chain`` is period t's place in the stream (its previous period, its history);
     ``memory`` is memory(t-1); ``published`` is memory(t) when an earlier refresh of this
     period already published it; ``matrix`` holds the lineage's rows of the periods before t
     (gate metric), ``low`` and ``high`` their logged 95% interval bounds (NaN where a run
     logged none).
     """
 
+    chain: PeriodChain
     champion: VersionInfo | None
     parent: Embedder | None
     memory: ReplayMemory
@@ -210,17 +216,24 @@ def find_completed(registry_uri: str, shard: Shard, params: Params) -> RefreshSu
 
 
 @task(**IO_RETRIES)
-def load_lineage(registry_uri: str, params: Params, period: str) -> LineageState:
-    """@champion and its weights, memory(t-1) (and memory(t) if published), every shard so
-    far and the lineage's accuracy rows."""
+def resolve_chain(registry_uri: str, params: Params, period: str) -> PeriodChain:
+    """Period t's place in the stream (:func:`pipelines.registry.period_chain`): declared in
+    params.yaml, or continuing the stream the registry has refreshed."""
+    return period_chain(params, open_registry(registry_uri), period)
+
+
+@task(**IO_RETRIES)
+def load_lineage(registry_uri: str, params: Params, chain: PeriodChain) -> LineageState:
+    """@champion and its weights, memory(t-1) (and memory(t) if published), every shard of
+    the chain so far and the lineage's accuracy rows."""
     registry = open_registry(registry_uri)
     store = open_store(params.store.root)
-    chain = params.period_names[: params.period_index(period) + 1]
+    period = chain.period
     cache = state_dir() / "cache" / "shards"
-    shards = [core.stored_shard(store, p, cache) for p in chain]
+    shards = [core.stored_shard(store, p, cache) for p in chain.periods]
     champion = registry.champion()
     parent = registry.load_embedder(champion.version) if champion is not None else None
-    previous = params.periods[period].previous
+    previous = chain.previous
     if not previous:
         memory = ReplayMemory.empty(params.replay.capacity)
     elif ReplayMemory.exists(store, previous):
@@ -230,10 +243,10 @@ def load_lineage(registry_uri: str, params: Params, period: str) -> LineageState
     published = ReplayMemory.load(store, period) if ReplayMemory.exists(store, period) else None
     metric = params.gate.metric
     matrix, low, high = (
-        with_row(registry.lineage_matrix(chain, name), period, {})
+        with_row(registry.lineage_matrix(chain.periods, name), period, {})
         for name in (metric, f"{metric}_low", f"{metric}_high")
     )
-    return LineageState(champion, parent, memory, published, shards, matrix, low, high)
+    return LineageState(chain, champion, parent, memory, published, shards, matrix, low, high)
 
 
 @task(**IO_RETRIES)
@@ -416,25 +429,26 @@ def log_run(
 
 
 @task(**COMPUTE)
-def ingest_source(source: str, period: str, params: Params) -> str:
-    """Ingest raw frames into a local shard; returns its path.
+def ingest_source(source: str, chain: PeriodChain, params: Params) -> str:
+    """Ingest raw frames of ``chain.period`` into a local shard; returns its path.
 
     ``source`` is a local path (video, image folder, Parquet), an ``s3://`` prefix, or
-    ``simulate`` (the built-in stream, ``params.simulate``). In an image folder the first
-    sub-folder names the frame's category (frames directly in the folder are unlabelled):
-    evaluation needs labelled frames.
+    ``simulate`` (the built-in stream, ``params.simulate``, at the period's index in the
+    chain). In an image folder the first sub-folder names the frame's category (frames
+    directly in the folder are unlabelled): evaluation needs labelled frames.
     """
     from cssl_core.data.ingest import ingest
 
     out = state_dir() / "incoming"
+    period = chain.period
     if source == "simulate":
         from cssl_core.data.simulate import simulate_period
 
         simulate_period(
             out,
             period,
-            params.period_index(period),
-            len(params.periods),
+            chain.index,
+            max(len(params.periods), chain.index + 1),
             params.simulate,
             rows_per_group=params.ingest.rows_per_group,
         )
@@ -451,14 +465,7 @@ def ingest_source(source: str, period: str, params: Params) -> str:
 @task(**IO_RETRIES)
 def download_prefix(uri: str) -> Path:
     """Every object under an ``s3://`` prefix, into a new local folder."""
-    store = open_store(uri)
-    dest = Path(tempfile.mkdtemp(prefix="cssl-source-"))
-    keys = store.list("")
-    if not keys:
-        raise ShardError(f"{uri}: no objects under this prefix")
-    for key in keys:
-        store.get_file(key, dest / key)
-    return dest
+    return storage.download_prefix(uri, tempfile.mkdtemp(prefix="cssl-source-"))
 
 
 @task(**COMPUTE)
@@ -497,6 +504,7 @@ def train(params: Params, period: str, shard: Shard, state: LineageState) -> Tra
         parent=state.parent,
         history=tuple(state.history),
         checkpoint_dir=state_dir() / "checkpoints" / period,
+        chain=state.chain,
     )
     steps = inputs.steps
     every = max(1, steps // 10)
@@ -613,13 +621,56 @@ def select_memory(
 # -- helpers -----------------------------------------------------------------------------
 
 
-def resolve_period(params: Params, period: str) -> str:
-    """The period a run refreshes: ``latest`` (what the monthly schedule passes) names the
-    last period of params.yaml, unless a period is literally called that."""
-    if period == LATEST and LATEST not in params.periods:
+def resolve_period(
+    params: Params,
+    period: str | None,
+    shard: str | None = None,
+    source: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """The period a run refreshes (unless a period is literally called ``latest``/``auto``):
+
+    - ``latest`` (what the monthly schedule passes): the last period of params.yaml;
+    - ``auto``: the UTC calendar period of ``now`` (``calendar.periods_every``: ``2026-12``);
+    - any other name, declared in params.yaml or not (an undeclared one continues the
+      lineage, :func:`resolve_chain`);
+    - no name: the period of the given ``shard`` (its manifest), else where the ``source``'s
+      frames landed: its last path component (``s3://raw/2026-12/`` -> ``2026-12``).
+    """
+    if period == LATEST and not params.is_declared(LATEST):
         return params.period_names[-1]
-    params.period_index(period)  # a clear error for an unknown name
-    return period
+    if period == AUTO and not params.is_declared(AUTO):
+        return params.calendar.period_at(now or datetime.now(UTC))
+    if period:
+        if not is_period_name(period):
+            raise ConfigError(f"{period!r} is not a period name (letters, digits, . _ -)")
+        return period
+    if shard:
+        return Shard.open(shard).period
+    if source and source != "simulate":
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+        if is_period_name(name):
+            return name
+        raise ConfigError(
+            f"cannot name the period after {source!r} (its last path component {name!r} is "
+            "not a period name): give --period NAME or --period auto"
+        )
+    raise ConfigError(
+        "name the period: --period NAME (or auto: the calendar), or give the --shard or "
+        "--source it comes from"
+    )
+
+
+def source_of(params: Params, period: str, shard: str | None, source: str | None) -> str:
+    """Where a refresh's frames come from, as the lineage records it (``source`` tag): the raw
+    source ingested (a local path made absolute), the shard given, or the period's declared
+    source (``Params.period_source``)."""
+    given = source or shard
+    if given is None:
+        return params.period_source(period)
+    if given == "simulate" or "://" in given:
+        return given
+    return str(Path(given).resolve())
 
 
 @contextmanager
@@ -679,6 +730,7 @@ def version_tags(
     trained: Trained,
     decision: Decision,
     memory: ReplayMemory,
+    source: str = "",
 ) -> VersionTags:
     """What the new version was made from, and the gate's verdict on it."""
     return VersionTags(
@@ -692,6 +744,8 @@ def version_tags(
         strategy=params.train.strategy,
         weights_sha256=trained.model.state_fingerprint(),
         gate="pass" if decision.promote else "reject",
+        previous_period=state.chain.previous,
+        source=source,
     )
 
 
@@ -742,7 +796,7 @@ def git_commit() -> str:
 
 @flow(name="refresh", log_prints=True)
 def refresh(
-    period: str,
+    period: str | None = None,
     shard: str | None = None,
     source: str | None = None,
     params_path: str | None = None,
@@ -750,33 +804,38 @@ def refresh(
 ) -> dict[str, Any]:
     """Refresh the embedding for one period (see the module docstring).
 
-    ``period`` may be ``latest`` (the last period of params.yaml). The frames come from
-    ``shard`` (a validated shard directory) or ``source`` (raw frames to ingest); with
-    neither, from the period's declared source (``Params.period_source``: its ``source:``
-    in params.yaml or the ``ingest.source`` template, ``simulate`` for the built-in stream).
+    ``period`` is a period of params.yaml, ``latest`` (the last one there), ``auto`` (the
+    calendar period now), any other name (a period not in params.yaml continues the
+    lineage), or None (named after the shard or the source, :func:`resolve_period`). The
+    frames come from ``shard`` (a validated shard directory) or ``source`` (raw frames to
+    ingest); with neither, from the period's source (``Params.period_source``: its
+    ``source:`` in params.yaml or the ``ingest.source`` template, ``simulate`` for the
+    built-in stream).
     """
     t_start = time.perf_counter()
     params = load_params(params_path, overrides or [])
-    period = resolve_period(params, period)
-    registry, store = tracking_uri(), params.store.root
     if shard and source:
         raise ValueError("give either --shard or --source, not both")
+    period = resolve_period(params, period, shard, source)
+    registry, store = tracking_uri(), params.store.root
     with period_lock(period):
-        path = shard or ingest_source(source or params.period_source(period), period, params)
+        chain = resolve_chain(registry, params, period)
+        origin = source_of(params, period, shard, source)
+        path = shard or ingest_source(source or params.period_source(period), chain, params)
         new_shard = validate(path, params, period)
         publish_shard(store, new_shard)
         done = find_completed(registry, new_shard, params)
         if done is not None:
             get_run_logger().info(f"{period} already refreshed as version {done.version}")
             return done.as_dict()
-        state = load_lineage(registry, params, period)
+        state = load_lineage(registry, params, chain)
         with tracked_run(registry, f"refresh-{period}") as run_id:
             trained = train(params, period, new_shard, state)
             scores = evaluate(params, trained.model, state)
             decision = decide_promotion(params, period, scores, state)
             memory = select_memory(params, period, new_shard, state, trained, decision.promote)
             save_memory(store, memory)
-            tags = version_tags(params, new_shard, state, trained, decision, memory)
+            tags = version_tags(params, new_shard, state, trained, decision, memory, origin)
             version = register_candidate(registry, run_id, trained.model, tags)
             if decision.promote:
                 promote(registry, version.version)

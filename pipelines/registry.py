@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from cssl_core.config import Params, PeriodChain
 from cssl_core.evaluation.metrics import AccuracyMatrix
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ class VersionTags:
 
     ``parent_version`` is the champion it was trained from (None for the first period);
     ``memory_manifest``/``memory_fingerprint`` name the replay memory version kept for its
-    period (the lineage's, see :mod:`pipelines.refresh`).
+    period (the lineage's, see :mod:`pipelines.refresh`). ``previous_period`` is the period
+    it continued from (whose replay memory it replayed; empty for the first) and ``source``
+    where its frames came from (the raw source it ingested, or the shard it was given): with
+    them the chain that ran can be written out for DVC (``cssl lineage export``).
     """
 
     period: str
@@ -62,6 +66,8 @@ class VersionTags:
     strategy: str = ""
     weights_sha256: str = ""
     gate: GateVerdict = ""
+    previous_period: str = ""
+    source: str = ""
 
     def as_tags(self) -> dict[str, str]:
         """Flat string tags (``parent_version`` empty when there is none)."""
@@ -86,18 +92,22 @@ class VersionTags:
             strategy=tags.get("strategy", ""),
             weights_sha256=tags.get("weights_sha256", ""),
             gate=gate,
+            previous_period=tags.get("previous_period", ""),
+            source=tags.get("source", ""),
         )
 
 
 @dataclass(frozen=True)
 class VersionInfo:
-    """One finished registered version: its number, lineage tags and aliases."""
+    """One finished registered version: its number, lineage tags, aliases, and when it was
+    registered (``created``, seconds since the epoch; None when the registry does not say)."""
 
     version: int
     run_id: str
     lineage: VersionTags
     aliases: tuple[str, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)  # every tag (lineage and registry's)
+    created: float | None = None
 
     @property
     def period(self) -> str:
@@ -110,13 +120,16 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """A tracked run as logged: final metric values, parameters and tags."""
+    """A tracked run as logged: final metric values, parameters and tags, its name and when
+    it started (seconds since the epoch; None when the registry does not say)."""
 
     run_id: str
     status: str
     metrics: Mapping[str, float]
     params: Mapping[str, str]
     tags: Mapping[str, str]
+    name: str = ""
+    start_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +167,10 @@ class ModelRegistry(ABC):
 
     # -- runs ----------------------------------------------------------------------------
     @abstractmethod
-    def start_run(self, name: str) -> str:
-        """Open a run for one refresh; returns its id."""
+    def start_run(self, name: str, experiment: str | None = None) -> str:
+        """Open a run (by default in the refreshes' experiment; ``experiment`` names another,
+        created on first use, e.g. the drift checks' and the watch decisions'); returns its
+        id."""
 
     @abstractmethod
     def end_run(self, run_id: str, status: RunStatus) -> None:
@@ -176,6 +191,13 @@ class ModelRegistry(ABC):
 
     @abstractmethod
     def run(self, run_id: str) -> RunRecord: ...
+
+    @abstractmethod
+    def search_runs(
+        self, experiment: str | None = None, tags: Mapping[str, str] | None = None, limit: int = 1
+    ) -> list[RunRecord]:
+        """The newest ``limit`` runs of ``experiment`` (default: the refreshes') whose tags
+        include ``tags``, newest first (by start time); empty when there are none."""
 
     # -- versions ------------------------------------------------------------------------
     @abstractmethod
@@ -253,6 +275,16 @@ class ModelRegistry(ABC):
                 kept[v.period] = v
         return kept
 
+    def stream_periods(self) -> list[str]:
+        """Every period this registry has a finished version of, in the order they were first
+        refreshed: the stream so far, rejected periods included (their eval sets count, and
+        their replay memory is the next period's)."""
+        periods: list[str] = []
+        for v in self.versions():
+            if v.period and v.period not in periods:
+                periods.append(v.period)
+        return periods
+
     def lineage_matrix(self, periods: Sequence[str], metric: str) -> AccuracyMatrix:
         """R[i][j] over ``periods`` (stream order), read back from the lineage's runs.
 
@@ -277,6 +309,26 @@ class ModelRegistry(ABC):
                 if nxt.lineage.parent_version == kept[p].version and key in later:
                     matrix.set(p, nxt.period, later[key])
         return matrix
+
+
+def period_chain(params: Params, registry: ModelRegistry, period: str) -> PeriodChain:
+    """Period ``period``'s place in the stream.
+
+    A period declared in params.yaml has its declared chain, as always. Any other period
+    continues the stream that ran: the periods the registry has refreshed, in the order they
+    were first refreshed (:meth:`ModelRegistry.stream_periods`), then ``period`` (a period
+    refreshed before keeps its place). Its previous period is the last one refreshed before
+    it (whose replay memory it continues from, as a declared period continues from the one
+    declared before it), its parent model is ``@champion``, and its index (what ``joint`` and
+    the simulator need) is its position in that stream, so a new period needs no edit of
+    params.yaml. The chain that ran is in the versions' ``previous_period`` tags.
+    """
+    if params.is_declared(period):
+        return params.chain(period)
+    ran = registry.stream_periods()
+    if period in ran:
+        return PeriodChain(tuple(ran[: ran.index(period) + 1]))
+    return PeriodChain((*ran, period))
 
 
 def lineage_rows(matrix: AccuracyMatrix) -> AccuracyMatrix:

@@ -126,8 +126,7 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
     registry = registry or open_registry()
     versions = registry.versions()
     champion = registry.champion()
-    refreshed = {v.period for v in versions}
-    periods = [p for p in params.period_names if p in refreshed]
+    periods = registry.stream_periods()  # declared or not, in the order they were refreshed
     rows = []
     for v in versions:
         metrics = registry.run(v.run_id).metrics

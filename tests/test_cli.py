@@ -11,6 +11,7 @@ import pytest
 from conftest import new_lineage
 
 from pipelines.cli import EXIT_FAILED, EXIT_OK, build_parser, main
+from pipelines.mlflow_registry import MlflowRegistry
 
 
 def _verbs(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -44,10 +45,14 @@ def test_every_verb_is_listed():
         "rollback",
         "embed",
         "demo",
+        "drift",
+        "watch",
+        "lineage",
         "train",
         "evaluate",
     }
     assert ("bench", "ingest") in VERBS
+    assert ("lineage", "export") in VERBS
 
 
 @pytest.mark.parametrize(
@@ -89,9 +94,11 @@ def test_unknown_period(capsys, tmp_path: Path):
     )
 
 
-def test_unknown_period_through_the_flow(
+def test_undeclared_period_with_a_missing_shard_through_the_flow(
     prefect_harness, tiny_params_file: Path, tmp_path: Path, monkeypatch, capsys
 ):
+    """A period params.yaml does not declare is accepted (it would continue the lineage),
+    but its frames must exist: one line naming the missing shard, nothing registered."""
     state = new_lineage(tmp_path, tiny_params_file)
     state.use(monkeypatch)
     capsys.readouterr()
@@ -108,7 +115,10 @@ def test_unknown_period_through_the_flow(
     )
     assert code == EXIT_FAILED
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: unknown period 'p99'"), last
+    assert last.startswith("error: ") and str(tmp_path / "p99") in last, last
+    assert (
+        not (tmp_path / "mlflow.db").exists() or not MlflowRegistry(state.tracking_uri).versions()
+    )
 
 
 def test_missing_shard_directory(capsys, tmp_path: Path):

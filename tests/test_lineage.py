@@ -44,7 +44,7 @@ class InMemoryRegistry(ModelRegistry):
     def uri(self) -> str:
         return "memory://"
 
-    def start_run(self, name: str) -> str:
+    def start_run(self, name: str, experiment: str | None = None) -> str:
         run_id = f"run-{len(self.runs)}"
         self.runs[run_id] = {}
         return run_id
@@ -66,6 +66,11 @@ class InMemoryRegistry(ModelRegistry):
 
     def run(self, run_id: str) -> RunRecord:
         return RunRecord(run_id, "FINISHED", dict(self.runs[run_id]), {}, {})
+
+    def search_runs(
+        self, experiment: str | None = None, tags: Mapping[str, str] | None = None, limit: int = 1
+    ) -> list[RunRecord]:
+        raise NotImplementedError
 
     def register(
         self, run_id: str, model_dir: Path, lineage: VersionTags, embedding_dim: int

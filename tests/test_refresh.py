@@ -159,11 +159,12 @@ def test_rerun_of_a_finished_period_does_nothing(lin: Lineage, sim_shards: Path)
 
 def test_latest_and_the_declared_source(lin: Lineage, sim_shards: Path):
     """``latest`` is the last period; with no shard or source the flow ingests the period's
-    declared source (``simulate`` here), which gives the very shard of the lineage."""
+    declared source (``simulate`` here), which gives the very shard of the lineage. (A name
+    that params.yaml does not declare continues the lineage: tests/test_open_periods.py.)"""
     params = _params(lin)
     assert resolve_period(params, "latest") == "p03"
-    with pytest.raises(ConfigError, match="unknown period 'p09'"):
-        resolve_period(params, "p09")
+    with pytest.raises(ConfigError, match="'p/09' is not a period name"):
+        resolve_period(params, "p/09")
     summary = _run(lin, "latest", sim_shards / "p03")
     assert (summary["period"], summary["version"], summary["skipped"]) == ("p03", 3, True)
     summary = _run(lin, "p01", None)  # simulated into CSSL_HOME/incoming, then validated

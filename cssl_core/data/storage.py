@@ -460,3 +460,23 @@ def open_store(uri: str | Path, client: Any = None) -> ObjectStore:
     raise StoreError(
         f"unsupported store URI scheme {name!r}; use a directory or s3://bucket/prefix"
     )
+
+
+def download_prefix(uri: str, dest: str | Path) -> Path:
+    """Every object under the store URI ``uri`` (e.g. ``s3://raw/2026-12/``) into a new folder
+    ``dest/<last component of uri>`` (the folder's name is what an image folder's stream ids
+    start with, so it is the prefix's, not a random one); returns that folder.
+
+    Raw frames that land in a bucket are ingested from a local copy: ``cssl refresh --source``
+    and ``cssl ingest`` (the DVC stage of a period whose ``source:`` is a prefix) both use this.
+    An empty prefix is a :class:`StoreError`.
+    """
+    store = open_store(uri)
+    keys = store.list("")
+    if not keys:
+        raise StoreError(f"{redact(uri)}: no objects under this prefix")
+    name = str(uri).rstrip("/").rsplit("/", 1)[-1] or "source"
+    folder = Path(dest) / name
+    for key in keys:
+        store.get_file(key, folder / key)
+    return folder

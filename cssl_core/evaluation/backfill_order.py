@@ -142,7 +142,7 @@ def backfill_curve(
     gallery_old: FeatureArray,
     query_labels: Labels,
     gallery_labels: Labels,
-    fractions: Sequence[float] = tuple(i / 10 for i in range(11)),
+    fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     k: int = 10,
 ) -> BackfillCurve:
     r"""Retrieval quality while the gallery is re-embedded in ``order``.

@@ -477,6 +477,7 @@ def plot_compatibility_matrix(
                     else (f"{v:.2f}", "black" if v > 0.6 else "white")
                 )
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
+    assert image is not None  # two panels drawn
     fig.colorbar(image, ax=list(axes), label="retrieval quality")
     fig.suptitle(title)
     return _save_atomic(fig, path)

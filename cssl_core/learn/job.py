@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from cssl_core.config import Params
+from cssl_core.config import Params, PeriodChain
 from cssl_core.data.shard import Shard
 from cssl_core.learn.distributed import DistEnv, resolve_device
 from cssl_core.learn.models import Embedder
@@ -48,6 +48,11 @@ class PeriodInputs:
     continues from (None for the first period); ``history`` is the earlier periods' shards
     in stream order (read only by a strategy that trains on the history, ``joint``);
     ``checkpoint_dir`` holds resumable training state (None: no checkpoints).
+
+    ``chain`` places the period in the stream (its previous period and its index). None
+    means the chain declared in ``params.periods`` (an undeclared period is then an error);
+    a period that is not declared there is given its chain from the lineage that ran
+    (``pipelines.refresh``).
     """
 
     params: Params
@@ -57,15 +62,21 @@ class PeriodInputs:
     parent: Embedder | None = None
     history: tuple[Shard, ...] = ()
     checkpoint_dir: Path | None = None
+    chain: PeriodChain | None = None
 
     def __post_init__(self) -> None:
-        self.params.period_index(self.period)  # a clear error for an unknown period
+        if self.chain is None:  # a clear error for an unknown period
+            object.__setattr__(self, "chain", self.params.chain(self.period))
+        elif self.chain.period != self.period:
+            raise ValueError(
+                f"the chain {list(self.chain.periods)} does not end at {self.period!r}"
+            )
         if self.shard.period != self.period:
             raise ValueError(
                 f"shard {self.shard.path} holds period {self.shard.period!r}, not {self.period!r}"
             )
         object.__setattr__(self, "history", tuple(self.history))
-        previous = self.params.periods[self.period].previous
+        previous = self.place.previous
         if self.memory.period is not None and self.memory.period != previous:
             raise ValueError(
                 f"period {self.period!r} continues from {previous or 'nothing'!r}, but the "
@@ -73,9 +84,16 @@ class PeriodInputs:
             )
 
     @property
+    def place(self) -> PeriodChain:
+        """The period's place in the stream: ``chain``, resolved in ``__post_init__``."""
+        if self.chain is None:  # pragma: no cover - __post_init__ always sets it
+            raise ValueError("PeriodInputs without a chain")
+        return self.chain
+
+    @property
     def index(self) -> int:
-        """Position of the period in ``params.periods`` (0 for the first)."""
-        return self.params.period_index(self.period)
+        """Position of the period in its chain (0 for the first)."""
+        return self.place.index
 
     @property
     def strategy(self) -> StrategySpec:

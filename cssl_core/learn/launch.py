@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cssl_core.config import DistributedConfig, params_from_dict
+from cssl_core.config import DistributedConfig, PeriodChain, params_from_dict
 from cssl_core.data.shard import Shard
 from cssl_core.data.storage import LocalStore, atomic_write_json
 from cssl_core.learn import distributed as ddp
@@ -71,6 +71,7 @@ class JobFile(BaseModel):
 
     params: dict[str, Any]
     period: str
+    chain: list[str]
     shard: str
     history: list[str]
     parent_dir: str | None
@@ -96,6 +97,7 @@ def write_job(job_dir: Path, inputs: PeriodInputs) -> Path:
     job = JobFile(
         params=inputs.params.model_dump(mode="json"),
         period=inputs.period,
+        chain=list(inputs.place.periods),
         shard=str(Path(inputs.shard.path).resolve()),
         history=[str(Path(s.path).resolve()) for s in inputs.history],
         parent_dir=str((job_dir / PARENT_DIR).resolve()) if inputs.parent is not None else None,
@@ -129,6 +131,7 @@ def read_job(job_dir: Path) -> PeriodInputs:
         parent=Embedder.load(job.parent_dir) if job.parent_dir else None,
         history=tuple(Shard.open(p) for p in job.history),
         checkpoint_dir=Path(job.checkpoint_dir),
+        chain=PeriodChain(tuple(job.chain)),
     )
 
 
