@@ -54,7 +54,7 @@ def loop_video(src: Path, dst: Path, times: int) -> Path:
                     out_stream = out.add_stream_from_template(in_stream)
                 end = offset
                 for packet in inp.demux(in_stream):
-                    if packet.dts is None:  # the demuxer's final flush packet
+                    if packet.dts is None or packet.pts is None:  # the final flush packet
                         continue
                     packet.pts += offset
                     packet.dts += offset
@@ -74,9 +74,13 @@ def bare_decode(path: Path, fps: float) -> dict[str, int]:
         stream.thread_type = "AUTO"
         start = stream.start_time or 0
         next_t: Fraction | None = None
+        base = stream.time_base
+        assert base is not None, f"{path}: the video stream has no time base"
         for frame in container.decode(stream):
             decoded += 1
-            t = (frame.pts - start) * Fraction(stream.time_base)
+            if frame.pts is None:
+                continue
+            t = (frame.pts - start) * Fraction(base)
             if next_t is not None and t < next_t:
                 continue
             next_t = (floor(t / step) + 1) * step

@@ -29,6 +29,7 @@ decoded once (the decode is outside both loops).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -218,8 +219,6 @@ def run_peers_benchmark(
     kind = next((k for k in GOALS if m["cpu_kind"].startswith(k)), None)
     ratio = means["cssl"] / means["lightly"]
     goal = {"cpu": kind, "ratio": GOALS[kind], "met": ratio >= GOALS[kind]} if kind else None
-    import lightly
-
     return {
         "model": params.model.backbone,
         "input_size": size,
@@ -230,7 +229,7 @@ def run_peers_benchmark(
         "frames": num_frames,
         "device": str(device),
         "lightly": {
-            "version": lightly.__version__,
+            "version": importlib.metadata.version("lightly"),
             "precision": "fp32",
             "channels_last": "off",
             "workers": workers,

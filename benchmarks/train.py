@@ -213,9 +213,9 @@ class BareStep:
         self.device = device
         self.trainer = trainer = fresh_trainer(params, device)
         fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
-        trainer.model.to(device, memory_format=fmt).train()
+        trainer.model.to(device).to(memory_format=fmt).train()
         if trainer.teacher is not None:
-            trainer.teacher.to(device, memory_format=fmt).eval()
+            trainer.teacher.to(device).to(memory_format=fmt).eval()
         size, batch = params.model.input_size, params.train.batch_size
         g = torch.Generator().manual_seed(1)
         views = [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]

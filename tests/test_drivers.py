@@ -55,6 +55,7 @@ def flow_driver(
 ) -> dict[str, tuple[str, str]]:
     from prefect.logging import disable_run_logger
 
+    from cssl_core.config import PeriodChain
     from cssl_core.evaluation.metrics import AccuracyMatrix
     from pipelines.refresh import LineageState, select_memory, train
 
@@ -65,13 +66,17 @@ def flow_driver(
         for period in PERIODS:
             shard = Shard.open(shards / period)
             shards_so_far = [*history, shard]
+            names = [s.period for s in shards_so_far]
             state = LineageState(
+                chain=PeriodChain(tuple(names)),
                 champion=None,
                 parent=parent,
                 memory=memory,
                 published=None,
                 shards=shards_so_far,
-                matrix=AccuracyMatrix([s.period for s in shards_so_far]),
+                matrix=AccuracyMatrix(names),
+                low=AccuracyMatrix(names),
+                high=AccuracyMatrix(names),
             )
             trained = train.fn(params, period, shard, state)
             memory = select_memory.fn(params, period, shard, state, trained, True)
