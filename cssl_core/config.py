@@ -245,6 +245,12 @@ class IngestConfig(_Section):
     size: int | None = Field(None, ge=16, description="resize so the shorter side is this")
     jpeg_quality: int = Field(90, ge=50, le=100)
     rows_per_group: int = Field(1024, ge=16)
+    max_group_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="a row group is written once its encoded images reach this many bytes "
+        "(or rows_per_group rows): what bounds ingest's memory on full-resolution video",
+    )
     rows_per_part: int = Field(65536, ge=16)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)

@@ -320,3 +320,39 @@ def test_unreadable_video_aborts_and_keeps_previous_shard(
         ingest([images, fake], "p01", out, IngestConfig())
     assert Shard.open(out / "p01").fingerprint == first.manifest["fingerprint"]
     assert [p.name for p in out.iterdir()] == ["p01"]  # the aborted temporary is gone
+
+
+def test_row_groups_close_at_max_group_bytes(cifar_jpegs: list[bytes], tmp_path: Path) -> None:
+    """``ingest.max_group_bytes`` bounds the encoded images a row group buffers (what holds
+    ingest's memory down on full-resolution video); a smaller budget changes the row groups,
+    never the shard's frames or fingerprint."""
+    src = tmp_path / "in"
+    src.mkdir()
+
+    def reencoded(data: bytes) -> bytes:  # the same picture, other bytes: another frame
+        out = io.BytesIO()
+        Image.open(io.BytesIO(data)).save(out, "JPEG", quality=97)
+        return out.getvalue()
+
+    images = cifar_jpegs + [reencoded(d) for d in cifar_jpegs]  # 128 JPEGs, about 1.2 kB
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary())}), src / "a.parquet")
+    budget = 64 * 1024  # the smallest budget the config accepts
+    small = ingest([src], "p01", tmp_path / "small", IngestConfig(max_group_bytes=budget))
+    large = ingest([src], "p01", tmp_path / "large", IngestConfig(max_group_bytes=1 << 20))
+    assert small.manifest["fingerprint"] == large.manifest["fingerprint"]
+
+    def group_bytes(shard_dir: Path) -> list[list[int]]:
+        groups = []
+        for part in sorted(shard_dir.glob("part-*.parquet")):
+            f = pq.ParquetFile(part)
+            for g in range(f.num_row_groups):
+                col = f.read_row_group(g, columns=["image"]).column(0).to_pylist()
+                groups.append([len(b) for b in col])
+        return groups
+
+    sizes = group_bytes(small.path)
+    assert sum(len(g) for g in sizes) == small.stats["kept"] > 0
+    assert len(sizes) > 1  # their ~150 kB exceed it
+    for g in sizes:  # a group closes on the frame that reaches the budget
+        assert sum(g[:-1]) < budget
+    assert len(group_bytes(large.path)) == 1

@@ -547,6 +547,7 @@ def ingest(
         jpeg_quality=cfg.jpeg_quality,
         rows_per_group=cfg.rows_per_group,
         rows_per_part=cfg.rows_per_part,
+        max_group_bytes=cfg.max_group_bytes,
     )
     offered = 0
     with writer:

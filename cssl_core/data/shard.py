@@ -156,7 +156,7 @@ class ShardWriter:
         jpeg_quality: int = 90,
         rows_per_group: int = 1024,
         rows_per_part: int = 65536,
-        max_group_bytes: int = 16 * 1024 * 1024,
+        max_group_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.root = Path(root)
         self.period = period
