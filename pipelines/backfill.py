@@ -113,15 +113,14 @@ def embed_chunk(
 ) -> ChunkEmbeddings:
     """A chunk's new embeddings: read its frames from the shards (``fingerprint -> directory``)
     and embed them with the model in ``model_dir``. Stateless: any worker can run any chunk."""
-    import torch
+    from cssl_core.runtime import torch_threads
 
-    if threads:
-        torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load_model(model_dir, device)
-    shards = {fp: Shard.open(path) for fp, path in shard_dirs.items()}
-    images = read_chunk_images(spec, shards)
-    emb = embed_images(model, images, batch_size, device)
+    with torch_threads(threads):  # restored after: a chunk run in-process must not leave it
+        model = load_model(model_dir, device)
+        shards = {fp: Shard.open(path) for fp, path in shard_dirs.items()}
+        images = read_chunk_images(spec, shards)
+        emb = embed_images(model, images, batch_size, device)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     return ChunkEmbeddings(spec.index, spec.frame_ids, emb, time.perf_counter() - start, worker)
 

@@ -39,6 +39,17 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Each test leaves torch's thread count as it found it: the session lineage trains in
+    this process, and bit-identical reproduction (DVC vs the flow) needs the same count."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cifar_jpegs() -> list[bytes]:
     """The first 64 CIFAR-10 rows as JPEG bytes (real natural images, 32x32, distinct)."""
