@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cssl_core.config import ConfigError, Params, json_schema, load_params
-from cssl_core.data.shard import MANIFEST
+from cssl_core.data.shard import MANIFEST, Shard
 from pipelines import stopping
 from pipelines.settings import state_dir
 
@@ -646,6 +646,29 @@ def search_lines(index: Any, hits: Sequence[Any], what: str) -> list[str]:
     return lines
 
 
+def demo_index(shards: Sequence[Path], index_uri: str | None) -> tuple[list[str], str | None]:
+    """The end of ``cssl demo``: index the demo's frames with @champion and search for the
+    neighbours of one eval frame of the last period. Its lines, and that frame's id."""
+    from pipelines.index import EmbeddingIndex, EmbeddingIndexError
+
+    t0 = time.perf_counter()
+    try:
+        _, lines = index_build(shards, "@champion", index_uri)
+    except EmbeddingIndexError as exc:  # e.g. @champion moved since the index was built
+        lines = [f"{exc}".splitlines()[0]]
+    index = EmbeddingIndex(index_uri)
+    if index.pointer().live is None:
+        return lines, None
+    frame = Shard.open(shards[-1]).read(["frame_id"], split="eval")["frame_id"][0].as_py()
+    stored = index.stored_vectors(frame)
+    if stored.vector is None:  # a backfill is half way: `cssl search` embeds it then
+        return lines, frame
+    hits = index.search(stored.vector, 6, old_query=stored.old_vector)
+    lines += search_lines(index, [h for h in hits if h.frame_id != frame][:5], f"frame {frame}")
+    lines.append(f"(index build and search: {time.perf_counter() - t0:.1f} s)")
+    return lines, frame
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise CliError(f"--k must be >= 1, got {args.k}")
@@ -797,18 +820,28 @@ def _here(path: Path) -> Path:
 
 
 def explore_lines(
-    home: Path, shards: Path, periods: Sequence[str], env: Mapping[str, str]
+    home: Path,
+    shards: Path,
+    periods: Sequence[str],
+    env: Mapping[str, str],
+    frame_id: str | None = None,
 ) -> list[str]:
     """Commands that work verbatim after the demo, with the settings that reach its state."""
     cssl = "".join(f"{k}={v} " for k, v in env.items()) + _command("cssl")
     db = _here(home / "mlflow.db")
-    return [
+    lines = [
         "Explore:",
         f"  {cssl} report    # accuracy matrix, metrics and lineage, from MLflow",
         f"  {cssl} embed {_here(shards / periods[-1])} --out embeddings.parquet",
         f"  {cssl} rollback  # @champion back to the previous one (`cssl promote N` to move it)",
         f"  {_command('mlflow')} ui --backend-store-uri sqlite:///{db}  # runs, plots, registry",
     ]
+    if frame_id is not None:
+        lines += [
+            f"  {cssl} search --frame-id {frame_id} --k 5  # nearest frames in the index",
+            f"  {cssl} index status  # versions in the index; compatible with @champion?",
+        ]
+    return lines
 
 
 DEMO_STREAMS = ("drifting", "static-then-shift")
@@ -900,9 +933,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out.rule("report (read back from MLflow)")
         for line in format_report(build_report(params)):
             out.print(line)
+    out.rule("embedding index (LanceDB) and a search")
+    lines, frame = demo_index([shards / p for p in names], params.index.uri)
+    for line in lines:
+        out.print(escape(line))
     minutes = (time.perf_counter() - t0) / 60
     out.print(f"\n[bold]done in {minutes:.1f} min.[/]")
-    for line in explore_lines(home, shards, names, env):
+    for line in explore_lines(home, shards, names, env, frame):
         out.print(line)
     out.print(f"Rerunning is idempotent; delete {_here(home)} to start over.")
     return EXIT_OK
