@@ -689,12 +689,16 @@ def cmd_index_status(args: argparse.Namespace) -> int:
 
     index = _live_index(args, _params(args))
     status = index.status()
-    champion = open_registry().champion()
+    registry = open_registry()
+    champion = registry.champion()
     compat = None
     if champion is not None and status.live_version is not None:
-        compat = compatibility(open_registry(), status.live_version, champion.version)
-    search = "IVF_PQ" if status.ann_index else f"exact search (IVF_PQ from {index.ann_min_rows}"
-    search += " search" if status.ann_index else " rows)"
+        compat = compatibility(registry, status.live_version, champion.version)
+    search = (
+        "IVF_PQ search"
+        if status.ann_index
+        else f"exact search (IVF_PQ from {index.ann_min_rows:,} rows)"
+    )
     per_version = ", ".join(f"v{v}: {n}" for v, n in status.rows_per_version.items())
     lines = [
         f"index {status.uri}: {status.rows} rows",
@@ -780,6 +784,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
         report = run_backfill(index.uri, shards, model_dir, version, on_commit=committed, **common)
     else:
+        if not args.debug:  # Dask's INFO lines and shutdown heartbeats; task errors still fail
+            os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         with flow_session(args, TrainingProgress(1)):
             report = run_distributed_backfill(
                 index.uri,
