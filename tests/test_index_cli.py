@@ -203,6 +203,7 @@ def test_bad_input_is_one_line(state: Registry, sim_shards: Path, tmp_path: Path
     assert EmbeddingIndex(index).status().rows_per_version == {1: 80}
 
 
+@pytest.mark.server
 def test_backfill_if_needed_follows_the_compat_tag(
     prefect_harness, state: Registry, sim_shards: Path, tmp_path: Path, capsys
 ):
