@@ -232,3 +232,24 @@ def test_backfill_if_needed_follows_the_compat_tag(
     assert done.backfill and done.report is not None and done.report.switched
     status = EmbeddingIndex(index).status()
     assert status.live_version == 2 and status.rows_per_version == {2: 80}
+
+
+def test_search_and_status_while_a_backfill_is_half_way_then_resume(
+    state: Registry, sim_shards: Path, tmp_path: Path, capsys
+):
+    """A backfill planned but not run (as after a kill before the first commit): searches embed
+    a frame not yet re-embedded with the new version and search both spaces; status shows the
+    progress; `cssl backfill` resumes it and switches."""
+    index = str(tmp_path / "index")
+    _run(capsys, "index", "build", str(sim_shards / "p01"), "--index", index)
+    assert EmbeddingIndex(index).start_backfill(2, 512, chunk_size=32) is not None
+    frame = Shard.open(sim_shards / "p01").read(["frame_id"])["frame_id"][5].as_py()
+    found = _json(capsys, "search", "--frame-id", frame, "--k", "4", "--index", index)
+    assert len(found["hits"]) == 4 and {h["space"] for h in found["hits"]} == {1}
+    text = _run(capsys, "index", "status", "--index", index)
+    assert "backfill to version 2 in progress: 0/3 chunks, 0/80 rows" in text
+    capsys.readouterr()
+    assert main(["backfill", "--index", index]) == EXIT_OK  # no --to: resumes the one started
+    out, err = capsys.readouterr()
+    assert "resuming the backfill to version 2: 3 of 3 chunks to go" in err
+    assert "switched: the index now serves version 2" in out
