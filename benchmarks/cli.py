@@ -1,5 +1,5 @@
 """The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers |
-drift | watch``.
+drift | watch | index``.
 
 Every benchmark's options live here, in one torch-free module: building the parser imports
 only the standard library, so ``cssl --help`` stays instant. Each command imports its
@@ -360,6 +360,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# -- index -----------------------------------------------------------------------------------
+
+
+def add_index_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.index import add_arguments  # standard library only at import
+
+    add_arguments(p)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from benchmarks.index import run_from_args
+
+    return run_from_args(args)
+
+
 # -- registration ----------------------------------------------------------------------------
 
 BenchCommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
@@ -401,6 +416,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "next-period accuracy, cost of a drift check)",
         add_watch_arguments,
         cmd_watch,
+    ),
+    (
+        "index",
+        "embedding index: build time, exact vs IVF_PQ search latency, backfill throughput "
+        "vs bare inference, peak memory, the backfill curve (priority vs random order)",
+        add_index_arguments,
+        cmd_index,
     ),
 )
 

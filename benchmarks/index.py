@@ -20,8 +20,20 @@ in memory (decode + forward only). Each side runs in a fresh process with the mo
 one batch run untimed first; ``ratio`` = bare seconds / backfill seconds (goal >= 0.8), and the
 peak RSS of the backfill process is compared across archive sizes (goal: flat).
 
-Run it with ``python -m benchmarks.index [--sizes 100000 1000000] [--frames 1000 4000]``.
-Torch is imported only by the measuring functions.
+**Backfill curve.** Retrieval quality while an index is backfilled, in priority order
+(:func:`~cssl_core.evaluation.backfill_order.density_uncertainty`, what ``cssl backfill``
+uses) against random orders (FastFill's comparison). Split CIFAR-10, class-incremental: an old
+model is trained (SimCLR, from scratch) on p01 (airplane, automobile), the new one fine-tuned
+from it on p02 (bird, cat) without distillation, so its space is not the old one's. Gallery:
+the train frames of both periods; queries: their eval frames; quality is mAP@10 and top-1 with
+relevant = same class (:func:`~cssl_core.evaluation.backfill_order.backfill_curve`: rows not yet
+re-embedded are searched with the old model's query, as ``cssl search`` does during a
+backfill). Reported: the smallest re-embedded fraction (step 0.05) whose quality reaches 95% of
+the fully backfilled quality (goal <= 0.30), for the priority order and the random orders.
+
+Run it with ``cssl bench index`` (or ``python -m benchmarks.index``) ``[--sizes 100000
+1000000] [--frames 1000 4000] [--curve-steps 200]``. Torch is imported only by the measuring
+functions.
 """
 
 from __future__ import annotations
@@ -264,6 +276,114 @@ def measure_build(
     }
 
 
+def measure_curve(
+    workdir: str,
+    cifar: str,
+    train_frames: int,
+    eval_frames: int,
+    steps: int,
+    threads: int,
+    random_orders: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The backfill curve of a priority order and of random orders (see the module doc)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.datasets import build_cifar10
+    from cssl_core.config import params_from_dict
+    from cssl_core.evaluation.backfill_order import (
+        backfill_curve,
+        density_uncertainty,
+        priority_order,
+        random_order,
+    )
+    from cssl_core.learn.job import PeriodInputs, train_in_process
+    from cssl_core.memory.replay import ReplayMemory
+    from pipelines.index_build import embed_images
+
+    torch.set_num_threads(threads)
+    data = build_cifar10(
+        Path(workdir) / "curve-shards",
+        source=cifar,
+        num_periods=2,
+        train_cap=train_frames,
+        eval_cap=eval_frames,
+        seed=seed,
+    )
+    params = params_from_dict(
+        {
+            "periods": {"p01": {"previous": ""}, "p02": {"previous": "p01"}},
+            "model": {"backbone": "resnet10t", "input_size": 32},
+            "train": {
+                "strategy": "finetune",
+                "steps": steps,
+                "batch_size": 128,
+                "warmup_steps": max(1, steps // 10),
+                "precision": "fp32",
+                "num_threads": threads,
+                "seed": seed,
+            },
+        }
+    )
+    t0 = time.perf_counter()
+    old, _ = train_in_process(
+        PeriodInputs(
+            params=params,
+            period="p01",
+            shard=data.shards[0],
+            memory=ReplayMemory.empty(params.replay.capacity),
+        )
+    )
+    new, _ = train_in_process(
+        PeriodInputs(
+            params=params,
+            period="p02",
+            shard=data.shards[1],
+            memory=ReplayMemory.empty(params.replay.capacity),
+            parent=old,
+        )
+    )
+    train_s = time.perf_counter() - t0
+    old.eval()
+    new.eval()
+    sides = {}
+    for split in ("train", "eval"):
+        tables = [s.read(["image", "category"], split=split) for s in data.shards]
+        images = [img for t in tables for img in t["image"].to_pylist()]
+        labels = [c for t in tables for c in t["category"].to_pylist()]
+        sides[split] = (embed_images(old, images), embed_images(new, images), labels)
+    g_old, g_new, g_labels = sides["train"]
+    q_old, q_new, q_labels = sides["eval"]
+    n = len(g_old)
+    fractions = tuple(round(f, 2) for f in np.linspace(0.0, 1.0, 21))
+    priority = priority_order(density_uncertainty(g_old, g_old, 10, exclude=np.arange(n)))
+    orders = {"priority": priority}
+    orders |= {f"random-{i}": random_order(n, seed + i) for i in range(random_orders)}
+    curves = {}
+    for name, order in orders.items():
+        c = backfill_curve(order, q_new, q_old, g_new, g_old, q_labels, g_labels, fractions)
+        curves[name] = {
+            "map_at_10": list(c.map_at_k),
+            "top1": list(c.top1),
+            "reach95_map": c.fraction_to_reach(0.95, "map"),
+            "reach95_top1": c.fraction_to_reach(0.95, "top1"),
+            "area_map": c.area("map"),
+        }
+    randoms = [v for k, v in curves.items() if k.startswith("random")]
+    return {
+        "gallery": n,
+        "queries": len(q_old),
+        "steps": steps,
+        "train_seconds": train_s,
+        "fractions": list(fractions),
+        "curves": curves,
+        "random_reach95_map_mean": float(np.mean([r["reach95_map"] for r in randoms]))
+        if randoms
+        else None,
+    }
+
+
 _CHILD = (
     "import json, sys; from benchmarks import index as b; "
     "print(json.dumps(getattr(b, sys.argv[1])(*json.loads(sys.argv[2]))))"
@@ -299,10 +419,14 @@ def run_index_benchmark(
     workdir: Path | None = None,
     cifar: Path | None = None,
     log: Any = None,
+    curve_steps: int = 200,
+    curve_train_frames: int = 2000,
+    curve_eval_frames: int = 500,
+    random_orders: int = 3,
 ) -> dict[str, Any]:
-    """Both parts; ``sizes`` or ``frames`` may be empty to skip one. Bare and backfill runs
-    alternate ``repeats`` times per archive (each backfill on a fresh copy of the built index);
-    the fastest of each side is reported with the medians."""
+    """The three parts; ``sizes`` or ``frames`` may be empty and ``curve_steps`` 0 to skip
+    one. Bare and backfill runs alternate ``repeats`` times per archive (each backfill on a
+    fresh copy of the built index); the fastest of each side is reported with the medians."""
     from benchmarks.datasets import default_cifar10_source
 
     threads = threads or os.cpu_count() or 1
@@ -315,6 +439,7 @@ def run_index_benchmark(
         "load_before": os.getloadavg(),
         "vectors": [],
         "backfill": [],
+        "curve": None,
     }
     with tempfile.TemporaryDirectory(prefix="cssl-bench-index-", dir=workdir) as tmp:
         home = Path(tmp)
@@ -352,6 +477,20 @@ def run_index_benchmark(
                         "ratio_median": bare["median_seconds"] / fill["median_seconds"],
                     }
                 )
+        if curve_steps > 0:
+            say(f"backfill curve: two models of {curve_steps} steps on split CIFAR-10")
+            source = Path(cifar) if cifar else default_cifar10_source()
+            result["curve"] = _in_child(
+                "measure_curve",
+                tmp,
+                str(source),
+                curve_train_frames,
+                curve_eval_frames,
+                curve_steps,
+                threads,
+                random_orders,
+                env=env,
+            )
     if len(result["backfill"]) > 1:
         first, last = result["backfill"][0], result["backfill"][-1]
         result["backfill_peak_rss_growth_mb"] = (
@@ -413,11 +552,25 @@ def format_index_benchmark(result: dict[str, Any]) -> list[str]:
     if "backfill_peak_rss_growth_mb" in result:
         growth = result["backfill_peak_rss_growth_mb"]
         lines.append(f"backfill peak RSS growth, largest vs smallest archive: {growth:+.0f} MB")
+    curve = result.get("curve")
+    if curve:
+        lines.append(
+            f"backfill curve ({curve['gallery']} gallery rows, {curve['queries']} queries, "
+            f"models of {curve['steps']} steps): mAP@10 / top-1 at fractions "
+            + " ".join(f"{f:.2f}" for f in curve["fractions"][::4])
+        )
+        for name, c in curve["curves"].items():
+            maps = " ".join(f"{v:.3f}" for v in c["map_at_10"][::4])
+            lines.append(
+                f"  {name:<10} mAP@10 {maps} | 95% of full reached at {c['reach95_map']:.2f} "
+                f"(mAP) {c['reach95_top1']:.2f} (top-1), area {c['area_map']:.3f}"
+            )
     return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options (``cssl bench index`` and ``python -m benchmarks.index``)."""
+    """The benchmark's options (``cssl bench index`` and ``python -m benchmarks.index``;
+    ``--json`` comes from the caller: ``cssl``'s common options, or :func:`main`)."""
     parser.add_argument(
         "--sizes", type=int, nargs="*", default=[100_000, 1_000_000], help="synthetic vector counts"
     )
@@ -433,7 +586,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="resnet18", help="model of the backfill part")
     parser.add_argument("--input-size", type=int, default=64, help="its input size")
     parser.add_argument("--workdir", type=Path, default=None, help="temporary files here")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--curve-steps", type=int, default=200, help="training steps per curve model (0: skip)"
+    )
+    parser.add_argument("--curve-train-frames", type=int, default=2000, help="per period")
+    parser.add_argument("--curve-eval-frames", type=int, default=500, help="per period")
+    parser.add_argument("--random-orders", type=int, default=3, help="random orders compared")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -450,6 +608,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         backbone=args.backbone,
         input_size=args.input_size,
         workdir=args.workdir,
+        curve_steps=args.curve_steps,
+        curve_train_frames=args.curve_train_frames,
+        curve_eval_frames=args.curve_eval_frames,
+        random_orders=args.random_orders,
         log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True),
     )
     print(json.dumps(result, indent=2) if args.json else "\n".join(format_index_benchmark(result)))
@@ -461,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m benchmarks.index", description=__doc__.splitlines()[0]
     )
     add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return run_from_args(parser.parse_args(argv))
 
 

@@ -550,6 +550,23 @@ class DistributedConfig(_Section):
         return self.nproc_per_node * self.nnodes > 1
 
 
+class IndexConfig(_Section):
+    """The embedding index (``cssl index``, ``search``, ``backfill``; ``pipelines/index.py``)."""
+
+    uri: str | None = Field(
+        None, description="a directory or s3://bucket/prefix; none: CSSL_HOME/index"
+    )
+    backfill_on_promotion: bool = Field(
+        False,
+        description="the refresh flow backfills the index when it promotes a version that is "
+        "not compatible with the index's live version (registry tag cssl.compat)",
+    )
+    workers: int = Field(1, ge=1, description="backfill: Dask worker processes (1: in-process)")
+    dask_address: str | None = Field(
+        None, description="backfill on this Dask scheduler (tcp://host:8786) instead"
+    )
+
+
 class StoreConfig(_Section):
     """Where shards, replay memory and checkpoints live: a directory or ``s3://bucket/prefix``."""
 
@@ -581,6 +598,7 @@ class Params(_Section):
     drift: DriftConfig = DriftConfig()
     watch: WatchConfig = WatchConfig()
     calendar: CalendarConfig = CalendarConfig()
+    index: IndexConfig = IndexConfig()
 
     @model_validator(mode="after")
     def _periods_chain(self) -> Params:
@@ -630,11 +648,11 @@ class Params(_Section):
         out because declaring a period names it, it does not change what any period trains
         on (a period's frames are its shard's fingerprint, its parent and memory the lineage's):
         appending the periods that ran to params.yaml (``cssl lineage export --write``) must
-        not make every finished period look unfinished.
+        not make every finished period look unfinished. ``index`` (where the embedding index
+        lives, when it is backfilled) does not change a model either.
         """
-        dump = self.model_dump(
-            mode="json", exclude={"distributed", "drift", "watch", "calendar", "periods"}
-        )
+        exclude = {"distributed", "drift", "watch", "calendar", "periods", "index"}
+        dump = self.model_dump(mode="json", exclude=exclude)
         blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -27,23 +27,39 @@ Throughput: a chunk reads only the Parquet row groups holding its frames (the pl
 within a wave by storage), decodes and embeds in batches, and sends back float32 vectors; the
 writer's commit is an update of the chunk's rows. Memory per worker is one chunk of images and
 features; the flow holds at most ``window`` chunks of vectors.
+
+**When to backfill** (:func:`backfill_decision`). Every registered version carries the registry
+tag ``cssl.compat`` (``direct``, ``adapter`` or ``none``): whether it is compatible with the
+champion it replaced, its ``parent_version``. A version ``T`` is compatible with an index built
+by version ``L`` when ``T == L`` or every version on ``T``'s lineage back to ``L`` is tagged
+``direct`` or ``adapter`` (:func:`compatibility`); a missing tag counts as unknown, so not
+compatible, and so does a ``T`` whose lineage does not reach ``L`` (a rollback). The refresh
+flow calls :func:`backfill_if_needed` after a promotion; it backfills only when
+``index.backfill_on_promotion`` is on (off by default: a backfill re-embeds the whole archive,
+a cost the refresh should not take on unasked, and an index that was not backfilled keeps
+answering in its own version's space; ``cssl index status`` says when it lags @champion).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from cssl_core.data.shard import Shard
+from cssl_core.data.shard import MANIFEST, Shard, ShardError
+from cssl_core.data.storage import atomic_write_text
 from pipelines.index import (
     ChunkEmbeddings,
     ChunkSpec,
@@ -52,6 +68,14 @@ from pipelines.index import (
     Order,
 )
 from pipelines.index_build import embed_images, read_chunk_images
+from pipelines.settings import state_dir
+
+if TYPE_CHECKING:
+    from cssl_core.config import Params
+    from pipelines.registry import ModelRegistry, VersionInfo
+
+COMPAT_TAG = "cssl.compat"
+COMPATIBLE_VIA = ("direct", "adapter")
 
 
 @dataclass(frozen=True)
@@ -303,23 +327,276 @@ def run_distributed_backfill(
     window: int | None = None,
 ) -> BackfillReport:
     """Run the :func:`backfill` flow on a Dask cluster (see :func:`dask_task_runner`). Each
-    local worker gets ``cpu_count // workers`` torch threads. Point ``PREFECT_API_URL`` at a
-    Prefect server first: without one, every Dask worker process starts its own temporary
-    Prefect server (tens of seconds each)."""
+    local worker gets ``cpu_count // workers`` torch threads. Without ``PREFECT_API_URL`` every
+    Dask worker process would start a temporary Prefect server of its own (tens of seconds
+    each), so the workers are pointed at the server this process uses
+    (:func:`prefect_api_for_workers`). ``workers=1`` with no address runs the flow on Prefect's
+    default task runner (threads of this process), with no Dask cluster."""
     index = EmbeddingIndex(index_uri)
-    threads = None if address else max(1, (os.cpu_count() or 1) // max(workers, 1))
-    runner = dask_task_runner(workers, address)
-    return backfill.with_options(task_runner=runner)(
-        index.uri,
-        [str(s) for s in shards],
-        str(model_dir),
-        version,
-        order=order,
-        chunk_size=chunk_size,
-        waves=waves,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        threads_per_worker=threads,
-        window=window or 2 * workers,
+    local = workers == 1 and not address
+    threads = None if address or local else max(1, (os.cpu_count() or 1) // max(workers, 1))
+    runner = None if local else dask_task_runner(workers, address)
+    run = backfill if runner is None else backfill.with_options(task_runner=runner)
+    with prefect_api_for_workers(needed=not local):
+        return run(
+            index.uri,
+            [str(s) for s in shards],
+            str(model_dir),
+            version,
+            order=order,
+            chunk_size=chunk_size,
+            waves=waves,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            threads_per_worker=threads,
+            window=window or 2 * workers,
+        )
+
+
+@contextmanager
+def prefect_api_for_workers(needed: bool = True) -> Iterator[None]:
+    """While the block runs, ``PREFECT_API_URL`` names the Prefect server this process uses
+    (the temporary one started here when there is none), so Dask worker processes report to
+    it instead of each starting a server of its own."""
+    if not needed or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        server = SubprocessASGIServer()
+        if not server.running:
+            from pipelines.prefect_server import start_local_server
+
+            start_local_server()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = str(url)
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+# -- what the CLI and the refresh flow need around a backfill -----------------------------------
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """Whether queries embedded by ``target_version`` may search an index built by
+    ``live_version`` (``via``: ``same``, ``direct``, ``adapter`` or ``none``)."""
+
+    live_version: int
+    target_version: int
+    compatible: bool
+    via: str
+    reason: str
+
+
+def compatibility(registry: ModelRegistry, live_version: int, target_version: int) -> Compatibility:
+    """Follow ``target_version``'s lineage (``parent_version``) back to ``live_version``: the
+    two are compatible when every version on the way carries ``cssl.compat`` = ``direct`` or
+    ``adapter`` (``adapter`` when any step needs the adapter). A missing tag is unknown, so
+    not compatible; so is a lineage that never reaches ``live_version``."""
+    if target_version == live_version:
+        return Compatibility(live_version, target_version, True, "same", "the same version")
+    path: list[VersionInfo] = []  # target, its parent, ... down to the child of live
+    current: int | None = target_version
+    while current is not None and current != live_version and len(path) <= 10_000:
+        path.append(registry.get(current))
+        current = path[-1].lineage.parent_version
+    if current != live_version:
+        return Compatibility(
+            live_version,
+            target_version,
+            False,
+            "none",
+            f"version {live_version} is not in version {target_version}'s lineage",
+        )
+    via = "direct"
+    for info in path:
+        tag = info.tags.get(COMPAT_TAG, "")
+        if tag not in COMPATIBLE_VIA:
+            what = f"{COMPAT_TAG}={tag}" if tag else f"no {COMPAT_TAG} tag (unknown)"
+            return Compatibility(
+                live_version,
+                target_version,
+                False,
+                "none",
+                f"version {info.version} carries {what}",
+            )
+        via = "adapter" if tag == "adapter" else via
+    return Compatibility(
+        live_version,
+        target_version,
+        True,
+        via,
+        f"every version from {live_version} to {target_version} is compatible ({via})",
     )
+
+
+def embedder_dir(registry: ModelRegistry, version: int) -> Path:
+    """A local copy of ``version``'s embedder directory, downloaded once per registry and
+    version into ``CSSL_HOME/cache/models`` (a backfill's workers and a resumed backfill
+    load it from there)."""
+    from cssl_core.learn.models import CONFIG_FILE
+
+    key = hashlib.sha256(registry.uri.encode()).hexdigest()[:12]
+    root = state_dir() / "cache" / "models" / f"{key}-v{version}"
+    marker = root / "embedder.txt"
+    if marker.is_file() and (root / marker.read_text().strip() / CONFIG_FILE).is_file():
+        return root / marker.read_text().strip()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=root.parent)).resolve()
+    try:
+        rel = registry.download_embedder(version, tmp).relative_to(tmp)
+        atomic_write_text(tmp / "embedder.txt", str(rel))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / rel
+
+
+def index_shards(
+    index: EmbeddingIndex, given: Sequence[str | Path] = (), store_root: str | None = None
+) -> list[Shard]:
+    """The shards holding the images of the index's rows: ``given`` directories first, then
+    where each shard was indexed from (``shards.json``), then the period's shard in the store
+    at ``store_root`` when its fingerprint matches. One line naming what is missing."""
+    found = open_shards(given)
+    sources = index.shard_sources()
+    missing = []
+    for fp in sorted(index.fingerprints() - set(found)):
+        source = sources.get(fp)
+        shard = _shard_at(Path(source.path), fp) if source else None
+        if shard is None and source is not None and store_root:
+            shard = _stored(store_root, source.period, fp)
+        if shard is None:
+            where = f"{source.period} (indexed from {source.path})" if source else fp[:12]
+            missing.append(where)
+        else:
+            found[fp] = shard
+    if missing:
+        raise EmbeddingIndexError(
+            f"the index holds frames of shards that are not found: {', '.join(missing)}; "
+            "give their directories with --shard"
+        )
+    return list(found.values())
+
+
+def _shard_at(path: Path, fingerprint: str) -> Shard | None:
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        shard = Shard.open(path)
+    except ShardError:
+        return None
+    return shard if shard.fingerprint == fingerprint else None
+
+
+def _stored(store_root: str, period: str, fingerprint: str) -> Shard | None:
+    from cssl_core import period as core
+    from cssl_core.data.storage import open_store
+
+    try:
+        shard = core.stored_shard(open_store(store_root), period, state_dir() / "cache" / "shards")
+    except ShardError:
+        return None
+    return shard if shard.fingerprint == fingerprint else None
+
+
+@dataclass(frozen=True)
+class BackfillDecision:
+    """Whether the index must be backfilled to ``version``, why, and the run when one ran."""
+
+    version: int
+    backfill: bool
+    reason: str
+    report: BackfillReport | None = None
+
+
+def backfill_decision(
+    registry: ModelRegistry, index: EmbeddingIndex, version: int
+) -> BackfillDecision:
+    """Backfill when the index exists and ``version`` is not compatible with its live
+    version (:func:`compatibility`), or when a backfill to ``version`` was interrupted."""
+    pointer = index.pointer()
+    if pointer.live is None:
+        return BackfillDecision(version, False, f"there is no index at {index.uri}")
+    b = pointer.backfill
+    if b is not None:
+        if b.target_version == version:
+            return BackfillDecision(version, True, f"resuming the backfill to version {version}")
+        return BackfillDecision(
+            version,
+            False,
+            f"a backfill to version {b.target_version} is in progress; finish it first "
+            f"(cssl backfill --to {b.target_version})",
+        )
+    live = pointer.live.model_version
+    compat = compatibility(registry, live, version)
+    if compat.compatible:
+        return BackfillDecision(
+            version,
+            False,
+            f"version {version} is compatible with the index's version {live} ({compat.via})",
+        )
+    return BackfillDecision(
+        version,
+        True,
+        f"version {version} is not compatible with the index's version {live}: {compat.reason}",
+    )
+
+
+def backfill_if_needed(
+    registry_uri: str, index_uri: str | None, version: int, params: Params
+) -> BackfillDecision:
+    """After ``version`` was promoted: backfill the index at ``index_uri`` (default
+    ``CSSL_HOME/index``) to it when ``index.backfill_on_promotion`` is on and
+    :func:`backfill_decision` says so, with the :func:`backfill` flow on ``index.workers``
+    Dask workers (or the cluster at ``index.dask_address``). Shards are found as
+    :func:`index_shards` finds them, with the store at ``store.root``."""
+    from pipelines.registry import open_registry
+
+    if not params.index.backfill_on_promotion:
+        return BackfillDecision(version, False, "index.backfill_on_promotion is off")
+    registry = open_registry(registry_uri)
+    index = EmbeddingIndex(index_uri)
+    decision = backfill_decision(registry, index, version)
+    log = _logger()
+    log.info(f"index {index.uri}: {decision.reason}")
+    if not decision.backfill:
+        return decision
+    try:
+        report = run_distributed_backfill(
+            index.uri,
+            [str(s.path) for s in index_shards(index, store_root=params.store.root)],
+            embedder_dir(registry, version),
+            version,
+            workers=params.index.workers,
+            address=params.index.dask_address,
+        )
+    except Exception as exc:
+        raise EmbeddingIndexError(
+            f"version {version} was promoted, but backfilling the index {index.uri} failed "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"`cssl backfill --to {version}` resumes it"
+        ) from exc
+    log.info(
+        f"index {index.uri}: backfilled {report.rows} rows to version {version} "
+        f"(switched: {report.switched})"
+    )
+    return replace(decision, report=report)
+
+
+def _logger() -> Any:
+    """The Prefect run logger inside a flow, else this module's logger."""
+    import logging
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run context
+        return logging.getLogger(__name__)

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cssl_core.config import ConfigError, Params, json_schema, load_params
-from cssl_core.data.shard import MANIFEST
+from cssl_core.data.shard import MANIFEST, Shard
 from pipelines import stopping
 from pipelines.settings import state_dir
 
@@ -492,6 +493,323 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- the embedding index: build, search, status, backfill ---------------------------------
+
+
+def _index(args: argparse.Namespace, params: Params) -> Any:
+    """The index ``--index`` names, else ``index.uri``, else ``CSSL_HOME/index``."""
+    from pipelines.index import EmbeddingIndex
+
+    return EmbeddingIndex(getattr(args, "index", None) or params.index.uri)
+
+
+def _live_index(args: argparse.Namespace, params: Params) -> Any:
+    """The index, or one line saying how to build it when there is none."""
+    index = _index(args, params)
+    if index.pointer().live is None:
+        raise CliError(f"there is no index at {index.uri}: build one with `cssl index build SHARD`")
+    return index
+
+
+def _registered(registry: Any, ref: str) -> Any:
+    """The finished version ``ref`` names (``@champion``, ``champion``, ``3``, models:/...)."""
+    from pipelines.settings import MODEL_NAME
+
+    if not registry.versions():
+        raise CliError(
+            f"no versions of {MODEL_NAME} yet in {registry.uri}: run `cssl refresh` or `cssl demo`"
+        )
+    info = registry.resolve(ref.removeprefix("@"))
+    if info is None:
+        raise CliError(
+            f"{ref} names no finished version of {MODEL_NAME} in {registry.uri} (give "
+            "@champion, @challenger, a version number or models:/NAME@ALIAS)"
+        )
+    return info
+
+
+def _embedder(registry: Any, version: int) -> Any:
+    from pipelines.backfill import embedder_dir, load_model
+
+    return load_model(embedder_dir(registry, version))
+
+
+def index_build(
+    shards: Sequence[str | Path], model: str, index_uri: str | None
+) -> tuple[Any, list[str]]:
+    """Embed ``shards`` with the registered ``model`` into the index; the report and its lines
+    (``cssl index build`` and the end of ``cssl demo``)."""
+    from pipelines.backfill import compatibility, embedder_dir
+    from pipelines.index import EmbeddingIndex
+    from pipelines.index_build import build_index
+    from pipelines.registry import open_registry
+
+    registry = open_registry()
+    info = _registered(registry, model)
+    index = EmbeddingIndex(index_uri)
+    live = index.pointer().live
+    # Rows of another version may join the live table only when they are in its space.
+    direct = (
+        live is not None
+        and live.model_version != info.version
+        and compatibility(registry, live.model_version, info.version).via in ("direct", "same")
+    )
+    report = build_index(
+        [str(shard_dir(s)) for s in shards],
+        embedder_dir(registry, info.version),
+        info.version,
+        index.uri,
+        compatible=direct,
+    )
+    lines = [
+        f"{b.period}: "
+        + (
+            f"already indexed with version {report.model_version}, skipped"
+            if b.skipped
+            else f"{b.rows} frames embedded with version {report.model_version}"
+        )
+        for b in report.shards
+    ]
+    search = "IVF_PQ" if report.ann_index else "exact"
+    lines.append(
+        f"index {report.index_uri}: {report.rows_total} rows in {report.table} "
+        f"({search} search), {report.rows_written} written in {report.seconds:.1f} s"
+    )
+    return report, lines
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    params = _params(args)
+    report, lines = index_build(args.shards, args.model, args.index or params.index.uri)
+    _emit(args, asdict(report), lines)
+    return EXIT_OK
+
+
+def _query(args: argparse.Namespace, index: Any) -> tuple[Any, Any, str]:
+    """The query vector in the searched space, the one in the old space during a backfill,
+    and what the query is (for the heading)."""
+    from pipelines.index_build import embed_images
+    from pipelines.registry import open_registry
+
+    pointer = index.pointer()
+    b = pointer.backfill
+    if args.frame_id:
+        stored = index.stored_vectors(args.frame_id)
+        if stored.vector is not None:
+            return stored.vector, stored.old_vector, f"frame {args.frame_id}"
+        # Not re-embedded yet by the backfill in progress: embed its image with the new model.
+        from pipelines.backfill import index_shards
+        from pipelines.index_build import read_chunk_images
+
+        spec = index.frame_spec(args.frame_id)
+        shards = {s.fingerprint: s for s in index_shards(index)}
+        images = read_chunk_images(spec, shards)
+        what = f"frame {args.frame_id}"
+    else:
+        from cssl_core.data.images import ImageRejected, decode_image
+
+        path = Path(args.image)
+        if not path.is_file():
+            raise CliError(f"{path}: no such image file")
+        images = [path.read_bytes()]
+        try:
+            decode_image(images[0])
+        except ImageRejected as exc:
+            raise CliError(f"{path} is not a readable image ({exc})") from None
+        what = f"image {path}"
+    registry = open_registry()
+    version = b.target_version if b is not None else pointer.live.model_version
+    query = embed_images(_embedder(registry, version), images)[0]
+    old = None
+    if b is not None:
+        old = embed_images(_embedder(registry, b.source_version), images)[0]
+    return query, old, what
+
+
+def search_lines(index: Any, hits: Sequence[Any], what: str) -> list[str]:
+    """Search hits as a table, best first."""
+    pointer = index.pointer()
+    space = f"version {pointer.live.model_version}"
+    if pointer.backfill is not None:
+        b = pointer.backfill
+        space = f"versions {b.source_version} and {b.target_version} (backfill in progress)"
+    lines = [
+        f"top {len(hits)} for {what} in {index.uri} ({space}):",
+        f"  {'rank':>4}  {'score':>6}  {'frame_id':<32}  {'period':<8}  {'category':<16}  "
+        f"{'split':<5}  version",
+    ]
+    for rank, h in enumerate(hits, 1):
+        lines.append(
+            f"  {rank:>4}  {h.score:6.3f}  {h.frame_id:<32}  {h.period:<8}  "
+            f"{h.category or '-':<16}  {h.split:<5}  {h.model_version}"
+        )
+    return lines
+
+
+def demo_index(shards: Sequence[Path], index_uri: str | None) -> tuple[list[str], str | None]:
+    """The end of ``cssl demo``: index the demo's frames with @champion and search for the
+    neighbours of one eval frame of the last period. Its lines, and that frame's id."""
+    from pipelines.index import EmbeddingIndex, EmbeddingIndexError
+
+    t0 = time.perf_counter()
+    try:
+        _, lines = index_build(shards, "@champion", index_uri)
+    except EmbeddingIndexError as exc:  # e.g. @champion moved since the index was built
+        lines = [f"{exc}".splitlines()[0]]
+    index = EmbeddingIndex(index_uri)
+    if index.pointer().live is None:
+        return lines, None
+    frame = Shard.open(shards[-1]).read(["frame_id"], split="eval")["frame_id"][0].as_py()
+    stored = index.stored_vectors(frame)
+    if stored.vector is None:  # a backfill is half way: `cssl search` embeds it then
+        return lines, frame
+    hits = index.search(stored.vector, 6, old_query=stored.old_vector)
+    lines += search_lines(index, [h for h in hits if h.frame_id != frame][:5], f"frame {frame}")
+    lines.append(f"(index build and search: {time.perf_counter() - t0:.1f} s)")
+    return lines, frame
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise CliError(f"--k must be >= 1, got {args.k}")
+    index = _live_index(args, _params(args))
+    query, old, what = _query(args, index)
+    # A frame is its own best match: ask for one more and leave it out.
+    extra = 1 if args.frame_id else 0
+    hits = index.search(query, args.k + extra, old_query=old)
+    hits = [h for h in hits if h.frame_id != args.frame_id][: args.k]
+    payload = {"query": what, "hits": [asdict(h) for h in hits]}
+    _emit(args, payload, search_lines(index, hits, what))
+    return EXIT_OK
+
+
+def cmd_index_status(args: argparse.Namespace) -> int:
+    from pipelines.backfill import compatibility
+    from pipelines.registry import open_registry
+
+    index = _live_index(args, _params(args))
+    status = index.status()
+    registry = open_registry()
+    champion = registry.champion()
+    compat = None
+    if champion is not None and status.live_version is not None:
+        compat = compatibility(registry, status.live_version, champion.version)
+    search = (
+        "IVF_PQ search"
+        if status.ann_index
+        else f"exact search (IVF_PQ from {index.ann_min_rows:,} rows)"
+    )
+    per_version = ", ".join(f"v{v}: {n}" for v, n in status.rows_per_version.items())
+    lines = [
+        f"index {status.uri}: {status.rows} rows",
+        f"  live: table {status.live_table}, model version {status.live_version}, "
+        f"D={status.dim}, {search}",
+        f"  rows per model version: {per_version}",
+    ]
+    if compat is None:
+        lines.append("  @champion: none yet")
+    elif compat.compatible:
+        lines.append(
+            f"  @champion: version {compat.target_version}, compatible with the index "
+            f"({compat.via}: {compat.reason})"
+        )
+    else:
+        lines.append(
+            f"  @champion: version {compat.target_version}, NOT compatible with the index "
+            f"({compat.reason}); `cssl backfill` re-embeds it with @champion"
+        )
+    if status.table_versions:
+        first, last = status.table_versions[0], status.table_versions[-1]
+        lines.append(
+            f"  LanceDB versions of {status.live_table}: {first.version}..{last.version} "
+            f"(latest {last.timestamp:%Y-%m-%d %H:%M:%S})"
+        )
+    lines.append(
+        "  history: "
+        + ", ".join(f"{h.table} (v{h.model_version}) from {h.live_from}" for h in status.history)
+    )
+    if status.backfill is not None:
+        b = status.backfill
+        lines.append(
+            f"  backfill to version {b.target_version} in progress: {b.chunks_done}/{b.chunks} "
+            f"chunks, {b.rows_done}/{b.rows} rows ({b.order} order); `cssl backfill --to "
+            f"{b.target_version}` resumes it"
+        )
+    payload = {"status": asdict(status), "champion": asdict(compat) if compat else None}
+    _emit(args, payload, lines)
+    return EXIT_OK
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from pipelines.backfill import (
+        compatibility,
+        embedder_dir,
+        index_shards,
+        run_backfill,
+        run_distributed_backfill,
+    )
+    from pipelines.registry import open_registry
+
+    params = _params(args)
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    index = _live_index(args, params)
+    registry = open_registry()
+    pointer = index.pointer()
+    live, running = pointer.live, pointer.backfill
+    if args.to is None and running is not None:
+        version = running.target_version  # resume what was started
+    else:
+        version = _registered(registry, args.to or "@champion").version
+    if running is None and version == live.model_version:
+        _emit(args, {"switched": False}, [f"the index is already on version {version}"])
+        return EXIT_OK
+    if running is None:
+        compat = compatibility(registry, live.model_version, version)
+        note = "compatible, re-embedding anyway" if compat.compatible else "not compatible"
+        console.print(f"version {version} vs the index's version {live.model_version}: {note}")
+    else:
+        console.print(
+            f"resuming the backfill to version {running.target_version}: "
+            f"{len(index.pending_chunks())} of {running.chunks} chunks to go"
+        )
+    model_dir = embedder_dir(registry, version)
+    shards = [str(s.path) for s in index_shards(index, args.shard or (), params.store.root)]
+    common = {"order": args.order, "chunk_size": args.chunk_size}
+    if args.workers == 1 and not args.dask_address:
+
+        def committed(chunk: int, done: int) -> None:
+            total = index.pointer().backfill.chunks
+            console.print(f"committed chunk {chunk} ({done}/{total} chunks)")
+
+        report = run_backfill(index.uri, shards, model_dir, version, on_commit=committed, **common)
+    else:
+        if not args.debug:  # Dask's INFO lines and shutdown heartbeats; task errors still fail
+            os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+        with flow_session(args, TrainingProgress(1)):
+            report = run_distributed_backfill(
+                index.uri,
+                shards,
+                model_dir,
+                version,
+                workers=args.workers,
+                address=args.dask_address,
+                **common,
+            )
+    lines = [
+        f"backfilled {report.rows} rows to version {version} in {report.seconds:.1f} s "
+        f"({report.chunks_run} of {report.chunks} chunks this run, "
+        f"{report.chunks_committed_before} committed before; {report.order} order)"
+    ]
+    if report.switched:
+        lines.append(
+            f"switched: the index now serves version {version}; the table of version "
+            f"{report.source_version} is kept (LanceDB history)"
+        )
+    _emit(args, report.as_dict(), lines)
+    return EXIT_OK
+
+
 def _command(name: str) -> str:
     """How the user runs ``name`` from here: the script next to this Python (relative to the
     current directory when it is below it, e.g. ``.venv/bin/cssl``), else the bare name."""
@@ -508,18 +826,28 @@ def _here(path: Path) -> Path:
 
 
 def explore_lines(
-    home: Path, shards: Path, periods: Sequence[str], env: Mapping[str, str]
+    home: Path,
+    shards: Path,
+    periods: Sequence[str],
+    env: Mapping[str, str],
+    frame_id: str | None = None,
 ) -> list[str]:
     """Commands that work verbatim after the demo, with the settings that reach its state."""
     cssl = "".join(f"{k}={v} " for k, v in env.items()) + _command("cssl")
     db = _here(home / "mlflow.db")
-    return [
+    lines = [
         "Explore:",
         f"  {cssl} report    # accuracy matrix, metrics and lineage, from MLflow",
         f"  {cssl} embed {_here(shards / periods[-1])} --out embeddings.parquet",
         f"  {cssl} rollback  # @champion back to the previous one (`cssl promote N` to move it)",
         f"  {_command('mlflow')} ui --backend-store-uri sqlite:///{db}  # runs, plots, registry",
     ]
+    if frame_id is not None:
+        lines += [
+            f"  {cssl} search --frame-id {frame_id} --k 5  # nearest frames in the index",
+            f"  {cssl} index status  # versions in the index; compatible with @champion?",
+        ]
+    return lines
 
 
 DEMO_STREAMS = ("drifting", "static-then-shift")
@@ -611,9 +939,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out.rule("report (read back from MLflow)")
         for line in format_report(build_report(params)):
             out.print(line)
+    out.rule("embedding index (LanceDB) and a search")
+    lines, frame = demo_index([shards / p for p in names], params.index.uri)
+    for line in lines:
+        out.print(escape(line))
     minutes = (time.perf_counter() - t0) / 60
     out.print(f"\n[bold]done in {minutes:.1f} min.[/]")
-    for line in explore_lines(home, shards, names, env):
+    for line in explore_lines(home, shards, names, env, frame):
         out.print(line)
     out.print(f"Rerunning is idempotent; delete {_here(home)} to start over.")
     return EXIT_OK
@@ -919,6 +1251,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PARAMS_YAML",
         help="append them to this params file (default: --params, else ./params.yaml)",
     )
+
+    p = verb("index", lambda a: a.index_parser.print_help() or EXIT_USAGE, "The embedding index.")
+    p.set_defaults(index_parser=p)
+    actions = p.add_subparsers(dest="index_action", metavar="ACTION")
+    b = actions.add_parser(
+        "build",
+        parents=[common],
+        help="embed shards' frames into the index (LanceDB)",
+        description="Embed every frame of the shards with a registered model and add them to "
+        "the embedding index (rows already indexed with that version are skipped).",
+    )
+    b.set_defaults(func=cmd_index_build)
+    b.add_argument("shards", nargs="+", metavar="SHARD", help="shard directories")
+    b.add_argument(
+        "--model", default="@champion", help="registered version: @champion, 3, models:/..."
+    )
+    b.add_argument("--index", help="index location: directory or s3://... (default: index.uri)")
+    st = actions.add_parser(
+        "status",
+        parents=[common],
+        help="rows per model version, live version, table versions, compatibility",
+        description="Rows per model version, the live version, LanceDB table versions, the "
+        "backfill in progress, and whether @champion is compatible with the index.",
+    )
+    st.set_defaults(func=cmd_index_status)
+    st.add_argument("--index", help="index location (default: index.uri)")
+
+    p = verb("search", cmd_search, "Top-k frames of the index most similar to an image or frame.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="an image file (embedded with the index's model version)")
+    what.add_argument("--frame-id", help="a frame of the index")
+    p.add_argument("--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--index", help="index location (default: index.uri)")
+
+    p = verb("backfill", cmd_backfill, "Re-embed the index with another version, then switch.")
+    p.add_argument(
+        "--to",
+        metavar="VERSION",
+        help="target version: a number, @champion, ... (default: the backfill in progress, "
+        "else @champion)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="Dask workers (1: in this process)")
+    p.add_argument("--dask-address", help="an existing Dask scheduler, tcp://host:8786")
+    p.add_argument(
+        "--shard",
+        action="append",
+        metavar="DIR",
+        help="a shard holding indexed frames (default: where they were indexed from, or the store)",
+    )
+    p.add_argument("--order", choices=["uncertainty", "random"], default="uncertainty")
+    p.add_argument("--chunk-size", type=int, default=512, help="rows per chunk (and commit)")
+    p.add_argument("--index", help="index location (default: index.uri)")
 
     p = verb("train", cmd_train, "DVC stage: train one period from files (no MLflow).")
     p.add_argument("--period", required=True)

@@ -6,6 +6,8 @@ tables, a local directory or ``s3://bucket/prefix``, table versions, ANN indexes
 search is written here. Layout under the index URI::
 
     index.json              the live pointer (below); replaced in one atomic write
+    shards.json             where the indexed shards were read from (fingerprint -> period,
+                            directory), so a backfill finds the frames' images again
     frames_v3.lance/        the live table: one row per frame
     frames_v4.lance/        during a backfill to version 4: the staging table
 
@@ -85,6 +87,7 @@ os.environ.setdefault("LANCEDB_LOG", "error")
 
 INDEX_FORMAT = 1
 POINTER_KEY = "index.json"
+SOURCES_KEY = "shards.json"
 ANN_MIN_ROWS = 50_000
 ANN_NPROBES = 20
 ANN_REFINE_FACTOR = 50
@@ -279,6 +282,15 @@ class StoredVectors:
     model_version: int
     vector: np.ndarray | None
     old_vector: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where the frames of one indexed shard were read from (``shards.json``)."""
+
+    fingerprint: str
+    period: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -537,6 +549,50 @@ class EmbeddingIndex:
                 table.add(new_rows)
                 inserted += new_rows.num_rows
         return AddResult(table.name, inserted, updated)
+
+    def shard_sources(self) -> dict[str, ShardSource]:
+        """The shards indexed so far, by fingerprint (empty for an index built before
+        ``shards.json`` existed)."""
+        try:
+            raw = self._store.get_bytes(SOURCES_KEY)
+        except KeyNotFound:
+            return {}
+        try:
+            return {d["fingerprint"]: ShardSource(**d) for d in json.loads(raw)["shards"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            where = self._store.key_uri(SOURCES_KEY)
+            raise EmbeddingIndexError(f"{where}: not a valid shard list ({exc})") from None
+
+    def record_shards(self, sources: Sequence[ShardSource]) -> None:
+        """Add (or update) shards in ``shards.json`` (one atomic write)."""
+        with self.writer():
+            known = self.shard_sources()
+            known.update({s.fingerprint: s for s in sources})
+            data = {"shards": [asdict(known[fp]) for fp in sorted(known)]}
+            self._store.put_bytes(SOURCES_KEY, (json.dumps(data, indent=2) + "\n").encode())
+
+    def fingerprints(self) -> set[str]:
+        """The shard fingerprints the searched table's rows come from."""
+        pointer = self.pointer()
+        name = pointer.backfill.table if pointer.backfill else pointer.live and pointer.live.table
+        if not name:
+            return set()
+        column = self._open(name).search().select(["shard_fingerprint"]).to_arrow()
+        return set(pc.unique(column["shard_fingerprint"]).to_pylist())
+
+    def frame_spec(self, frame_id: str) -> ChunkSpec:
+        """Where one frame's image lives (a one-row :class:`ChunkSpec`, index -1)."""
+        pointer = self.pointer()
+        name = pointer.backfill.table if pointer.backfill else pointer.live and pointer.live.table
+        rows = []
+        if name:
+            cols = ["frame_id", "shard_fingerprint", "part", "row"]
+            found = self._open(name).search().where(f"frame_id = {_sql(frame_id)}").select(cols)
+            rows = found.to_arrow().to_pylist()
+        if not rows:
+            raise EmbeddingIndexError(f"frame {frame_id} is not in the index {self.uri}")
+        r = rows[0]
+        return ChunkSpec(-1, (frame_id,), (r["shard_fingerprint"],), (r["part"],), (r["row"],))
 
     def rows_of_shard(self, fingerprint: str, model_version: int) -> int:
         """Rows from the shard with this fingerprint already embedded by ``model_version``."""

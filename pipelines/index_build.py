@@ -28,6 +28,7 @@ from pipelines.index import (
     EmbeddingIndex,
     EmbeddingIndexError,
     FrameRows,
+    ShardSource,
 )
 
 if TYPE_CHECKING:
@@ -159,11 +160,28 @@ def build_index(
     start = time.perf_counter()
     index = EmbeddingIndex(index_uri, ann_min_rows=ann_min_rows)
     model = Embedder.load(model_dir, device=device).eval()
+    pointer = index.pointer()
+    if pointer.live is not None and pointer.backfill is None:
+        live, dim = pointer.live, int(model.num_features)
+        if version != live.model_version and not compatible:
+            raise EmbeddingIndexError(
+                f"the index {index.uri} is in version {live.model_version}'s space and version "
+                f"{version} is not declared compatible with it: build with version "
+                f"{live.model_version}, or backfill the index to version {version} first"
+            )
+        if dim != live.dim:
+            raise EmbeddingIndexError(
+                f"model version {version} embeds D={dim}, the index {index.uri} stores "
+                f"D={live.dim}: backfill the index to version {version} instead"
+            )
     done: list[ShardBuild] = []
     written = 0
     with index.writer():
-        for item in shards:
-            shard = item if isinstance(item, Shard) else Shard.open(item)
+        opened = [item if isinstance(item, Shard) else Shard.open(item) for item in shards]
+        index.record_shards(
+            [ShardSource(s.fingerprint, s.period, str(Path(s.path).absolute())) for s in opened]
+        )
+        for shard in opened:
             if index.rows_of_shard(shard.fingerprint, version) == shard.num_rows:
                 done.append(ShardBuild(shard.period, shard.fingerprint, 0, True))
                 continue

@@ -51,6 +51,7 @@ from cssl_core.learn.models import Embedder
 from cssl_core.learn.trainer import StepLog, TrainResult
 from cssl_core.memory.replay import ReplayError, ReplayMemory
 from pipelines import progress, stopping
+from pipelines.backfill import backfill_if_needed
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import (
     MetricPoint,
@@ -843,4 +844,6 @@ def refresh(
                 version, state, trained, scores, decision, time.perf_counter() - t_start
             )
             log_run(registry, run_id, params, trained, scores, decision, summary, state)
+    if decision.promote:  # re-embed the index when the new champion breaks it (index.*)
+        backfill_if_needed(registry, params.index.uri, version.version, params)
     return summary.as_dict()

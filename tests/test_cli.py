@@ -50,9 +50,14 @@ def test_every_verb_is_listed():
         "lineage",
         "train",
         "evaluate",
+        "index",
+        "search",
+        "backfill",
     }
     assert ("bench", "ingest") in VERBS
     assert ("lineage", "export") in VERBS
+    assert ("index", "build") in VERBS and ("index", "status") in VERBS
+    assert ("bench", "index") in VERBS
 
 
 @pytest.mark.parametrize(
@@ -296,6 +301,19 @@ def test_a_newcomers_path_demo_then_the_commands_it_prints(
     assert main(["promote", "2"]) == EXIT_OK
     store = ui[ui.index("--backend-store-uri") + 1]
     assert MlflowRegistry(store).champion().version == 2
+
+    # The demo ends with an index of its frames and a search; the next commands it prints.
+    assert "embedding index (LanceDB) and a search" in "\n".join(printed[:at])
+    search, status = (shlex.split(line.split("  #")[0])[1:] for line in printed[at + 5 : at + 7])
+    assert search[:2] == ["search", "--frame-id"]
+    capsys.readouterr()
+    assert main([*search, "--json"]) == EXIT_OK
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 5 and all(h["model_version"] == 2 for h in hits)
+    assert main([*status, "--json"]) == EXIT_OK
+    indexed = json.loads(capsys.readouterr().out)
+    assert indexed["status"]["rows_per_version"] == {"2": 160}
+    assert indexed["champion"]["via"] == "same"
 
 
 def test_the_temporary_prefect_server_gets_time_a_retry_and_a_one_line_failure(
