@@ -69,8 +69,23 @@ class LocalServer:
 
     def stop(self) -> None:
         if self.server is not None:
+            drain_prefect_clients()
             self.server.stop()
             self.server = None
+
+
+def drain_prefect_clients(timeout: float = 10.0) -> None:
+    """Send what Prefect's event and log workers still hold while the server is up: drained
+    after it stops, they retry against a closed port at exit (a minute of warnings, and a
+    stopped command that does not end). Best effort: the command's own outcome is decided."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a failed flush must not replace the command's result
+            continue
 
 
 def startup_timeout() -> int:

@@ -75,7 +75,7 @@ def _ask_to_stop(signum: int, frame: FrameType | None) -> None:
     if not first:
         raise Interrupted(signum)
     # If the step does not end in time, deliver the signal again: this handler then raises.
-    _watchdog = threading.Timer(GRACE_SECONDS, _thread.interrupt_main, kwargs={"signum": signum})
+    _watchdog = threading.Timer(GRACE_SECONDS, _thread.interrupt_main, args=(signum,))
     _watchdog.daemon = True
     _watchdog.start()
 

@@ -104,3 +104,24 @@ def test_sigterm_during_training_stops_cleanly_and_the_rerun_resumes(
     summary = json.loads(rerun.stdout)
     assert summary["resumed_from"] == stopped_at
     assert (summary["version"], summary["promoted"]) == (1, True)
+
+
+def test_a_step_that_outlasts_the_grace_period_is_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first signal only asks training to stop; when the step does not end within
+    ``GRACE_SECONDS`` the watchdog delivers the signal again and the command stops at once."""
+    from pipelines import stopping
+
+    monkeypatch.setattr(stopping, "GRACE_SECONDS", 0.5)
+    stopping.reset()
+    start = time.monotonic()
+    with pytest.raises(stopping.Interrupted) as stopped:
+        with stopping.handling_signals(), stopping.graceful_training():
+            os.kill(os.getpid(), signal.SIGTERM)
+            while time.monotonic() - start < 30:  # a step that never checks should_stop
+                time.sleep(0.05)
+    assert stopped.value.signum == signal.SIGTERM
+    assert stopping.stop_requested()
+    assert time.monotonic() - start < 10
+    stopping.reset()
