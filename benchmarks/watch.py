@@ -448,10 +448,10 @@ def product_work(params: Params, shards: dict[str, Shard]) -> Work:
 
 def run_replay(out: Path, params: Params, *, bootstrap: int, seed: int, log: Log) -> dict[str, Any]:
     """Simulate the stream, replay it under both policies and summarize (module docstring)."""
+    import torch
+
     from benchmarks.drift import build_stream
     from cssl_core.data.simulate import EPOCH, PERIOD_LENGTH
-
-    import torch
 
     if params.train.num_threads:  # evaluation and drift checks too, not only training
         torch.set_num_threads(params.train.num_threads)
