@@ -204,17 +204,79 @@ def test_gpu_deployment_env_points_at_services_of_the_stack():
 # -- prefect.yaml, image and worker agree ---------------------------------------------------
 
 
-def test_deployments_target_the_refresh_flow_of_the_repository():
-    for name in ("refresh-gpu", "refresh-local"):
-        path, function = _deployment(name)["entrypoint"].split(":")
-        tree = ast.parse((REPO / path).read_text())
-        flows = [
-            node.name
-            for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef)
-            and any("flow" in ast.unparse(d) for d in node.decorator_list)
-        ]
-        assert function in flows, f"{path} has no @flow function {function!r}"
+def _flow_parameters(entrypoint: str) -> list[str]:
+    """The parameters of the @flow function an entrypoint names (read from the source)."""
+    path, function = entrypoint.split(":")
+    tree = ast.parse((REPO / path).read_text())
+    flows = {
+        node.name: node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any("flow" in ast.unparse(d) for d in node.decorator_list)
+    }
+    assert function in flows, f"{path} has no @flow function {function!r}"
+    return [a.arg for a in flows[function].args.args]
+
+
+@pytest.mark.parametrize(
+    ("name", "entrypoint"),
+    [
+        ("refresh-gpu", "pipelines/refresh.py:refresh"),
+        ("refresh-local", "pipelines/refresh.py:refresh"),
+        ("watch-local", "pipelines/watch.py:watch"),
+    ],
+)
+def test_deployments_target_flows_of_the_repository(name: str, entrypoint: str):
+    deployment = _deployment(name)
+    assert deployment["entrypoint"] == entrypoint
+    parameters = _flow_parameters(entrypoint)
+    for schedule in deployment.get("schedules", []):
+        assert set(schedule.get("parameters", {})) <= set(parameters)
+    assert set(deployment["parameters"]) <= set(parameters)
+
+
+def test_watch_runs_daily_and_on_every_published_shard(monkeypatch: pytest.MonkeyPatch):
+    """The daily schedule checks the calendar period; the event trigger fires on the event
+    `cssl ingest` emits (pipelines/events.py) and passes the period and shard it carries."""
+    from cssl_core.config import load_params
+    from pipelines import events
+
+    watch = _deployment("watch-local")
+    (daily,) = watch["schedules"]
+    assert (daily["cron"], daily["timezone"], daily["parameters"]) == (
+        "0 4 * * *",
+        "UTC",
+        {"period": "auto"},
+    )
+    # The refresh it starts is a deployment of this file, of the refresh flow, in its pool.
+    params = load_params(REPO / "params.yaml", watch["parameters"]["overrides"])
+    target = _deployment(params.watch.refresh_deployment)
+    assert target["entrypoint"] == "pipelines/refresh.py:refresh"
+    assert target["work_pool"]["name"] == watch["work_pool"]["name"] == "local-pool"
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(
+        "prefect.events.emit_event", lambda event, **kw: sent.append(kw | {"event": event})
+    )
+    manifest = {"fingerprint": "abc", "num_rows": 10}
+    assert events.emit_shard_published("2026-12", "/data/shards/2026-12", manifest)
+    (event,) = sent
+    (trigger,) = watch["triggers"]
+    assert trigger["type"] == "event" and trigger["enabled"] is True
+    assert trigger["expect"] == [event["event"]] == [events.SHARD_PUBLISHED]
+    pattern = trigger["match"]["prefect.resource.id"]
+    assert pattern.endswith("*") and event["resource"]["prefect.resource.id"].startswith(
+        pattern[:-1]
+    )
+    rendered = {
+        key: re.sub(
+            r"\{\{ event\.payload\.(\w+) \}\}", lambda m: str(event["payload"][m.group(1)]), value
+        )
+        for key, value in trigger["parameters"].items()
+    }
+    assert rendered == {"period": "2026-12", "shard": "/data/shards/2026-12"}
+    assert set(rendered) <= set(_flow_parameters(watch["entrypoint"]))
 
 
 def test_schedules_and_pools():
@@ -312,9 +374,10 @@ def _prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 
 @pytest.mark.server
-def test_prefect_deploy_accepts_both_deployments(prefect_server: dict[str, str]):
+def test_prefect_deploy_accepts_every_deployment(prefect_server: dict[str, str]):
     """`prefect deploy --all --prefect-file infra/prefect.yaml` from the repository root, as
-    infra/README.md says, creates both deployments as written (about 45 s: server start, and
+    infra/README.md says, creates every deployment as written, watch-local's event trigger as
+    an automation (about 45 s: server start, and
     the flow module is imported once per deployment)."""
     env = prefect_server
     gpu_pool = ["work-pool", "create", "gpu-pool", "--type", "kubernetes", "--overwrite"]
@@ -342,6 +405,18 @@ async def main():
                               for s in d.schedules],
                 "required": d.parameter_openapi_schema.get("required"),
             }
+        w = await client.read_deployment_by_name("watch/watch-local")
+        out["watch-local"] = {
+            "pool": w.work_pool_name, "parameters": w.parameters,
+            "schedules": [[s.schedule.cron, s.schedule.timezone, s.parameters]
+                          for s in w.schedules],
+            "automations": [
+                {"expect": sorted(a.trigger.expect), "posture": str(a.trigger.posture.value),
+                 "actions": [[x.type, str(x.deployment_id), x.parameters] for x in a.actions]}
+                for a in await client.read_automations() if a.enabled
+            ],
+            "id": str(w.id),
+        }
         print(json.dumps(out))
 asyncio.run(main())
 """
@@ -362,4 +437,17 @@ asyncio.run(main())
     assert local["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
     ]
-    assert gpu["required"] == local["required"] == ["period"]
+    # No parameter is required: a run without a period names it from its shard or source.
+    assert gpu["required"] is None and local["required"] is None
+    watch = got["watch-local"]
+    assert watch["pool"] == "local-pool"
+    assert watch["schedules"] == [["0 4 * * *", "UTC", {"period": "auto"}]]
+    assert watch["parameters"]["overrides"] == ["watch.refresh_deployment=refresh-local"]
+    (automation,) = watch["automations"]  # the trigger became an automation of the server
+    assert (automation["expect"], automation["posture"]) == (["cssl.shard.published"], "Reactive")
+    (action,) = automation["actions"]
+    assert action == [
+        "run-deployment",
+        watch["id"],
+        {"period": "{{ event.payload.period }}", "shard": "{{ event.payload.path }}"},
+    ]
