@@ -372,3 +372,25 @@ def test_drift_before_any_refresh_is_one_line(
         ["drift", "--shard", str(stream / "shards" / "p01"), *_cli_state(state, monkeypatch)],
     )
     assert "@champion" in line, line
+
+
+@pytest.mark.slow
+def test_the_static_then_shift_demo_skips_one_period_and_refreshes_the_shift(
+    prefect_harness, watch_params_file: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """``cssl demo --stream static-then-shift`` on three tiny periods: p01 refreshed, p02 (same
+    games) skipped, p03 (new games) refreshed on drift; the skipped period is not in the
+    lineage, and the report reads back the two refreshed ones."""
+    for name in ("CSSL_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    three = {"p01": {"previous": ""}, "p02": {"previous": "p01"}, "p03": {"previous": "p02"}}
+    argv = ["demo", "--stream", "static-then-shift", "--workdir", str(tmp_path / "state")]
+    argv += ["--params", str(watch_params_file), "--set", f"periods={json.dumps(three)}"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "p02: skip: no drift, and @champion is within its maximum age" in printed
+    assert "p03: refresh (drift)" in printed
+    registry = MlflowRegistry(f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}")
+    assert registry.stream_periods() == ["p01", "p03"]
+    assert registry.get(2).lineage.previous_period == "p01"
