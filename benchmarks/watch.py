@@ -63,7 +63,7 @@ import numpy as np
 if TYPE_CHECKING:
     from cssl_core.config import Params, WatchConfig
     from cssl_core.data.shard import Shard
-    from cssl_core.evaluation.outcomes import FrameOutcomes
+    from cssl_core.evaluation.outcomes import FrameOutcomes, Metric
     from cssl_core.memory.replay import ReplayMemory
 
 REPLAY_SCHEDULE: tuple[dict[str, Any], ...] = (
@@ -73,7 +73,7 @@ REPLAY_SCHEDULE: tuple[dict[str, Any], ...] = (
     {"kind": "gradual", "periods": 3},
 )
 POLICIES = ("always", "watch")
-METRIC = "knn"
+METRIC: Metric = "knn"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 Log = Callable[[str], None]
@@ -438,7 +438,10 @@ def product_work(params: Params, shards: dict[str, Shard]) -> Work:
         return Check(result.drifted, result.mmd2, result.p_value, result.summary(), seconds)
 
     def outcomes(model: Any, period: str) -> FrameOutcomes:
-        return core.evaluate_model(model, {period: sets[period]}, params)[period].frames
+        frames = core.evaluate_model(model, {period: sets[period]}, params)[period].frames
+        if frames is None:
+            raise ValueError(f"{period}: the evaluation kept no per-frame outcomes")
+        return frames
 
     def refresh(chain: list[str], parent: Any, memory: Any) -> Refreshed:
         return refresh_period(params, shards, chain, parent, memory)
