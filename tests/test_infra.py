@@ -451,3 +451,47 @@ asyncio.run(main())
         watch["id"],
         {"period": "{{ event.payload.period }}", "shard": "{{ event.payload.path }}"},
     ]
+
+
+@pytest.mark.server
+def test_a_published_shard_event_starts_a_watch_run(prefect_server: dict[str, str]):
+    """The event `cssl ingest` emits (pipelines/events.py), sent to a real server where
+    watch-local is deployed: its automation creates a run of watch-local whose parameters are
+    the period and the shard path of the event (no worker here: the run stays scheduled)."""
+    env = prefect_server
+    done = _prefect(env, "work-pool", "create", "local-pool", "--type", "process", "--overwrite")
+    assert done.returncode == 0, done.stdout + done.stderr
+    deploy = ["--no-prompt", "deploy", "--name", "watch-local"]
+    done = _prefect(env, *deploy, "--prefect-file", str(INFRA / "prefect.yaml"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    emit = (
+        "from pipelines.events import emit_shard_published\n"
+        "assert emit_shard_published('2026-12', '/data/shards/2026-12', {'num_rows': 3})\n"
+    )
+    sent = subprocess.run(
+        [sys.executable, "-c", emit], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert sent.returncode == 0, sent.stderr
+    script = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name("watch/watch-local")
+    runs = client.read_flow_runs()
+    print(json.dumps([r.parameters for r in runs if r.deployment_id == d.id]))
+"""
+    deadline = time.monotonic() + 120
+    while True:
+        read = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert read.returncode == 0, read.stderr
+        # The daily schedule's runs (period auto) are there too; the event's carries a shard.
+        runs = [p for p in json.loads(read.stdout.strip().splitlines()[-1]) if "shard" in p]
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert len(runs) == 1, "no watch-local run with the event's shard within 120 s"
+    (parameters,) = runs
+    assert parameters["period"] == "2026-12" and parameters["shard"] == "/data/shards/2026-12"
+    assert parameters["overrides"] == ["watch.refresh_deployment=refresh-local"]
