@@ -2,12 +2,12 @@
 
 The stream (``simulate.schedule``): period index 0 and 1 show the same game mix (static), index
 2 switches to new games (sudden). Only ``p01`` is declared in params.yaml; the later periods
-are named where their frames landed (``--source .../2026-11``) or from the calendar
+are named where their frames landed (``--source .../2026-W44``) or from the calendar
 (``--period auto``) and continue the lineage. One module fixture walks the stream once:
 
 1. ``p01``: no @champion yet -> refresh (in-process subflow);
-2. ``2026-11`` (static, from a source prefix): no drift -> skip, not in the lineage;
-3. ``2026-11`` again with ``--force``: refreshed although the last refresh started seconds
+2. ``2026-W44`` (static, from a source prefix): no drift -> skip, not in the lineage;
+3. ``2026-W44`` again with ``--force``: refreshed although the last refresh started seconds
    ago (the cooldown does not hold a forced refresh);
 4. the calendar period (sudden shift) with the default 7-day cooldown: drift found, but the
    cooldown holds it -> skip;
@@ -43,7 +43,7 @@ from pipelines.watch import WATCH_EXPERIMENT, watch
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-STATIC = "2026-11"
+STATIC = "2026-W44"  # a weekly name: never the (monthly) calendar period of the test
 SCHEDULE = [{"kind": "static", "periods": 2}, {"kind": "sudden"}, {"kind": "static", "periods": 1}]
 WATCH_PARAMS: dict[str, Any] = {
     **TINY_PARAMS,
@@ -71,7 +71,7 @@ def watch_params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory: pytest.TempPathFactory, watch_params_file: Path) -> Path:
-    """``shards/p01`` (index 0) and ``raw/2026-11`` (index 1, the same game mix: a Parquet
+    """``shards/p01`` (index 0) and ``raw/2026-W44`` (index 1, the same game mix: a Parquet
     dataset where new frames land, named like its period)."""
     from cssl_core.data.simulate import simulate_period
 
