@@ -7,39 +7,40 @@ switch and a gradual take-over, so the truth is known:
     | p08-p10 gradual take-over by C in steps of a third
 
 Two policies replay it period by period, each with its own champion, replay memory and
-chain of refreshed periods:
+chain of refreshed periods (:func:`replay`, pure orchestration over injected :class:`Work`):
 
 - **always**: every period is refreshed (the monthly cron);
 - **watch**: period 1 is refreshed (there is no champion); for each later period the
   product's drift check (:func:`cssl_core.evaluation.drift.drift_check`, ``drift.*``, the
   reference ``drift.reference: champion`` = the shard of the champion's period) and the
-  product's decision (:func:`pipelines.watch.decide_watch`, ``watch.max_age`` and
+  product's decision (:func:`pipelines.triggers.decide_watch`, ``watch.max_age`` and
   ``watch.cooldown`` on a simulated clock: period ``i``'s frames are complete at the end of
   its 30 days, and a refresh starts then) decide whether it is refreshed. A skipped period
   is not part of the chain (its frames never enter the replay memory), as in the flow.
 
-A refresh is the flow's work without the registry: :func:`cssl_core.period.run_period`
-(train from the champion and memory(t-1), then memory(t)) on the policy's chain, then the
-candidate and the champion on every refreshed period so far and a fresh model on the new
-one (what the flow's evaluate task does). Every candidate is promoted (the gate is left out:
-it would change both policies alike, and its rules are being changed in WP-E).
+A refresh is the flow's work without the registry (:func:`refresh_period`):
+:func:`cssl_core.period.run_period` (train from the champion and memory(t-1), then
+memory(t)) on the policy's chain, then the candidate and the champion on every refreshed
+period so far and a fresh model on the new one (what the flow's evaluate task does). Every
+candidate is promoted (the gate is left out: it would change both policies alike).
 
-Measured:
+Measured (:func:`summarize`):
 
 - refreshes per policy (goal: at least 30% fewer with watch);
 - **next-period accuracy**: before a period is refreshed (or skipped), the policy's champion's
-  weighted-kNN accuracy on its eval split (the product's kNN: ``eval.knn_k``, the period's
-  labelled train frames as the reference); the mean over periods 2..N, with a 95% cluster
-  bootstrap interval over eval streams (each period's streams resampled with replacement),
-  and the paired difference watch - always on the same resamples (goal: watch's mean inside
-  the always-refresh policy's interval);
+  kNN accuracy on its eval split, scored by the product's evaluation
+  (:func:`cssl_core.period.evaluate_model`: ``eval.knn_k``, the period's labelled train
+  frames as the reference); per period and as the mean over periods 2..N, each with its 95%
+  cluster-bootstrap interval over eval streams (:mod:`cssl_core.evaluation.intervals`), and
+  per period the paired difference watch - always on the same frames (goal: watch's mean
+  inside the always-refresh policy's interval);
 - cost: one drift check end to end vs one refresh (train + memory + evaluate), medians over
   the run (goal: at most 5%).
 
-``python -m benchmarks.watch --out DIR --set ...`` (or ``cssl bench watch``); the demo size of
-the issue is ``--set model.backbone=resnet18 --set model.input_size=32 --set
-simulate.size=32 --set simulate.frames_per_period=1000 --set train.steps=30 --set
-train.batch_size=64``. Simulated shards are reused from ``DIR/stream``.
+``python -m benchmarks.watch --out DIR --set ...`` (or ``cssl bench watch``); params.yaml's
+defaults are the demo size of the issue (resnet18 at 32 px, 1,000 frames per period, 30 steps
+of 64); add ``--set train.num_threads=1`` on a shared machine. Simulated shards are reused
+from ``DIR/stream``.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from cssl_core.config import Params
+    from cssl_core.config import Params, WatchConfig
     from cssl_core.data.shard import Shard
-    from cssl_core.learn.models import Embedder
+    from cssl_core.evaluation.outcomes import FrameOutcomes, Metric
     from cssl_core.memory.replay import ReplayMemory
 
 REPLAY_SCHEDULE: tuple[dict[str, Any], ...] = (
@@ -72,6 +73,7 @@ REPLAY_SCHEDULE: tuple[dict[str, Any], ...] = (
     {"kind": "gradual", "periods": 3},
 )
 POLICIES = ("always", "watch")
+METRIC: Metric = "knn"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 Log = Callable[[str], None]
@@ -103,108 +105,15 @@ def truth(params: Params) -> list[str]:
     return out[: len(params.periods)]
 
 
-# -- next-period accuracy, per eval frame ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalFrames:
-    """One period's eval set as the product builds it, plus each eval frame's stream."""
-
-    period: str
-    eval_set: Any  # cssl_core.evaluation.evaluate.EvalSet
-    streams: np.ndarray  # the stream of each labelled eval frame (the bootstrap's cluster)
-
-
-def eval_frames(shard: Shard, params: Params) -> EvalFrames:
-    """The period's eval set (:func:`cssl_core.period.eval_sets_for`) and the stream of each
-    of its eval frames (the eval set lists them in ``frame_id`` order, labelled ones only)."""
-    from cssl_core import period as core
-
-    eval_set = core.eval_sets_for([shard], params)[shard.period]
-    meta = shard.read(["frame_id", "stream_id", "category"], split="eval").sort_by("frame_id")
-    streams = [
-        s
-        for s, c in zip(
-            meta.column("stream_id").to_pylist(), meta.column("category").to_pylist(), strict=True
-        )
-        if c is not None
-    ]
-    if len(streams) != len(eval_set.test_labels):
-        raise ValueError(f"{shard.period}: eval frames and streams disagree")
-    return EvalFrames(shard.period, eval_set, np.array(streams, dtype=str))
-
-
-def knn_correct(model: Embedder, frames: EvalFrames, params: Params) -> np.ndarray:
-    """Whether the product's weighted kNN (``eval.knn_k``/``knn_temperature``, the period's
-    labelled train frames as the reference) gets each eval frame's category right."""
-    from cssl_core.evaluation.evaluate import encode_labels, extract_features, knn_predict
-
-    es = frames.eval_set
-    codes, classes = encode_labels([*es.train_labels, *es.test_labels])
-    n = len(es.train_labels)
-    feats = extract_features(model, [*es.train_images, *es.test_images], params.model.input_size)
-    preds = knn_predict(
-        feats[:n],
-        codes[:n],
-        feats[n:],
-        k=params.eval.knn_k,
-        temperature=params.eval.knn_temperature,
-        num_classes=len(classes),
-    )
-    return preds.numpy() == codes[n:]
-
-
-def cluster_bootstrap(
-    outcomes: Sequence[tuple[np.ndarray, np.ndarray]], samples: int, seed: int
-) -> np.ndarray:
-    r"""Bootstrap replicates of the mean over periods of each period's accuracy, resampling
-    each period's clusters (eval streams) with replacement: ``(samples,)``.
-
-    ``outcomes`` is, per period, ``(correct, clusters)`` for every eval frame. In replicate
-    ``b`` period ``p``'s clusters get multinomial counts ``w`` and its accuracy is
-    :math:`\sum_c w_c\,\mathrm{hits}_c / \sum_c w_c\,n_c`. The same ``seed`` gives the same
-    resamples for any ``correct`` on the same clusters, so two policies are compared paired.
-    """
-    rng = np.random.default_rng(seed)
-    total = np.zeros(samples)
-    for correct, clusters in outcomes:
-        names, idx = np.unique(clusters, return_inverse=True)
-        hits = np.bincount(idx, weights=correct.astype(float), minlength=len(names))
-        sizes = np.bincount(idx, minlength=len(names)).astype(float)
-        weights = rng.multinomial(len(names), np.full(len(names), 1 / len(names)), size=samples)
-        total += (weights @ hits) / (weights @ sizes)
-    return total / max(1, len(outcomes))
-
-
-def interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """The percentile interval of bootstrap replicates."""
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(replicates, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-# -- the policies ------------------------------------------------------------------------
-
-
-@dataclass
-class PolicyState:
-    """One policy's lineage: champion, its period and when it was made, memory, chain."""
-
-    name: str
-    champion: Embedder
-    champion_period: str
-    champion_time: datetime
-    memory: ReplayMemory
-    chain: list[str]
-    refreshes: int = 1
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    correct: dict[str, np.ndarray] = field(default_factory=dict)
+# -- the replay: two policies over injected work (pure orchestration) ----------------------
 
 
 @dataclass(frozen=True)
 class Refreshed:
-    model: Embedder
-    memory: ReplayMemory
+    """What one refresh produced and what it cost."""
+
+    model: Any
+    memory: Any
     train_seconds: float
     evaluate_seconds: float
 
@@ -213,11 +122,278 @@ class Refreshed:
         return self.train_seconds + self.evaluate_seconds
 
 
+@dataclass(frozen=True)
+class Check:
+    """One drift check as the replay needs it."""
+
+    drifted: bool
+    mmd2: float
+    p_value: float
+    summary: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Work:
+    """The heavy steps, injected so the replay logic is testable without models:
+    ``refresh(chain, parent, memory)`` refreshes ``chain[-1]``; ``drift(model, period,
+    reference_period)`` checks a period against the reference; ``outcomes(model, period)``
+    scores a model on a period's eval frames."""
+
+    refresh: Callable[[list[str], Any, Any], Refreshed]
+    drift: Callable[[Any, str, str], Check]
+    outcomes: Callable[[Any, str], FrameOutcomes]
+    empty_memory: Any = None
+
+
+@dataclass
+class PolicyState:
+    """One policy's lineage: champion, its period and when it was made, memory, chain."""
+
+    name: str
+    champion: Any
+    champion_period: str
+    champion_time: datetime
+    memory: Any
+    chain: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, FrameOutcomes] = field(default_factory=dict)
+
+    @property
+    def refreshes(self) -> int:
+        return len(self.chain)
+
+
+@dataclass
+class Replay:
+    """Both policies after the stream, and the costs measured on the way."""
+
+    states: dict[str, PolicyState]
+    refresh_costs: list[dict[str, Any]]
+    drift_seconds: list[float]
+
+
+def period_end(start: datetime, length: timedelta, index: int) -> datetime:
+    """When period ``index``'s frames are complete (the simulated clock of the decisions)."""
+    return start + length * (index + 1)
+
+
+def replay(
+    names: Sequence[str],
+    kinds: Sequence[str],
+    watch_cfg: WatchConfig,
+    work: Work,
+    *,
+    start: datetime,
+    length: timedelta,
+    log: Log = lambda _: None,
+) -> Replay:
+    """Replay ``names`` under both policies (see the module docstring): the first period is
+    refreshed once for both; each later period is first scored with each policy's champion
+    (next-period accuracy), then refreshed always, or when :func:`decide_watch` says so."""
+    from pipelines.triggers import decide_watch
+
+    log(f"refreshing {names[0]} (shared by both policies: there is no champion yet)")
+    first = work.refresh([names[0]], None, work.empty_memory)
+    refresh_costs = [{"policy": "both", "period": names[0], **_cost(first)}]
+    drift_seconds: list[float] = []
+    t0 = period_end(start, length, 0)
+    states = {
+        name: PolicyState(name, first.model, names[0], t0, first.memory, [names[0]])
+        for name in POLICIES
+    }
+    for index, period in enumerate(names[1:], start=1):
+        now = period_end(start, length, index)
+        for state in states.values():
+            outcomes = work.outcomes(state.champion, period)
+            state.outcomes[period] = outcomes
+            row: dict[str, Any] = {
+                "period": period,
+                "truth": kinds[index],
+                "champion_period": state.champion_period,
+                "next_period_accuracy": outcomes.accuracy(METRIC),
+            }
+            if state.name == "always":
+                refresh = True
+                row |= {"summary": "refresh (every period)", "triggers": ["calendar"]}
+            else:
+                check = work.drift(state.champion, period, state.champion_period)
+                drift_seconds.append(check.seconds)
+                decision = decide_watch(
+                    watch_cfg,
+                    drifted=check.drifted,
+                    drift_summary=check.summary,
+                    champion_version=len(state.chain),
+                    champion_age=now - state.champion_time,
+                    since_last_refresh=now - state.champion_time,
+                )
+                refresh = decision.refresh
+                row |= {
+                    "mmd2": check.mmd2,
+                    "p_value": check.p_value,
+                    "drifted": check.drifted,
+                    "triggers": list(decision.triggers),
+                    "summary": decision.summary,
+                    "reasons": list(decision.reasons),
+                }
+            row["refreshed"] = refresh
+            if refresh:
+                chain = [*state.chain, period]
+                done = work.refresh(chain, state.champion, state.memory)
+                refresh_costs.append({"policy": state.name, "period": period, **_cost(done)})
+                state.champion, state.memory, state.chain = done.model, done.memory, chain
+                state.champion_period, state.champion_time = period, now
+            state.rows.append(row)
+            log(
+                f"{period} ({kinds[index]}) {state.name}: next-period accuracy "
+                f"{row['next_period_accuracy']:.3f}, {row['summary']}"
+            )
+    return Replay(states, refresh_costs, drift_seconds)
+
+
+def _cost(done: Refreshed) -> dict[str, float]:
+    return {
+        "train_seconds": done.train_seconds,
+        "evaluate_seconds": done.evaluate_seconds,
+        "seconds": done.seconds,
+    }
+
+
+# -- the figures ---------------------------------------------------------------------------
+
+
+def summarize(
+    run: Replay,
+    kinds: Sequence[str],
+    *,
+    bootstrap: int,
+    seed: int,
+    settings: dict[str, Any] | None = None,
+    conditions: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Refresh counts, next-period accuracy with cluster-bootstrap intervals (per period, the
+    mean over periods, the paired per-period difference), costs, and the goals."""
+    from cssl_core.evaluation.intervals import average_accuracy_interval
+
+    states = run.states
+    periods = [r["period"] for r in states["always"].rows]
+    accuracy: dict[str, Any] = {}
+    for name, s in states.items():
+        mean = average_accuracy_interval(
+            [(s.outcomes[p].correct(METRIC), s.outcomes[p].clusters) for p in periods],
+            n_resamples=bootstrap,
+            seed=seed,
+        )
+        per_period = {
+            p: s.outcomes[p].interval(METRIC, n_resamples=bootstrap, seed=seed).to_dict()
+            for p in periods
+        }
+        accuracy[name] = {"mean": mean.to_dict(), "periods": per_period}
+    watch, always = states["watch"], states["always"]
+    difference = {
+        p: watch.outcomes[p]
+        .difference(always.outcomes[p], METRIC, n_resamples=bootstrap, seed=seed)
+        .to_dict()
+        for p in periods
+    }
+    refresh_s = statistics.median(c["seconds"] for c in run.refresh_costs)
+    train_s = statistics.median(c["train_seconds"] for c in run.refresh_costs)
+    drift_s = statistics.median(run.drift_seconds) if run.drift_seconds else float("nan")
+    counts = {name: s.refreshes for name, s in states.items()}
+    fewer = 1 - counts["watch"] / counts["always"]
+    always_mean = accuracy["always"]["mean"]
+    watch_mean = accuracy["watch"]["mean"]["estimate"]
+    return {
+        "periods": [always.chain[0], *periods],
+        "truth": list(kinds),
+        "refreshes": counts,
+        "refreshed_periods": {name: list(s.chain) for name, s in states.items()},
+        "fewer_refreshes": fewer,
+        "next_period_accuracy": accuracy,
+        "difference_watch_minus_always": difference,
+        "cost": {
+            "drift_check_median_s": drift_s,
+            "refresh_median_s": refresh_s,
+            "train_median_s": train_s,
+            "ratio": drift_s / refresh_s,
+            "ratio_to_train": drift_s / train_s,
+            "drift_checks_s": list(run.drift_seconds),
+            "refreshes": run.refresh_costs,
+        },
+        "goals": {
+            "fewer_refreshes_30pct": fewer >= 0.30,
+            "accuracy_within_always_interval": always_mean["low"]
+            <= watch_mean
+            <= always_mean["high"],
+            "drift_check_at_most_5pct": drift_s / refresh_s <= 0.05,
+        },
+        "rows": {name: s.rows for name, s in states.items()},
+        "settings": settings or {},
+        "conditions": conditions or {},
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the tables of ``results.md``."""
+    acc = results["next_period_accuracy"]
+    cost = results["cost"]
+    lines = [
+        "| policy | refreshes | periods refreshed | next-period kNN accuracy, mean of periods "
+        "2..N [95% cluster-bootstrap CI] |",
+        "|---|---:|---|---|",
+    ]
+    for name in POLICIES:
+        m = acc[name]["mean"]
+        lines.append(
+            f"| {name} | {results['refreshes'][name]} | "
+            f"{', '.join(results['refreshed_periods'][name])} | "
+            f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}] |"
+        )
+    lines += [
+        "",
+        f"{results['fewer_refreshes']:.0%} fewer refreshes with watch",
+        "",
+        "| period | truth | always: served | acc [CI] | watch: served | acc [CI] | "
+        "watch - always [CI] | watch's decision | MMD² | p |",
+        "|---|---|---|---|---|---|---|---|---:|---:|",
+    ]
+    for a, w in zip(results["rows"]["always"], results["rows"]["watch"], strict=True):
+        p = a["period"]
+        ia, iw = acc["always"]["periods"][p], acc["watch"]["periods"][p]
+        d = results["difference_watch_minus_always"][p]
+        lines.append(
+            f"| {p} | {a['truth']} | {a['champion_period']} | {_ci(ia)} | "
+            f"{w['champion_period']} | {_ci(iw)} | {_ci(d, sign=True)} | {w['summary']} | "
+            f"{w['mmd2']:.4f} | {w['p_value']:.3g} |"
+        )
+    lines += [
+        "",
+        f"cost: drift check median {cost['drift_check_median_s']:.1f} s; refresh median "
+        f"{cost['refresh_median_s']:.1f} s (train + memory {cost['train_median_s']:.1f} s, "
+        f"+ evaluate): {cost['ratio']:.1%} of a refresh ({cost['ratio_to_train']:.1%} of its "
+        "training)",
+        "",
+        "goals: "
+        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in results["goals"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _ci(i: dict[str, Any], sign: bool = False) -> str:
+    fmt = "+.3f" if sign else ".3f"
+    if i["low"] is None:
+        return f"{i['estimate']:{fmt}}"
+    return f"{i['estimate']:{fmt}} [{i['low']:{fmt}}, {i['high']:{fmt}}]"
+
+
+# -- the heavy work: the product's refresh, drift check and evaluation ---------------------
+
+
 def refresh_period(
     params: Params,
     shards: dict[str, Shard],
     chain: list[str],
-    parent: Embedder | None,
+    parent: Any,
     memory: ReplayMemory,
 ) -> Refreshed:
     """The flow's refresh of ``chain[-1]`` without the registry: ``run_period`` on the chain,
@@ -247,110 +423,81 @@ def refresh_period(
     return Refreshed(result.model, result.memory, t1 - t0, time.perf_counter() - t1)
 
 
-def run_replay(out: Path, params: Params, *, bootstrap: int, seed: int, log: Log) -> dict[str, Any]:
-    """Replay the stream under both policies; the figures (see the module docstring)."""
-    from benchmarks.drift import build_stream
-    from cssl_core.data.simulate import EPOCH, PERIOD_LENGTH
+def product_work(params: Params, shards: dict[str, Shard]) -> Work:
+    """The replay's steps as the product runs them on ``shards``."""
+    from cssl_core import period as core
     from cssl_core.evaluation.drift import drift_check
     from cssl_core.memory.replay import ReplayMemory
-    from pipelines.triggers import decide_watch
 
+    sets = core.eval_sets_for(list(shards.values()), params)
+
+    def drift(model: Any, period: str, reference: str) -> Check:
+        t0 = time.perf_counter()
+        result = drift_check(model, shards[period], shards[reference], params.drift)
+        seconds = time.perf_counter() - t0
+        return Check(result.drifted, result.mmd2, result.p_value, result.summary(), seconds)
+
+    def outcomes(model: Any, period: str) -> FrameOutcomes:
+        frames = core.evaluate_model(model, {period: sets[period]}, params)[period].frames
+        if frames is None:
+            raise ValueError(f"{period}: the evaluation kept no per-frame outcomes")
+        return frames
+
+    def refresh(chain: list[str], parent: Any, memory: Any) -> Refreshed:
+        return refresh_period(params, shards, chain, parent, memory)
+
+    return Work(refresh, drift, outcomes, ReplayMemory.empty(params.replay.capacity))
+
+
+def run_replay(out: Path, params: Params, *, bootstrap: int, seed: int, log: Log) -> dict[str, Any]:
+    """Simulate the stream, replay it under both policies and summarize (module docstring)."""
+    import torch
+
+    from benchmarks.drift import build_stream
+    from cssl_core.data.simulate import EPOCH, PERIOD_LENGTH
+
+    if params.train.num_threads:  # evaluation and drift checks too, not only training
+        torch.set_num_threads(params.train.num_threads)
     started = time.perf_counter()
     load_start = os.getloadavg()
-    names = params.period_names
     kinds = truth(params)
     stream = build_stream(out / "stream", params, log)
     shards = {s.period: s for s in stream}
-    frames = {p: eval_frames(shards[p], params) for p in names}
-
-    def period_end(index: int) -> datetime:
-        return EPOCH + PERIOD_LENGTH * (index + 1)
-
-    log(f"refreshing {names[0]} (shared by both policies: there is no champion yet)")
-    first = refresh_period(
-        params, shards, [names[0]], None, ReplayMemory.empty(params.replay.capacity)
+    run = replay(
+        params.period_names,
+        kinds,
+        params.watch,
+        product_work(params, shards),
+        start=EPOCH,
+        length=PERIOD_LENGTH,
+        log=log,
     )
-    refresh_costs = [{"policy": "both", "period": names[0], **_cost(first)}]
-    drift_costs: list[float] = []
-    states = {
-        name: PolicyState(name, first.model, names[0], period_end(0), first.memory, [names[0]])
-        for name in POLICIES
-    }
-    for index, period in enumerate(names[1:], start=1):
-        now = period_end(index)
-        for state in states.values():
-            correct = knn_correct(state.champion, frames[period], params)
-            state.correct[period] = correct
-            row: dict[str, Any] = {
-                "period": period,
-                "truth": kinds[index],
-                "champion_period": state.champion_period,
-                "next_period_accuracy": float(correct.mean()),
-            }
-            if state.name == "always":
-                refresh, reasons = True, ["every period is refreshed"]
-            else:
-                t0 = time.perf_counter()
-                result = drift_check(
-                    state.champion, shards[period], shards[state.champion_period], params.drift
-                )
-                drift_costs.append(time.perf_counter() - t0)
-                decision = decide_watch(
-                    params.watch,
-                    drifted=result.drifted,
-                    drift_summary=result.summary(),
-                    champion_version=len(state.chain),
-                    champion_age=now - state.champion_time,
-                    since_last_refresh=now - state.champion_time,
-                )
-                refresh, reasons = decision.refresh, list(decision.reasons)
-                row |= {
-                    "mmd2": result.mmd2,
-                    "p_value": result.p_value,
-                    "drifted": result.drifted,
-                    "triggers": list(decision.triggers),
-                    "summary": decision.summary,
-                }
-            row |= {"refreshed": refresh, "reasons": reasons}
-            if refresh:
-                chain = [*state.chain, period]
-                done = refresh_period(params, shards, chain, state.champion, state.memory)
-                refresh_costs.append({"policy": state.name, "period": period, **_cost(done)})
-                state.champion, state.memory, state.chain = done.model, done.memory, chain
-                state.champion_period, state.champion_time = period, now
-                state.refreshes += 1
-            state.rows.append(row)
-            log(
-                f"{period} ({kinds[index]}) {state.name}: next-period accuracy "
-                f"{row['next_period_accuracy']:.3f}, {'refresh' if refresh else 'skip'}"
-                + (f" ({row['summary']})" if "summary" in row else "")
-            )
-    return summarize(
-        params,
-        states,
-        frames,
-        refresh_costs,
-        drift_costs,
-        bootstrap=bootstrap,
-        seed=seed,
-        conditions={
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "cpu": platform.processor() or platform.machine(),
-            "avx512_bf16": _cpu_flag("avx512_bf16"),
-            "cpus": os.cpu_count(),
-            "wall_seconds": time.perf_counter() - started,
-            "finished": datetime.now().isoformat(timespec="seconds"),
+    settings = {
+        "model": params.model.model_dump(mode="json"),
+        "train": {
+            k: getattr(params.train, k)
+            for k in ("strategy", "steps", "batch_size", "num_threads", "seed")
         },
-    )
-
-
-def _cost(done: Refreshed) -> dict[str, float]:
-    return {
-        "train_seconds": done.train_seconds,
-        "evaluate_seconds": done.evaluate_seconds,
-        "seconds": done.seconds,
+        "simulate": params.simulate.model_dump(mode="json"),
+        "drift": params.drift.model_dump(mode="json"),
+        "watch": params.watch.model_dump(mode="json"),
+        "eval": params.eval.model_dump(mode="json"),
+        "bootstrap": bootstrap,
+        "seed": seed,
     }
+    conditions = {
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "cpu": platform.processor() or platform.machine(),
+        "avx512_bf16": _cpu_flag("avx512_bf16"),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - started,
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+    return summarize(
+        run, kinds, bootstrap=bootstrap, seed=seed, settings=settings, conditions=conditions
+    )
 
 
 def _cpu_flag(flag: str) -> bool:
@@ -358,115 +505,6 @@ def _cpu_flag(flag: str) -> bool:
         return flag in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-
-
-def summarize(
-    params: Params,
-    states: dict[str, PolicyState],
-    frames: dict[str, EvalFrames],
-    refresh_costs: list[dict[str, Any]],
-    drift_costs: list[float],
-    *,
-    bootstrap: int,
-    seed: int,
-    conditions: dict[str, Any],
-) -> dict[str, Any]:
-    """Refresh counts, next-period accuracy with intervals, costs, and the goals."""
-    periods = [r["period"] for r in states["always"].rows]
-    replicates = {
-        name: cluster_bootstrap(
-            [(s.correct[p], frames[p].streams) for p in periods], bootstrap, seed
-        )
-        for name, s in states.items()
-    }
-    means = {
-        name: float(np.mean([s.correct[p].mean() for p in periods])) for name, s in states.items()
-    }
-    always_ci = interval(replicates["always"])
-    diff = replicates["watch"] - replicates["always"]
-    refresh_s = statistics.median(c["seconds"] for c in refresh_costs)
-    drift_s = statistics.median(drift_costs) if drift_costs else float("nan")
-    counts = {name: s.refreshes for name, s in states.items()}
-    fewer = 1 - counts["watch"] / counts["always"]
-    return {
-        "periods": [states["always"].rows[0]["champion_period"], *periods],
-        "truth": truth(params),
-        "refreshes": counts,
-        "fewer_refreshes": fewer,
-        "next_period_accuracy": {
-            name: {"mean": means[name], "interval95": list(interval(replicates[name]))}
-            for name in states
-        },
-        "difference_watch_minus_always": {
-            "mean": means["watch"] - means["always"],
-            "interval95": list(interval(diff)),
-        },
-        "cost": {
-            "drift_check_median_s": drift_s,
-            "refresh_median_s": refresh_s,
-            "ratio": drift_s / refresh_s,
-            "drift_checks": drift_costs,
-            "refreshes": refresh_costs,
-        },
-        "goals": {
-            "fewer_refreshes_30pct": fewer >= 0.30,
-            "accuracy_within_always_interval": always_ci[0] <= means["watch"] <= always_ci[1],
-            "drift_check_at_most_5pct": drift_s / refresh_s <= 0.05,
-        },
-        "rows": {name: s.rows for name, s in states.items()},
-        "settings": {
-            "model": params.model.model_dump(mode="json"),
-            "train": {k: getattr(params.train, k) for k in ("strategy", "steps", "batch_size")},
-            "simulate": params.simulate.model_dump(mode="json"),
-            "drift": params.drift.model_dump(mode="json"),
-            "watch": params.watch.model_dump(mode="json"),
-            "bootstrap": bootstrap,
-            "seed": seed,
-        },
-        "conditions": conditions,
-    }
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The results as the tables of ``results.md``."""
-    acc = results["next_period_accuracy"]
-    diff = results["difference_watch_minus_always"]
-    cost = results["cost"]
-    lines = [
-        "| policy | refreshes | next-period kNN accuracy (mean of periods 2..N) | 95% cluster CI |",
-        "|---|---:|---:|---|",
-    ]
-    for name in POLICIES:
-        low, high = acc[name]["interval95"]
-        lines.append(
-            f"| {name} | {results['refreshes'][name]} | {acc[name]['mean']:.3f} | "
-            f"[{low:.3f}, {high:.3f}] |"
-        )
-    low, high = diff["interval95"]
-    lines += [
-        "",
-        f"watch - always: {diff['mean']:+.3f} [{low:+.3f}, {high:+.3f}] (paired, same resamples); "
-        f"{results['fewer_refreshes']:.0%} fewer refreshes",
-        "",
-        "| period | truth | always: acc | watch: champion of | acc | decision | MMD² | p |",
-        "|---|---|---:|---|---:|---|---:|---:|",
-    ]
-    for a, w in zip(results["rows"]["always"], results["rows"]["watch"], strict=True):
-        lines.append(
-            f"| {a['period']} | {a['truth']} | {a['next_period_accuracy']:.3f} | "
-            f"{w['champion_period']} | {w['next_period_accuracy']:.3f} | {w['summary']} | "
-            f"{w['mmd2']:.4f} | {w['p_value']:.3g} |"
-        )
-    lines += [
-        "",
-        f"cost: drift check median {cost['drift_check_median_s']:.1f} s, refresh median "
-        f"{cost['refresh_median_s']:.1f} s (train + memory + evaluate): "
-        f"{cost['ratio']:.1%}",
-        "",
-        "goals: "
-        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in results["goals"].items()),
-    ]
-    return "\n".join(lines)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -487,7 +525,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ConfigError, DriftError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    atomic_write_json(out / RESULTS_JSON, results, indent=2, default=str)
+    atomic_write_json(out / RESULTS_JSON, results, default=_json_default)
     atomic_write_text(out / RESULTS_MD, markdown(results) + "\n")
     if getattr(args, "json", False):
         print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2, default=str))
@@ -495,6 +533,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(markdown(results))
         print(f"results: {out / RESULTS_MD}")
     return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

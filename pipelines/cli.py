@@ -889,6 +889,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise CliError(f"--stream {args.stream} needs at least 3 periods in params.yaml")
         overrides = [*static_then_shift(len(names)), *overrides]
     params = load_params(args.params, overrides)
+    # A period watch skips is not part of the lineage: the flows are told only the first
+    # period, so each later one continues the lineage that ran (as an undeclared period).
+    flows = overrides
+    if variant:
+        flows = [*overrides, f"periods={json.dumps({names[0]: {'previous': ''}})}"]
     t0 = time.perf_counter()
     out.print(
         f"[bold]cssl demo[/]: {len(names)} periods of {params.simulate.frames_per_period} "
@@ -925,19 +930,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shard = str(shards / period)
             if variant and index > 0:
                 out.rule(f"watch {period}")
-                record = watch(period, shard=shard, params_path=args.params, overrides=overrides)
+                record = watch(period, shard=shard, params_path=args.params, overrides=flows)
                 _print_watch(record)
                 done = record["refresh"].get("summary")
                 if done is None or done["skipped"]:
                     training.skip(_period_steps(params, period))
                 continue
             out.rule(f"refresh {period}")
-            summary = refresh(period, shard=shard, params_path=args.params, overrides=overrides)
+            summary = refresh(period, shard=shard, params_path=args.params, overrides=flows)
             if summary["skipped"]:
                 training.skip(_period_steps(params, period))
             _print_refresh(summary)
         out.rule("report (read back from MLflow)")
-        for line in format_report(build_report(params)):
+        for line in format_report(build_report(load_params(args.params, flows))):
             out.print(line)
     out.rule("embedding index (LanceDB) and a search")
     lines, frame = demo_index([shards / p for p in names], params.index.uri)

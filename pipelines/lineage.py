@@ -117,7 +117,9 @@ def append_periods(path: Path, periods: list[RanPeriod]) -> str:
             f"{path} has no block-style `periods:` section to append to: add the periods "
             "`cssl lineage export` prints by hand"
         )
-    end, indent = start + 1, "  "
+    # The block runs until the next line that is not indented; its entries sit at the indent
+    # of its first line (an entry may continue on deeper lines: `p01:` then `previous: ""`).
+    end, indent = start + 1, None
     for i in range(start + 1, len(lines)):
         line = lines[i]
         if not line.strip() or line.lstrip().startswith("#"):
@@ -125,10 +127,11 @@ def append_periods(path: Path, periods: list[RanPeriod]) -> str:
         match = _ENTRY.match(line)
         if match is None:
             break
-        indent, end = match.group(1), i + 1
+        indent = indent or match.group(1)
+        end = i + 1
     if end > 0 and not lines[end - 1].endswith("\n"):
         lines[end - 1] += "\n"
-    new_lines = [f"{indent}{p.yaml_entry()}\n" for p in periods]
+    new_lines = [f"{indent or '  '}{p.yaml_entry()}\n" for p in periods]
     updated = "".join(lines[:end] + new_lines + lines[end:])
     before = _declared(text, path)
     after = _declared(updated, path)

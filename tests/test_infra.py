@@ -204,17 +204,79 @@ def test_gpu_deployment_env_points_at_services_of_the_stack():
 # -- prefect.yaml, image and worker agree ---------------------------------------------------
 
 
-def test_deployments_target_the_refresh_flow_of_the_repository():
-    for name in ("refresh-gpu", "refresh-local"):
-        path, function = _deployment(name)["entrypoint"].split(":")
-        tree = ast.parse((REPO / path).read_text())
-        flows = [
-            node.name
-            for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef)
-            and any("flow" in ast.unparse(d) for d in node.decorator_list)
-        ]
-        assert function in flows, f"{path} has no @flow function {function!r}"
+def _flow_parameters(entrypoint: str) -> list[str]:
+    """The parameters of the @flow function an entrypoint names (read from the source)."""
+    path, function = entrypoint.split(":")
+    tree = ast.parse((REPO / path).read_text())
+    flows = {
+        node.name: node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any("flow" in ast.unparse(d) for d in node.decorator_list)
+    }
+    assert function in flows, f"{path} has no @flow function {function!r}"
+    return [a.arg for a in flows[function].args.args]
+
+
+@pytest.mark.parametrize(
+    ("name", "entrypoint"),
+    [
+        ("refresh-gpu", "pipelines/refresh.py:refresh"),
+        ("refresh-local", "pipelines/refresh.py:refresh"),
+        ("watch-local", "pipelines/watch.py:watch"),
+    ],
+)
+def test_deployments_target_flows_of_the_repository(name: str, entrypoint: str):
+    deployment = _deployment(name)
+    assert deployment["entrypoint"] == entrypoint
+    parameters = _flow_parameters(entrypoint)
+    for schedule in deployment.get("schedules", []):
+        assert set(schedule.get("parameters", {})) <= set(parameters)
+    assert set(deployment["parameters"]) <= set(parameters)
+
+
+def test_watch_runs_daily_and_on_every_published_shard(monkeypatch: pytest.MonkeyPatch):
+    """The daily schedule checks the calendar period; the event trigger fires on the event
+    `cssl ingest` emits (pipelines/events.py) and passes the period and shard it carries."""
+    from cssl_core.config import load_params
+    from pipelines import events
+
+    watch = _deployment("watch-local")
+    (daily,) = watch["schedules"]
+    assert (daily["cron"], daily["timezone"], daily["parameters"]) == (
+        "0 4 * * *",
+        "UTC",
+        {"period": "auto"},
+    )
+    # The refresh it starts is a deployment of this file, of the refresh flow, in its pool.
+    params = load_params(REPO / "params.yaml", watch["parameters"]["overrides"])
+    target = _deployment(params.watch.refresh_deployment)
+    assert target["entrypoint"] == "pipelines/refresh.py:refresh"
+    assert target["work_pool"]["name"] == watch["work_pool"]["name"] == "local-pool"
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(
+        "prefect.events.emit_event", lambda event, **kw: sent.append(kw | {"event": event})
+    )
+    manifest = {"fingerprint": "abc", "num_rows": 10}
+    assert events.emit_shard_published("2026-12", "/data/shards/2026-12", manifest)
+    (event,) = sent
+    (trigger,) = watch["triggers"]
+    assert trigger["type"] == "event" and trigger["enabled"] is True
+    assert trigger["expect"] == [event["event"]] == [events.SHARD_PUBLISHED]
+    pattern = trigger["match"]["prefect.resource.id"]
+    assert pattern.endswith("*") and event["resource"]["prefect.resource.id"].startswith(
+        pattern[:-1]
+    )
+    rendered = {
+        key: re.sub(
+            r"\{\{ event\.payload\.(\w+) \}\}", lambda m: str(event["payload"][m.group(1)]), value
+        )
+        for key, value in trigger["parameters"].items()
+    }
+    assert rendered == {"period": "2026-12", "shard": "/data/shards/2026-12"}
+    assert set(rendered) <= set(_flow_parameters(watch["entrypoint"]))
 
 
 def test_schedules_and_pools():
@@ -312,9 +374,10 @@ def _prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 
 @pytest.mark.server
-def test_prefect_deploy_accepts_both_deployments(prefect_server: dict[str, str]):
+def test_prefect_deploy_accepts_every_deployment(prefect_server: dict[str, str]):
     """`prefect deploy --all --prefect-file infra/prefect.yaml` from the repository root, as
-    infra/README.md says, creates both deployments as written (about 45 s: server start, and
+    infra/README.md says, creates every deployment as written, watch-local's event trigger as
+    an automation (about 45 s: server start, and
     the flow module is imported once per deployment)."""
     env = prefect_server
     gpu_pool = ["work-pool", "create", "gpu-pool", "--type", "kubernetes", "--overwrite"]
@@ -342,6 +405,18 @@ async def main():
                               for s in d.schedules],
                 "required": d.parameter_openapi_schema.get("required"),
             }
+        w = await client.read_deployment_by_name("watch/watch-local")
+        out["watch-local"] = {
+            "pool": w.work_pool_name, "parameters": w.parameters,
+            "schedules": [[s.schedule.cron, s.schedule.timezone, s.parameters]
+                          for s in w.schedules],
+            "automations": [
+                {"expect": sorted(a.trigger.expect), "posture": str(a.trigger.posture.value),
+                 "actions": [[x.type, str(x.deployment_id), x.parameters] for x in a.actions]}
+                for a in await client.read_automations() if a.enabled
+            ],
+            "id": str(w.id),
+        }
         print(json.dumps(out))
 asyncio.run(main())
 """
@@ -362,4 +437,61 @@ asyncio.run(main())
     assert local["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
     ]
-    assert gpu["required"] == local["required"] == ["period"]
+    # No parameter is required: a run without a period names it from its shard or source.
+    assert gpu["required"] is None and local["required"] is None
+    watch = got["watch-local"]
+    assert watch["pool"] == "local-pool"
+    assert watch["schedules"] == [["0 4 * * *", "UTC", {"period": "auto"}]]
+    assert watch["parameters"]["overrides"] == ["watch.refresh_deployment=refresh-local"]
+    (automation,) = watch["automations"]  # the trigger became an automation of the server
+    assert (automation["expect"], automation["posture"]) == (["cssl.shard.published"], "Reactive")
+    (action,) = automation["actions"]
+    assert action == [
+        "run-deployment",
+        watch["id"],
+        {"period": "{{ event.payload.period }}", "shard": "{{ event.payload.path }}"},
+    ]
+
+
+@pytest.mark.server
+def test_a_published_shard_event_starts_a_watch_run(prefect_server: dict[str, str]):
+    """The event `cssl ingest` emits (pipelines/events.py), sent to a real server where
+    watch-local is deployed: its automation creates a run of watch-local whose parameters are
+    the period and the shard path of the event (no worker here: the run stays scheduled)."""
+    env = prefect_server
+    done = _prefect(env, "work-pool", "create", "local-pool", "--type", "process", "--overwrite")
+    assert done.returncode == 0, done.stdout + done.stderr
+    deploy = ["--no-prompt", "deploy", "--name", "watch-local"]
+    done = _prefect(env, *deploy, "--prefect-file", str(INFRA / "prefect.yaml"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    emit = (
+        "from pipelines.events import emit_shard_published\n"
+        "assert emit_shard_published('2026-12', '/data/shards/2026-12', {'num_rows': 3})\n"
+    )
+    sent = subprocess.run(
+        [sys.executable, "-c", emit], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert sent.returncode == 0, sent.stderr
+    script = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    d = client.read_deployment_by_name("watch/watch-local")
+    runs = client.read_flow_runs()
+    print(json.dumps([r.parameters for r in runs if r.deployment_id == d.id]))
+"""
+    deadline = time.monotonic() + 120
+    while True:
+        read = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert read.returncode == 0, read.stderr
+        # The daily schedule's runs (period auto) are there too; the event's carries a shard.
+        runs = [p for p in json.loads(read.stdout.strip().splitlines()[-1]) if "shard" in p]
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert len(runs) == 1, "no watch-local run with the event's shard within 120 s"
+    (parameters,) = runs
+    assert parameters["period"] == "2026-12" and parameters["shard"] == "/data/shards/2026-12"
+    assert parameters["overrides"] == ["watch.refresh_deployment=refresh-local"]

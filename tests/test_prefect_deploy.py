@@ -130,3 +130,78 @@ def test_deployment_runs_refresh_on_a_worker(
     assert version.tags["shard_fingerprint"] == Shard.open(sim_shards / "p01").fingerprint
     assert registry.champion() is not None and registry.champion().version == 1
     assert (state / "store" / "memory" / "p01" / "manifest.json").is_file()
+
+
+def test_watch_starts_a_run_of_the_refresh_deployment(
+    prefect_server: dict[str, str], tmp_path: Path, sim_shards: Path, tiny_params_file: Path
+):
+    """``cssl watch`` against the server: with no @champion it decides to refresh and, since
+    the server has ``refresh/refresh-local``, starts a run of it without waiting (recording
+    the flow-run id); a process worker then runs that refresh, which registers version 1."""
+    state = tmp_path / "state"
+    env = {
+        **prefect_server,
+        "CSSL_HOME": str(state / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+    }
+    _prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    _prefect(
+        env,
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        "infra/prefect.yaml",
+        "--name",
+        "refresh-local",
+    )
+    overrides = [f"store.root={state / 'store'}", "watch.refresh_deployment=refresh-local"]
+    watched = subprocess.run(
+        [
+            str(BIN / "cssl"),
+            "watch",
+            "--shard",
+            str(sim_shards / "p01"),
+            "--params",
+            str(tiny_params_file),
+            *(f"--set={o}" for o in overrides),
+            "--json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert watched.returncode == 0, watched.stdout[-3000:] + watched.stderr[-3000:]
+    record = json.loads(watched.stdout[watched.stdout.index("{") :])
+    assert (record["action"], record["triggers"]) == ("refresh", ["no_champion"])
+    started = record["refresh"]
+    assert (started["mode"], started["deployment"]) == ("deployment", "refresh/refresh-local")
+    registry = MlflowRegistry(env["MLFLOW_TRACKING_URI"])
+    assert registry.versions() == []  # watch did not wait for the refresh
+    decision = registry.run(record["run_id"])
+    assert decision.tags["cssl.refresh.flow_run_id"] == started["flow_run_id"]
+
+    worker = subprocess.run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--run-once"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    logs = worker.stdout[-4000:] + worker.stderr[-4000:]
+    assert worker.returncode == 0, logs
+    inspect = json.loads(
+        _prefect(env, "flow-run", "inspect", started["flow_run_id"], "--output", "json")
+    )
+    assert inspect["state"]["type"] == "COMPLETED", logs
+    assert inspect["parameters"] == {
+        "period": "p01",
+        "shard": str(sim_shards / "p01"),
+        "params_path": str(tiny_params_file),
+        "overrides": overrides,
+    }
+    (version,) = registry.versions()
+    assert (version.version, version.period) == (1, "p01")
+    assert registry.champion().version == 1
