@@ -962,16 +962,6 @@ def _print_watch(record: dict[str, Any]) -> None:
     out.print(f"[bold]{record['period']}[/]: [{colour}]{record['summary']}[/]")
     for reason in record["reasons"]:
         out.print(f"    {reason}")
-    if record["drift"]:
-        moved = [c for c in record["drift"]["result"]["category_shifts"] if c["difference"]]
-        if moved:
-            out.print(
-                "    categories moved most: "
-                + ", ".join(
-                    f"{c['category']} {c['reference_share']:.0%}->{c['new_share']:.0%}"
-                    for c in moved[:3]
-                )
-            )
     out.print(f"    recorded as run {record['run_id']} of the MLflow experiment cssl-watch")
     if refresh.get("mode") == "deployment":
         out.print(f"    started flow run {refresh['flow_run_id']} of {refresh['deployment']}")

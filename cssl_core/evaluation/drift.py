@@ -337,8 +337,8 @@ class DriftResult:
         if self.drifted:
             return "significant and large enough"
         if not self.significant:
-            return f"not significant (p={self.p_value:.3g} >= alpha {self.alpha:g})"
-        return f"significant but MMD² {self.mmd2:.4f} < min_effect {self.min_effect:g}"
+            return "not significant"
+        return "significant but smaller than min_effect"
 
     def summary(self) -> str:
         """One line for a person: verdict, effect, p-value, sample sizes, top moved categories."""
