@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.compat import add_compat_arguments, cmd_compat
+
 if TYPE_CHECKING:
     from cssl_core.config import Params
 
@@ -401,6 +403,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "next-period accuracy, cost of a drift check)",
         add_watch_arguments,
         cmd_watch,
+    ),
+    (
+        "compat",
+        "backward compatibility per compat.mode: M[new, old] vs M[old, old], new/new quality, "
+        "kNN vs none",
+        add_compat_arguments,
+        cmd_compat,
     ),
 )
 
