@@ -112,7 +112,9 @@ def run_benchmark(
     log: Log = lambda _: None,
 ) -> dict[str, Any]:
     """Every dataset x seed (see the module docstring); writes ``results.json`` and
-    ``results.md`` into ``out`` and returns the results."""
+    ``results.md`` into ``out`` and returns the results. A cell already in ``out/runs`` with
+    the same preset, overrides, periods and modes is read back, not rerun (so a stopped run
+    resumes, and cells run by separate processes are assembled by one more call)."""
     import torch
 
     from benchmarks.continual import machine_info, resolve_config
@@ -129,12 +131,21 @@ def run_benchmark(
     machine = machine_info()
     started = time.perf_counter()
     cells: list[dict[str, Any]] = []
+    setting = {"preset": preset, "overrides": list(overrides), "periods": periods}
+    setting["modes"] = list(modes)
     try:
         for dataset in datasets:
             for seed in seeds:
+                path = out / "runs" / f"{dataset}_seed{seed}.json"
+                done = json.loads(path.read_text()) if path.is_file() else None
+                if done is not None and done.get("setting") == setting:
+                    log(f"{dataset} seed {seed}: kept from {path}")
+                    cells.append(done)
+                    continue
                 cell = _run_cell(dataset, seed, periods, modes, tree, bench, out, log)
+                cell["setting"] = setting
                 cells.append(cell)
-                _write_json(out / "runs" / f"{dataset}_seed{seed}.json", cell)
+                _write_json(path, cell)
     finally:
         torch.set_num_threads(threads)
     machine["load_average_end"] = list(os.getloadavg())
@@ -228,14 +239,7 @@ def _run_cell(
     reference = knn["adapter"]  # the none lineage's final model (same backbone)
     for mode in modes:
         scores = knn["align"] if mode == "align" else reference
-        strata = [
-            (
-                scores[p].frames.correct("knn"),
-                reference[p].frames.correct("knn"),
-                scores[p].frames.clusters,
-            )
-            for p in scores
-        ]
+        strata = _strata(scores, reference)
         diff = stratified_difference(strata, seed=seed)
         cell["knn"][mode] = {
             "per_period": {p: float(s.knn) for p, s in scores.items()},
@@ -249,6 +253,19 @@ def _run_cell(
     cell["wall_s"] = time.perf_counter() - t0
     log(f"{dataset} seed {seed}: done in {cell['wall_s']:.0f}s")
     return cell
+
+
+def _strata(scores: Mapping[str, Any], reference: Mapping[str, Any]) -> list[Any]:
+    """``(correct, reference correct, clusters)`` of every period: paired kNN outcomes."""
+    import numpy as np
+
+    out = []
+    for p, s in scores.items():
+        mine, ref = s.frames, reference[p].frames
+        if mine is None or ref is None:
+            raise ValueError(f"period {p}: no per-frame outcomes to pair")
+        out.append((mine.correct("knn"), ref.correct("knn"), np.asarray(mine.clusters)))
+    return out
 
 
 def _retrieval(
@@ -338,7 +355,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
                 c["retrieval"]["none"][f"{len(c['periods'])},{len(c['periods'])}"] for c in mine
             ]
             strata = [
-                (np.array(s["correct"]), np.array(s["reference"]), s["clusters"])
+                (np.array(s["correct"]), np.array(s["reference"]), np.array(s["clusters"]))
                 for c in mine
                 for s in c["knn"][mode]["strata"]
             ]

@@ -381,6 +381,12 @@ class CompatConfig(_Section):
         description="adapter: ridge strength toward the identity, relative to the mean "
         "eigenvalue of the features' Gram matrix",
     )
+    matrix_frames: int = Field(
+        300,
+        ge=1,
+        description="the refresh's compatibility matrix: most query (eval) and most gallery "
+        "(train) frames per period",
+    )
 
 
 class ReplayConfig(_Section):

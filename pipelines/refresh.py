@@ -225,6 +225,7 @@ class RefreshSummary:
     average_accuracy: float = 0.0
     resumed_from: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    compat: str = ""  # cssl.compat: direct | adapter | none against the champion ("": none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -689,7 +690,8 @@ def compatibility(
 ) -> Compat:
     """The compatibility matrix of the candidate, the champion and the live index's version
     (when it is another), on eval-frame queries and a train-frame gallery of every period so
-    far (``eval.max_train_frames`` of each per period); with the candidate's adapter, its
+    far (at most ``compat.matrix_frames`` of each per period, so a refresh stays quick);
+    with the candidate's adapter, its
     queries mapped into the champion's space as an extra row."""
     from cssl_core.evaluation.evaluate import extract_features
 
@@ -706,7 +708,7 @@ def compatibility(
         return Compat(None, lineage, versions, None, None, time.perf_counter() - t0)
     sets = core.eval_sets_for(state.shards, params)
     q_img, q_lab, g_img, g_lab = retrieval_frames(
-        sets, params.eval.max_train_frames, params.train.seed
+        sets, params.compat.matrix_frames, params.train.seed
     )
     size = params.model.input_size
     queries = {name: extract_features(m, q_img, size) for name, m in models.items()}
@@ -956,6 +958,7 @@ def summarize(
         forgetting=decision.forgetting,
         average_accuracy=decision.average_accuracy,
         resumed_from=trained.result.resumed_from,
+        compat=version.lineage.compat,
         timings={
             "total": total_seconds,
             "train": trained.seconds,
