@@ -63,6 +63,7 @@ from pipelines import progress, stopping
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import (
     MetricPoint,
+    RegistryError,
     VersionInfo,
     VersionTags,
     lineage_rows,
@@ -310,7 +311,12 @@ def load_index_model(registry_uri: str, champion: int | None) -> tuple[int, Embe
         return None
     if live is None or live.model_version == champion:
         return None
-    return live.model_version, open_registry(registry_uri).load_embedder(live.model_version)
+    try:
+        model = open_registry(registry_uri).load_embedder(live.model_version)
+    except RegistryError as exc:
+        get_run_logger().warning(f"the index's version {live.model_version}: {exc}")
+        return None
+    return live.model_version, model
 
 
 @task(**IO_RETRIES)

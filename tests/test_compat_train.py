@@ -136,3 +136,50 @@ def test_each_mode_on_a_lineage(sim_shards: Path):
     )
     moved = _backbone(align[1].model)
     assert any(not torch.equal(moved[k], _backbone(none[1].model)[k]) for k in moved)
+
+
+def test_the_refresh_matrix_covers_candidate_champion_index_and_the_adapter_row(
+    sim_shards: Path,
+):
+    from cssl_core.config import PeriodChain
+    from cssl_core.evaluation.metrics import AccuracyMatrix
+    from cssl_core.memory.replay import ReplayMemory
+    from pipelines.refresh import LineageState, compatibility
+    from pipelines.registry import VersionInfo, VersionTags
+
+    params = params_from_dict(TINY_PARAMS)
+    torch.manual_seed(1)
+    index_model, champion, candidate = (Embedder(params.model).eval() for _ in range(3))
+    candidate.set_adapter(
+        torch.nn.Linear(candidate.num_features, champion.num_features),
+        champion.state_fingerprint(),
+    )
+    shards = [Shard.open(sim_shards / p) for p in PERIODS[:2]]
+    empty = AccuracyMatrix(PERIODS[:2])
+    state = LineageState(
+        chain=PeriodChain(tuple(PERIODS[:2])),
+        champion=VersionInfo(5, "run", VersionTags("p01", "fp", "cfg")),
+        parent=champion,
+        memory=ReplayMemory.empty(8),
+        published=None,
+        shards=shards,
+        matrix=empty,
+        low=empty,
+        high=empty,
+    )
+    out = compatibility.fn(params, candidate, state, (3, index_model))
+    m = out.matrix
+    assert m is not None and out.lineage == ("index", "champion", "candidate")
+    assert out.versions == {"index": 3, "champion": 5}
+    assert m.query_models == ("index", "champion", "candidate", "candidate_adapter")
+    assert m.gallery_models == ("index", "champion", "candidate")
+    assert m.entry("candidate_adapter", "champion").comparable
+    assert not m.entry("candidate_adapter", "candidate").comparable
+    assert out.average_compatibility == m.average_compatibility(out.lineage)
+    assert out.verdict is not None and out.kind == out.verdict.kind
+    assert out.verdict.adapter == m.value("candidate_adapter", "champion")
+    # Without a champion and an index there is nothing to compare: no matrix, no tag.
+    first = compatibility.fn(
+        params, candidate, LineageState(**{**vars(state), "champion": None, "parent": None}), None
+    )
+    assert first.matrix is None and first.kind == ""
