@@ -477,7 +477,7 @@ def log_run(
     points = [
         MetricPoint(f"train/{name}", float(getattr(h, name)), h.step)
         for h in trained.result.history
-        for name in ("loss", "ssl", "distill", "lr")
+        for name in ("loss", "ssl", "distill", "lr", "compat")
     ]
     points += score_points(params, scores)
     points += gate_points(decision, scores, summary.period, params)

@@ -447,7 +447,8 @@ class ContinualTrainer:
                 total = total + self.compat.weight * align
             clf = torch.zeros((), device=ssl.device)
             if student.logits is not None:
-                clf = self._classifier_loss(student.logits, labels, frozen)
+                kept = frozen if self.distill is not None else None  # Kaizen distils with it
+                clf = self._classifier_loss(student.logits, labels, kept)
                 total = total + cfg.classifier_weight * clf
         terms = LossTerms(
             float(ssl.detach()), float(distill.detach()), float(clf.detach()), float(align.detach())
