@@ -198,6 +198,12 @@ def _run_cell(
     )
     shards = data.shards[:periods]
     params = with_run(params_for(tree, [s.period for s in shards]), tree["train"]["strategy"], seed)
+    if spec.kind != "stream" and params.eval.cluster == "stream":
+        # CIFAR's test images are independent draws ingested as one stream: the frame is the
+        # bootstrap unit (one cluster would give no interval).
+        params = params.model_copy(
+            update={"eval": params.eval.model_copy(update={"cluster": "frame"})}
+        )
 
     def with_mode(mode: str) -> Any:
         dumped = params.model_dump(mode="json")
@@ -355,7 +361,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
                 c["retrieval"]["none"][f"{len(c['periods'])},{len(c['periods'])}"] for c in mine
             ]
             strata = [
-                (np.array(s["correct"]), np.array(s["reference"]), np.array(s["clusters"]))
+                (np.array(s["correct"]), np.array(s["reference"]), _clusters(c["dataset"], s))
                 for c in mine
                 for s in c["knn"][mode]["strata"]
             ]
@@ -375,10 +381,34 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
                 ),
                 "knn_average": float(np.mean([c["knn"][mode]["average"] for c in mine])),
                 "knn_diff_vs_none": pooled.to_dict(),
-                "knn_diff_vs_none_per_seed": [c["knn"][mode]["diff_vs_none"] for c in mine],
+                "knn_diff_vs_none_per_seed": [
+                    stratified_difference(
+                        [
+                            (
+                                np.array(s["correct"]),
+                                np.array(s["reference"]),
+                                _clusters(c["dataset"], s),
+                            )
+                            for s in c["knn"][mode]["strata"]
+                        ],
+                        seed=c["seed"],
+                    ).to_dict()
+                    for c in mine
+                ],
             }
         summary[dataset] = per_mode
     return summary
+
+
+def _clusters(dataset: str, stratum: Mapping[str, Any]) -> Any:
+    """The bootstrap units of one stored stratum: its clusters, except for a dataset of
+    independent images stored as one stream (CIFAR), whose frames are the units."""
+    import numpy as np
+
+    clusters = np.array(stratum["clusters"])
+    if dataset != "stream" and len(set(clusters.tolist())) < 2:
+        return np.arange(len(clusters))
+    return clusters
 
 
 def _pct(x: float | None) -> str:
