@@ -366,7 +366,11 @@ class CompatConfig(_Section):
       features themselves search the old index.
     """
 
-    mode: Literal["none", "adapter", "align"] = "none"
+    mode: Literal["none", "adapter", "align"] = Field(
+        "adapter",
+        description="adapter (the default: it never changes the model's own embedding and "
+        "raised compatibility in `cssl bench compat`), align, or none",
+    )
     weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="align: loss weight")
     temperature: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="align: InfoNCE temperature"

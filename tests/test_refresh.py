@@ -161,13 +161,15 @@ def test_every_refresh_logs_the_compatibility_matrix_and_tags_the_version(lin: L
                 assert 0.0 <= metrics[f"compat_map10/{q}__{g}"] <= 1.0
         direct = metrics["compat_top1/candidate__champion"]
         own = metrics["compat_top1/champion__champion"]
-        # compat.mode none: no adapter, so the tag is direct or none, decided by M.
-        assert v.tags["cssl.compat"] == ("direct" if direct >= own else "none")
+        via = metrics.get("compat_top1/candidate_adapter__champion", -1.0)  # with an adapter
+        expected = "direct" if direct >= own else "adapter" if via >= own else "none"
+        assert v.tags["cssl.compat"] == expected
         assert metrics["compat/direct"] == float(direct >= own)
         assert 0.0 <= metrics["compat/average_compatibility"] <= 1.0
         local = mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="eval")
         record = json.loads((Path(local) / "compatibility.json").read_text())
         assert record["lineage"] == ["champion", "candidate"]
+        assert record["matrix"]["gallery_models"] == ["champion", "candidate"]
         assert record["verdict"]["kind"] == v.tags["cssl.compat"]
         assert record["matrix"]["top1"][1][0] == pytest.approx(direct)
         assert (Path(local) / "compatibility.md").is_file()
