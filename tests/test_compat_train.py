@@ -15,7 +15,7 @@ from conftest import PERIODS, TINY_PARAMS
 
 from cssl_core.config import apply_overrides, params_from_dict
 from cssl_core.data.shard import Shard
-from cssl_core.learn.compat import ridge_to_identity
+from cssl_core.learn.compat import query_adapter, ridge_to_identity
 from cssl_core.learn.losses import compat_align
 from cssl_core.learn.models import Embedder, ModelLoadError
 from cssl_core.period import run_stream
@@ -70,10 +70,19 @@ def test_the_adapter_is_saved_and_loaded_with_the_model(tmp_path: Path):
         feats = model.features(x)
         assert torch.equal(loaded.features(x), feats)
         assert torch.equal(loaded.to_parent_space(feats), model.to_parent_space(feats))
+    # The callable an index search takes: one query or a batch, normalised, in the old space.
+    fn = query_adapter(loaded)
+    one = fn(feats[0].numpy())
+    assert one.shape == (model.num_features,)
+    expected = F.normalize(model.to_parent_space(feats), dim=1).detach().numpy()
+    np.testing.assert_allclose(one, expected[0], atol=1e-6)
+    np.testing.assert_allclose(fn(feats.numpy()), expected, atol=1e-6)
     # Removing the adapter removes it from the saved files too.
     model.set_adapter(None, None)
     plain = Embedder.load(model.save(tmp_path / "plain"))
     assert plain.adapter is None and plain.adapter_parent is None
+    with pytest.raises(ValueError, match="compat.mode=adapter"):
+        query_adapter(plain)
     # Weights with an adapter but a config without one are refused (strict load).
     (tmp_path / "m" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="unexpected"):

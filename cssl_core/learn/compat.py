@@ -34,6 +34,8 @@ BatchNorm on augmented views with the moving student; the fitted map replaces it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -105,3 +107,23 @@ def fit_adapter(
     adapter = ridge_to_identity(x, y, cfg.adapter_ridge)
     model.set_adapter(adapter, parent.state_fingerprint())
     return adapter
+
+
+def query_adapter(model: Embedder) -> Callable[[np.ndarray], np.ndarray]:
+    """``model``'s adapter as the new -> old callable an index search takes
+    (``EmbeddingIndex.search(..., adapter=...)``): a float32 query ``(D,)`` or ``(N, D)`` of
+    this model's embedding -> the same in its parent's space, L2-normalised. An error when
+    the model has no adapter (``compat.mode`` other than ``adapter``)."""
+    if model.adapter is None:
+        raise ValueError(
+            "this model has no adapter into its parent's space (train with compat.mode=adapter)"
+        )
+
+    def apply(query: np.ndarray) -> np.ndarray:
+        q = torch.as_tensor(np.asarray(query, dtype=np.float32))
+        rows = q.reshape(-1, q.shape[-1])
+        with torch.no_grad():
+            out = F.normalize(model.to_parent_space(rows), dim=1)
+        return out.numpy().reshape(*q.shape[:-1], -1)
+
+    return apply
