@@ -197,7 +197,8 @@ def _run_cell(
         seed=bench.data_seed,
     )
     shards = data.shards[:periods]
-    params = with_run(params_for(tree, [s.period for s in shards]), tree["train"]["strategy"], seed)
+    chained = params_for(tree, [s.period for s in shards])
+    params = with_run(chained, chained.train.strategy, seed)
     if spec.kind != "stream" and params.eval.cluster == "stream":
         # CIFAR's test images are independent draws ingested as one stream: the frame is the
         # bootstrap unit (one cluster would give no interval).
