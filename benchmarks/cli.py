@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.compat import add_compat_arguments, cmd_compat
+
 if TYPE_CHECKING:
     from cssl_core.config import Params
 
@@ -423,6 +425,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "vs bare inference, peak memory, the backfill curve (priority vs random order)",
         add_index_arguments,
         cmd_index,
+    ),
+    (
+        "compat",
+        "backward compatibility per compat.mode: M[new, old] vs M[old, old], new/new quality, "
+        "kNN vs none",
+        add_compat_arguments,
+        cmd_compat,
     ),
 )
 

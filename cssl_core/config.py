@@ -353,6 +353,52 @@ class TrainConfig(_Section):
         return value
 
 
+class CompatConfig(_Section):
+    """Backward-compatible training: how a period's model stays usable against the index its
+    parent embedded (``cssl_core.learn``; measured by ``cssl bench compat``).
+
+    The index stores the L2-normalised backbone features (``Embedder.features``, what ``cssl
+    embed``, the MLflow model and evaluation return), so compatibility is asked of them:
+
+    - ``none``: no constraint;
+    - ``adapter``: the backbone trains exactly as with ``none``; after training, a linear
+      query-side map ``A: new -> parent`` features is fitted in closed form (ridge toward the
+      identity, :func:`cssl_core.learn.compat.fit_adapter`) on the period's train frames and
+      the replay memory, and saved with the model, so a new query can search an index
+      embedded by the parent without re-embedding it;
+    - ``align``: a BCT-style alignment term (:func:`cssl_core.learn.losses.compat_align`,
+      weight ``weight``, temperature ``temperature``) pulls the new backbone features
+      toward the frozen parent's features of the same views during training, so the new
+      features themselves search the old index.
+    """
+
+    mode: Literal["none", "adapter", "align"] = Field(
+        "adapter",
+        description="adapter (the default: it never changes the model's own embedding and "
+        "raised compatibility in `cssl bench compat`), align, or none",
+    )
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="align: loss weight")
+    temperature: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="align: InfoNCE temperature"
+    )
+    adapter_frames: int = Field(
+        2000, ge=16, description="adapter: most frames of the period and of the memory each"
+    )
+    adapter_ridge: float = Field(
+        0.1,
+        gt=0,
+        allow_inf_nan=False,
+        description="adapter: ridge strength toward the identity, relative to the mean "
+        "eigenvalue of the features' Gram matrix",
+    )
+    matrix_frames: int = Field(
+        300,
+        ge=1,
+        description="the refresh's compatibility matrix: most query (eval) and most gallery "
+        "(train) frames per period",
+    )
+
+
 class ReplayConfig(_Section):
     """The replay memory of past frames."""
 
@@ -428,6 +474,22 @@ class GateConfig(_Section):
     )
     bootstrap_samples: int = Field(2000, ge=100, description="bootstrap replicates per test")
     bootstrap_seed: int = 0
+    compatibility: Literal["required", "allow_break"] = Field(
+        "allow_break",
+        description="required: promote only a candidate compatible with the champion it "
+        "replaces (M[new, old] >= M[old, old], directly or through its adapter); "
+        "allow_break: an incompatible candidate is promoted when its gain on the new period "
+        "is at least break_min_gain (the index is then backfilled)",
+    )
+    break_min_gain: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="allow_break: smallest lower bound of the candidate's paired gain over "
+        "the champion on the new period (gate metric, at gate.confidence) that justifies "
+        "breaking compatibility; null: any gain (the other checks still apply)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -591,6 +653,7 @@ class Params(_Section):
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()
+    compat: CompatConfig = CompatConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     store: StoreConfig = StoreConfig()

@@ -11,7 +11,14 @@ resampled once and both models are scored on the draw). The candidate is promote
   non-inferior (``non_inferior``);
 * the upper bound of its **forgetting** (Chaudhry et al. 2018, against the lineage's best
   earlier accuracies, taken as logged) is at most ``gate.max_forgetting``;
-* every input is there and finite, and every interval is defined (at least two clusters).
+* every input is there and finite, and every interval is defined (at least two clusters);
+* it is **compatible** with the champion's index (``gate.compatibility: required``):
+  ``M[candidate][champion] >= M[champion][champion]`` on retrieval top-1, with its own
+  embedding or through its query-side adapter
+  (:class:`~cssl_core.evaluation.compatibility.CompatVerdict`); with ``allow_break`` an
+  incompatible candidate passes this check only when the lower bound of its gain on the new
+  period is at least ``gate.break_min_gain`` (any gain when that is unset): the index must
+  then be backfilled.
 
 Each bound is that of a two-sided ``gate.confidence`` interval, a one-sided test at level
 ``α = (1 - confidence) / 2``. All tests must pass (an intersection-union test, Berger 1982),
@@ -33,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cssl_core.config import GateConfig
+from cssl_core.evaluation.compatibility import CompatVerdict
 from cssl_core.evaluation.intervals import Bootstrap, Interval, forgetting_interval
 from cssl_core.evaluation.outcomes import FrameOutcomes, FramesDiffer
 
@@ -208,12 +216,58 @@ def _forgetting_check(
     return Check("forgetting", ok, detail, iv)
 
 
+def compatibility_check(
+    verdict: CompatVerdict | None,
+    has_champion: bool,
+    new_gain: Interval | None,
+    cfg: GateConfig,
+) -> Check:
+    """The compatibility rule (see the module docstring). ``verdict`` compares the candidate
+    with the champion (None: not measured, which fails closed unless ``allow_break`` takes
+    any gain); ``new_gain`` is the paired difference on the new period the gate tested."""
+    if not has_champion:
+        return Check("compatibility", True, "no champion: no index to be compatible with")
+    any_gain = cfg.compatibility == "allow_break" and cfg.break_min_gain is None
+    if verdict is None:
+        if any_gain:
+            return Check(
+                "compatibility", True, "not measured; breaking allowed (gate.break_min_gain unset)"
+            )
+        return Check("compatibility", False, "not measured: no compatibility matrix to decide on")
+    kind = verdict.kind
+    if kind != "none":
+        how = "directly" if kind == "direct" else "through its adapter"
+        return Check("compatibility", True, f"compatible {how}: {verdict.describe()}")
+    detail = f"incompatible: {verdict.describe()}"
+    if cfg.compatibility == "required":
+        return Check(
+            "compatibility",
+            False,
+            f"{detail}; gate.compatibility is required (set allow_break to backfill instead)",
+        )
+    if any_gain:
+        return Check("compatibility", True, f"{detail}; breaking allowed: backfill the index")
+    floor = float(cfg.break_min_gain or 0.0)
+    if new_gain is None or not new_gain.defined:
+        return Check("compatibility", False, f"{detail}; no gain interval to justify a break")
+    ok = new_gain.low >= floor
+    return Check(
+        "compatibility",
+        ok,
+        f"{detail}; gain on the new period {new_gain.signed()} "
+        f"{'>=' if ok else '<'} gate.break_min_gain {floor:+.3f}"
+        + ("; breaking allowed: backfill the index" if ok else ""),
+        new_gain,
+    )
+
+
 def decide(
     candidate: Mapping[str, FrameOutcomes],
     champion: Mapping[str, FrameOutcomes] | None,
     new_period: str,
     best_earlier: Mapping[str, float],
     cfg: GateConfig,
+    compatibility: CompatVerdict | None = None,
 ) -> GateDecision:
     """Decide whether the candidate replaces the champion (see the module docstring).
 
@@ -224,6 +278,8 @@ def decide(
     lineage's best accuracy on it before this period (``AccuracyMatrix.best_earlier`` over
     ``registry.lineage_rows``, from logged metrics); a NaN there fails closed. With no
     champion (the first period) only completeness, finiteness and forgetting apply.
+    ``compatibility`` is the candidate's verdict against the champion (from the refresh's
+    compatibility matrix; see :func:`compatibility_check`).
     Deterministic: the bootstrap is seeded with ``cfg.bootstrap_seed``.
     """
     checks = [
@@ -246,6 +302,10 @@ def decide(
         checks.append(Check("champion", True, f"none yet; {cfg.metric} on {new_period} {new}"))
     forgetting = _forgetting_check(candidate, new_period, best_earlier, cfg)
     checks.append(forgetting)
+    # listed after completeness and finiteness; decided here, where the new period's gain is known
+    checks.insert(
+        2, compatibility_check(compatibility, bool(champion), differences.get(new_period), cfg)
+    )
     return GateDecision(
         all(c.passed for c in checks), tuple(checks), differences, forgetting.interval
     )

@@ -31,7 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipelines.registry import (
     CHALLENGER,
@@ -139,10 +139,16 @@ def _pinned_requirements() -> list[str]:
 
 
 def serving_signature(embedding_dim: int) -> ModelSignature:
-    """Frames in (an ``image`` column of encoded bytes), float32 ``(N, embedding_dim)`` out."""
+    """Frames in (an ``image`` column of encoded bytes), float32 ``(N, embedding_dim)`` out.
+
+    The parameter ``space`` (default ``own``) selects the embedding: ``own`` is the version's
+    own, ``parent`` its queries mapped through its adapter into the space of the parent it
+    was trained from (``compat.mode: adapter``; an error for a version without an adapter),
+    to search an index the parent embedded (:mod:`pipelines.pyfunc_model`)."""
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embedding_dim))]),
+        params=ParamSchema([ParamSpec("space", "string", "own")]),
     )
 
 

@@ -1,7 +1,8 @@
 """The Prefect flow ``refresh``: one period from raw frames to a (maybe) promoted model.
 
     validate (ingest?) → publish shard → done already? → load lineage → train → evaluate
-        → decide (gate) → select memory → save memory → register → promote? → log
+        → compatibility matrix → decide (gate) → select memory → save memory → register
+        → promote? → log
 
 Every read or write of the object store or the registry happens inside a task that retries
 with backoff (:data:`IO_RETRIES`); computation does not retry (a logic error would only fail
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import tempfile
 import time
@@ -34,6 +36,13 @@ from cssl_core.config import ConfigError, Params, PeriodChain, is_period_name, l
 from cssl_core.data import storage
 from cssl_core.data.shard import Shard, ShardError
 from cssl_core.data.storage import open_store, redact
+from cssl_core.evaluation.compatibility import (
+    CompatibilityMatrix,
+    CompatVerdict,
+    compat_verdict,
+    plot_compatibility_matrix,
+    restrict_row,
+)
 from cssl_core.evaluation.intervals import (
     REPORTED_CONFIDENCE,
     Interval,
@@ -55,6 +64,7 @@ from pipelines.backfill import backfill_if_needed
 from pipelines.gate import GateDecision, decide
 from pipelines.registry import (
     MetricPoint,
+    RegistryError,
     VersionInfo,
     VersionTags,
     lineage_rows,
@@ -153,6 +163,39 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class Compat:
+    """Retrieval compatibility of the models a refresh involves
+    (:mod:`cssl_core.evaluation.compatibility`).
+
+    ``matrix`` is ``M[q][g]`` (top-1 and mAP@10) over :data:`CANDIDATE`, :data:`CHAMPION`
+    and, when the live index was embedded by another version, :data:`INDEX`, plus the
+    query-only row :data:`CANDIDATE_ADAPTER` (the candidate's queries through its adapter,
+    comparable with the champion only) when the candidate has one; None when there is
+    only the candidate. ``lineage`` lists the models oldest first, ``versions`` their registry
+    versions (the candidate's is not known yet), ``verdict`` the candidate against the
+    champion, ``average_compatibility`` CL2R's AC over ``lineage`` (None under two models).
+    """
+
+    matrix: CompatibilityMatrix | None
+    lineage: tuple[str, ...]
+    versions: dict[str, int]
+    verdict: CompatVerdict | None
+    average_compatibility: float | None
+    seconds: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        """The ``cssl.compat`` tag: ``direct``, ``adapter``, ``none``, or empty without a
+        champion."""
+        return self.verdict.kind if self.verdict is not None else ""
+
+
+CANDIDATE, CHAMPION, INDEX = "candidate", "champion", "index"
+CANDIDATE_ADAPTER = "candidate_adapter"
+COMPAT_K = 10
+
+
+@dataclass(frozen=True)
 class Decision:
     """The gate's verdict and the lineage numbers it was taken on."""
 
@@ -184,6 +227,7 @@ class RefreshSummary:
     average_accuracy: float = 0.0
     resumed_from: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    compat: str = ""  # cssl.compat: direct | adapter | none against the champion ("": none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +292,32 @@ def load_lineage(registry_uri: str, params: Params, chain: PeriodChain) -> Linea
         for name in (metric, f"{metric}_low", f"{metric}_high")
     )
     return LineageState(chain, champion, parent, memory, published, shards, matrix, low, high)
+
+
+@task(**IO_RETRIES)
+def load_index_model(registry_uri: str, champion: int | None) -> tuple[int, Embedder] | None:
+    """The model version the live embedding index (``CSSL_HOME/index``) was embedded with,
+    and its weights, when there is an index and its version is not the champion's. An index
+    that cannot be read is reported and left out of the matrix (it does not decide the gate:
+    the champion does)."""
+    from pipelines.index import EmbeddingIndex, EmbeddingIndexError, default_index_uri
+
+    uri = default_index_uri()
+    if not Path(uri).is_dir():
+        return None
+    try:
+        live = EmbeddingIndex(uri).pointer().live
+    except EmbeddingIndexError as exc:
+        get_run_logger().warning(f"the embedding index at {uri} is unreadable ({exc})")
+        return None
+    if live is None or live.model_version == champion:
+        return None
+    try:
+        model = open_registry(registry_uri).load_embedder(live.model_version)
+    except RegistryError as exc:
+        get_run_logger().warning(f"the index's version {live.model_version}: {exc}")
+        return None
+    return live.model_version, model
 
 
 @task(**IO_RETRIES)
@@ -335,6 +405,32 @@ def score_points(params: Params, scores: Scores) -> list[MetricPoint]:
     return points
 
 
+def compat_points(compat: Compat) -> list[MetricPoint]:
+    """The compatibility matrix as metrics: ``compat_top1/<query>__<gallery>`` and
+    ``compat_map10/<query>__<gallery>`` for every comparable cell (models ``candidate``,
+    ``champion``, ``index``, ``candidate_adapter``), ``compat/average_compatibility`` (CL2R's
+    AC over the models, oldest first), ``compat/direct`` and ``compat/via_adapter`` (1.0 when
+    the candidate is compatible with the champion that way) and ``time/compatibility``."""
+    points = [MetricPoint("time/compatibility", compat.seconds)]
+    matrix = compat.matrix
+    if matrix is None:
+        return points
+    for q in matrix.query_models:
+        for g in matrix.gallery_models:
+            cell = matrix.entry(q, g)
+            if cell.comparable:
+                points.append(MetricPoint(f"compat_top1/{q}__{g}", cell.top1))
+                points.append(MetricPoint(f"compat_map{matrix.k}/{q}__{g}", cell.map_at_k))
+    if compat.average_compatibility is not None:
+        points.append(MetricPoint("compat/average_compatibility", compat.average_compatibility))
+    if compat.verdict is not None:
+        v = compat.verdict
+        via = v.adapter is not None and not math.isnan(v.adapter) and v.adapter >= v.own
+        points.append(MetricPoint("compat/direct", float(v.kind == "direct")))
+        points.append(MetricPoint("compat/via_adapter", float(via)))
+    return points
+
+
 def gate_points(
     decision: Decision, scores: Scores, period: str, params: Params
 ) -> list[MetricPoint]:
@@ -365,11 +461,14 @@ def log_run(
     decision: Decision,
     summary: RefreshSummary,
     state: LineageState,
+    compat: Compat | None = None,
 ) -> None:
     """Parameters, training curves, every score with its 95% interval, the gate's
-    differences, the summary numbers; as artifacts the accuracy matrix (with intervals), its
-    plots (error bars), the gate's verdict and the per-frame outcomes of every model
-    (``eval/outcomes.parquet``, so intervals can be recomputed later)."""
+    differences, the summary numbers, the compatibility matrix (:func:`compat_points`); as
+    artifacts the accuracy matrix (with intervals), its plots (error bars), the gate's
+    verdict, the per-frame outcomes of every model (``eval/outcomes.parquet``, so intervals
+    can be recomputed later) and the compatibility matrix (``eval/compatibility.json``,
+    ``.md``, ``.png``)."""
     import pyarrow.parquet as pq
 
     from cssl_core.evaluation.plots import plot_accuracy_curves, plot_accuracy_matrix
@@ -379,10 +478,12 @@ def log_run(
     points = [
         MetricPoint(f"train/{name}", float(getattr(h, name)), h.step)
         for h in trained.result.history
-        for name in ("loss", "ssl", "distill", "lr")
+        for name in ("loss", "ssl", "distill", "lr", "compat")
     ]
     points += score_points(params, scores)
     points += gate_points(decision, scores, summary.period, params)
+    if compat is not None:
+        points += compat_points(compat)
     totals = {
         "forgetting": decision.forgetting,
         "average_accuracy": decision.average_accuracy,
@@ -423,6 +524,17 @@ def log_run(
         pq.write_table(outcomes_table(scores.outcomes()), out / "outcomes.parquet")
         plot_accuracy_matrix(matrix, out / "accuracy_matrix.png", low=low, high=high)
         plot_accuracy_curves(matrix, out / "accuracy_curves.png", low=low, high=high)
+        if compat is not None and compat.matrix is not None:
+            record = {
+                "matrix": compat.matrix.to_dict(),
+                "lineage": list(compat.lineage),
+                "versions": compat.versions,
+                "verdict": compat.verdict.to_dict() if compat.verdict else None,
+                "average_compatibility": compat.average_compatibility,
+            }
+            (out / "compatibility.json").write_text(json.dumps(record, indent=2))
+            (out / "compatibility.md").write_text(compat.matrix.to_markdown())
+            plot_compatibility_matrix(compat.matrix, out / "compatibility.png")
         registry.log_artifacts(run_id, out, "eval")
 
 
@@ -549,11 +661,92 @@ def evaluate(params: Params, model: Embedder, state: LineageState) -> Scores:
     return Scores(candidate, champion, baseline, majority, time.perf_counter() - t0)
 
 
+def retrieval_frames(
+    sets: dict[str, core.EvalSet], cap: int, seed: int
+) -> tuple[list[bytes], list[str | None], list[bytes], list[str | None]]:
+    """``(query images, labels, gallery images, labels)`` for the compatibility matrix:
+    queries are labelled eval frames and the gallery labelled train (reference) frames of
+    every period so far, at most ``cap`` of each per period (a seeded uniform sample, in the
+    eval set's order)."""
+    import numpy as np
+
+    q_img: list[bytes] = []
+    q_lab: list[str | None] = []
+    g_img: list[bytes] = []
+    g_lab: list[str | None] = []
+    rng = np.random.default_rng(seed)
+    for es in sets.values():
+        for images, labels, out_img, out_lab in (
+            (es.test_images, es.test_labels, q_img, q_lab),
+            (es.train_images, es.train_labels, g_img, g_lab),
+        ):
+            keep = [k for k, y in enumerate(labels) if y is not None]
+            if len(keep) > cap:
+                keep = sorted(rng.choice(keep, size=cap, replace=False).tolist())
+            out_img += [images[k] for k in keep]
+            out_lab += [labels[k] for k in keep]
+    return q_img, q_lab, g_img, g_lab
+
+
 @task(**COMPUTE)
-def decide_promotion(params: Params, period: str, scores: Scores, state: LineageState) -> Decision:
+def compatibility(
+    params: Params,
+    model: Embedder,
+    state: LineageState,
+    index_model: tuple[int, Embedder] | None,
+) -> Compat:
+    """The compatibility matrix of the candidate, the champion and the live index's version
+    (when it is another), on eval-frame queries and a train-frame gallery of every period so
+    far (at most ``compat.matrix_frames`` of each per period, so a refresh stays quick);
+    with the candidate's adapter, its
+    queries mapped into the champion's space as an extra row."""
+    from cssl_core.evaluation.evaluate import extract_features
+
+    t0 = time.perf_counter()
+    models: dict[str, Embedder] = {}
+    versions: dict[str, int] = {}
+    if index_model is not None:
+        versions[INDEX], models[INDEX] = index_model
+    if state.parent is not None and state.champion is not None:
+        versions[CHAMPION], models[CHAMPION] = state.champion.version, state.parent
+    models[CANDIDATE] = model
+    lineage = tuple(models)
+    if len(models) < 2:
+        return Compat(None, lineage, versions, None, None, time.perf_counter() - t0)
+    sets = core.eval_sets_for(state.shards, params)
+    q_img, q_lab, g_img, g_lab = retrieval_frames(
+        sets, params.compat.matrix_frames, params.train.seed
+    )
+    size = params.model.input_size
+    queries = {name: extract_features(m, q_img, size) for name, m in models.items()}
+    gallery = {name: extract_features(m, g_img, size) for name, m in models.items()}
+    parent = state.parent
+    adapter_row = None
+    if (
+        parent is not None
+        and model.adapter is not None
+        and model.adapter_parent == parent.state_fingerprint()
+    ):
+        adapter_row = CANDIDATE_ADAPTER
+        queries[adapter_row] = model.to_parent_space(queries[CANDIDATE]).detach()
+    matrix = CompatibilityMatrix.compute(queries, gallery, q_lab, g_lab, k=COMPAT_K)
+    if adapter_row is not None:
+        matrix = restrict_row(
+            matrix, adapter_row, [CHAMPION], "the adapter maps into the champion's space only"
+        )
+    verdict = compat_verdict(matrix, CANDIDATE, CHAMPION, adapter_row) if parent else None
+    average = matrix.average_compatibility(lineage)
+    return Compat(matrix, lineage, versions, verdict, average, time.perf_counter() - t0)
+
+
+@task(**COMPUTE)
+def decide_promotion(
+    params: Params, period: str, scores: Scores, state: LineageState, compat: Compat | None = None
+) -> Decision:
     """The paired gate on the candidate's and the champion's per-frame outcomes, with the
-    lineage's best earlier accuracies (as logged) for forgetting. Best earlier accuracies that
-    cannot be read are NaN, so the gate fails closed on them."""
+    lineage's best earlier accuracies (as logged) for forgetting and the candidate's
+    compatibility with the champion. Best earlier accuracies that cannot be read are NaN, so
+    the gate fails closed on them."""
     metric = params.gate.metric
     row = core.accuracy_row(scores.candidate, metric)
     champion_row = core.accuracy_row(scores.champion, metric)
@@ -572,6 +765,7 @@ def decide_promotion(params: Params, period: str, scores: Scores, state: Lineage
         period,
         best,
         params.gate,
+        compat.verdict if compat is not None else None,
     )
     verdict = "passes the gate" if gate.promote else "is rejected"
     get_run_logger().info(f"{period}: the candidate {verdict}: " + "; ".join(gate.reasons))
@@ -732,6 +926,7 @@ def version_tags(
     decision: Decision,
     memory: ReplayMemory,
     source: str = "",
+    compat: Compat | None = None,
 ) -> VersionTags:
     """What the new version was made from, and the gate's verdict on it."""
     return VersionTags(
@@ -747,6 +942,7 @@ def version_tags(
         gate="pass" if decision.promote else "reject",
         previous_period=state.chain.previous,
         source=source,
+        compat=compat.kind if compat is not None else "",  # type: ignore[arg-type]
     )
 
 
@@ -769,6 +965,7 @@ def summarize(
         forgetting=decision.forgetting,
         average_accuracy=decision.average_accuracy,
         resumed_from=trained.result.resumed_from,
+        compat=version.lineage.compat,
         timings={
             "total": total_seconds,
             "train": trained.seconds,
@@ -833,17 +1030,21 @@ def refresh(
         with tracked_run(registry, f"refresh-{period}") as run_id:
             trained = train(params, period, new_shard, state)
             scores = evaluate(params, trained.model, state)
-            decision = decide_promotion(params, period, scores, state)
+            index_model = load_index_model(
+                registry, state.champion.version if state.champion else None
+            )
+            compat = compatibility(params, trained.model, state, index_model)
+            decision = decide_promotion(params, period, scores, state, compat)
             memory = select_memory(params, period, new_shard, state, trained, decision.promote)
             save_memory(store, memory)
-            tags = version_tags(params, new_shard, state, trained, decision, memory, origin)
+            tags = version_tags(params, new_shard, state, trained, decision, memory, origin, compat)
             version = register_candidate(registry, run_id, trained.model, tags)
             if decision.promote:
                 promote(registry, version.version)
             summary = summarize(
                 version, state, trained, scores, decision, time.perf_counter() - t_start
             )
-            log_run(registry, run_id, params, trained, scores, decision, summary, state)
+            log_run(registry, run_id, params, trained, scores, decision, summary, state, compat)
     if decision.promote:  # re-embed the index when the new champion breaks it (index.*)
         backfill_if_needed(registry, params.index.uri, version.version, params)
     return summary.as_dict()

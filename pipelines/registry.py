@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from cssl_core.learn.models import Embedder
 
 GateVerdict = Literal["pass", "reject", ""]
+CompatTag = Literal["direct", "adapter", "none", ""]
+COMPAT_TAG = "cssl.compat"
+"""The registry tag saying how a version can search the index of the champion it replaced."""
 RunStatus = Literal["FINISHED", "FAILED"]
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -54,6 +57,11 @@ class VersionTags:
     it continued from (whose replay memory it replayed; empty for the first) and ``source``
     where its frames came from (the raw source it ingested, or the shard it was given): with
     them the chain that ran can be written out for DVC (``cssl lineage export``).
+
+    ``compat`` (tag ``cssl.compat``, :data:`COMPAT_TAG`) says how this version can search an
+    index the champion it was compared with (``parent_version``) embedded: ``direct`` (its
+    own embedding, ``M[new][old] >= M[old][old]``), ``adapter`` (only through its query-side
+    adapter), ``none`` (re-embed the index: backfill); empty with no champion (first period).
     """
 
     period: str
@@ -68,11 +76,14 @@ class VersionTags:
     gate: GateVerdict = ""
     previous_period: str = ""
     source: str = ""
+    compat: CompatTag = ""
 
     def as_tags(self) -> dict[str, str]:
-        """Flat string tags (``parent_version`` empty when there is none)."""
+        """Flat string tags (``parent_version`` empty when there is none; ``compat`` under
+        the key ``cssl.compat``)."""
         tags = {f.name: getattr(self, f.name) for f in fields(self)}
         tags["parent_version"] = "" if self.parent_version is None else str(self.parent_version)
+        tags[COMPAT_TAG] = tags.pop("compat")
         return {k: str(v) for k, v in tags.items()}
 
     @classmethod
@@ -81,6 +92,8 @@ class VersionTags:
         parent = tags.get("parent_version", "")
         verdict = tags.get("gate", "")
         gate: GateVerdict = "pass" if verdict == "pass" else "reject" if verdict == "reject" else ""
+        found = tags.get(COMPAT_TAG, "")
+        compat: CompatTag = found if found in ("direct", "adapter", "none") else ""  # type: ignore[assignment]
         return cls(
             period=tags.get("period", ""),
             shard_fingerprint=tags.get("shard_fingerprint", ""),
@@ -94,6 +107,7 @@ class VersionTags:
             gate=gate,
             previous_period=tags.get("previous_period", ""),
             source=tags.get("source", ""),
+            compat=compat,
         )
 
 

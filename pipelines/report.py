@@ -5,6 +5,13 @@ Every accuracy is shown with its 95% cluster-bootstrap interval as the refresh l
 next-period accuracy (what production served on each period before its refresh landed) and
 the blind baselines of each period (an untrained model and the majority class), so a reader
 sees what the embedding adds.
+
+Compatibility: each version's ``cssl.compat`` tag (``direct``, ``adapter``, ``none``), the
+newest refresh's compatibility matrix (retrieval top-1 / mAP@10 of every query model against
+every gallery model, rebuilt from its ``compat_*`` metrics) and the lineage's average
+compatibility: CL2R's AC over the lineage's consecutive pairs (each promoted version against
+the champion it replaced, as its refresh measured them on the same frames); a pair of versions
+further apart was never measured on the same frames, so it is not counted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from math import isnan
 from typing import Any
 
 from cssl_core.config import Params
+from cssl_core.evaluation.compatibility import CompatibilityMatrix
 from cssl_core.evaluation.metrics import AccuracyMatrix, MissingAccuracy
 from pipelines.registry import ModelRegistry, lineage_rows, open_registry
 from pipelines.settings import MODEL_NAME
@@ -36,6 +44,115 @@ class VersionRow:
     git_commit: str
     average_accuracy: float | None
     forgetting: float | None
+    compat: str = ""
+
+
+@dataclass(frozen=True)
+class CompatPair:
+    """A promoted version against the champion it replaced, as its refresh measured them
+    (retrieval top-1): ``direct`` = M[new][old], ``own`` = M[old][old], ``adapter`` =
+    M[new via adapter][old] (None without an adapter)."""
+
+    version: int
+    parent_version: int
+    direct: float
+    own: float
+    adapter: float | None = None
+
+    @property
+    def compatible(self) -> bool:
+        return self.direct >= self.own
+
+    @property
+    def compatible_via_adapter(self) -> bool:
+        return self.compatible or (self.adapter is not None and self.adapter >= self.own)
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """The newest refresh's matrix (``version``'s run) and the lineage's consecutive pairs;
+    ``average`` / ``average_via_adapter``: the share of pairs compatible (CL2R's AC over
+    consecutive pairs), None without a pair."""
+
+    version: int | None
+    matrix: CompatibilityMatrix | None
+    pairs: list[CompatPair]
+
+    @property
+    def average(self) -> float | None:
+        return sum(p.compatible for p in self.pairs) / len(self.pairs) if self.pairs else None
+
+    @property
+    def average_via_adapter(self) -> float | None:
+        if not self.pairs:
+            return None
+        return sum(p.compatible_via_adapter for p in self.pairs) / len(self.pairs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "matrix": self.matrix.to_dict() if self.matrix is not None else None,
+            "pairs": [asdict(p) for p in self.pairs],
+            "average_compatibility": self.average,
+            "average_compatibility_via_adapter": self.average_via_adapter,
+        }
+
+
+COMPAT_ORDER = ("index", "champion", "candidate", "candidate_adapter")
+
+
+def matrix_from_metrics(metrics: Mapping[str, float]) -> CompatibilityMatrix | None:
+    """The compatibility matrix a refresh logged as ``compat_top1/<q>__<g>`` and
+    ``compat_map<k>/<q>__<g>`` metrics (None when it logged none); cells it did not log are
+    not comparable."""
+    top1: dict[tuple[str, str], float] = {}
+    maps: dict[tuple[str, str], float] = {}
+    k = 10
+    for key, value in metrics.items():
+        head, _, cell = key.partition("/")
+        q, sep, g = cell.partition("__")
+        if not sep:
+            continue
+        if head == "compat_top1":
+            top1[(q, g)] = value
+        elif head.startswith("compat_map") and head[len("compat_map") :].isdigit():
+            maps[(q, g)] = value
+            k = int(head[len("compat_map") :])
+    if not top1:
+        return None
+
+    def ordered(names: set[str]) -> list[str]:
+        return sorted(names, key=lambda n: (COMPAT_ORDER + (n,)).index(n))
+
+    rows = ordered({q for q, _ in top1})
+    cols = ordered({g for _, g in top1})
+    reasons = {(q, g): "not logged" for q in rows for g in cols if (q, g) not in top1}
+    grid_top1 = [[top1.get((q, g)) for g in cols] for q in rows]
+    grid_map = [[maps.get((q, g)) if (q, g) in top1 else None for g in cols] for q in rows]
+    return CompatibilityMatrix(rows, cols, grid_top1, grid_map, k, reasons)
+
+
+def _compatibility(registry: ModelRegistry, versions: list[Any]) -> Compatibility:
+    newest, matrix = None, None
+    for v in reversed(versions):
+        matrix = matrix_from_metrics(registry.run(v.run_id).metrics)
+        if matrix is not None:
+            newest = v.version
+            break
+    pairs = []
+    for v in registry.lineage().values():
+        parent = v.lineage.parent_version
+        m = registry.run(v.run_id).metrics
+        direct = m.get("compat_top1/candidate__champion")
+        own = m.get("compat_top1/champion__champion")
+        if parent is None or direct is None or own is None:
+            continue
+        pairs.append(
+            CompatPair(
+                v.version, parent, direct, own, m.get("compat_top1/candidate_adapter__champion")
+            )
+        )
+    return Compatibility(newest, matrix, sorted(pairs, key=lambda p: p.version))
 
 
 @dataclass(frozen=True)
@@ -97,6 +214,7 @@ class Report:
     lows: dict[str, AccuracyMatrix] = field(default_factory=dict)  # metric -> 95% low bounds
     highs: dict[str, AccuracyMatrix] = field(default_factory=dict)  # metric -> 95% high bounds
     baselines: list[Baselines] = field(default_factory=list)
+    compatibility: Compatibility | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (``cssl report --json``)."""
@@ -112,6 +230,7 @@ class Report:
             },
             "summary": {m: asdict(s) for m, s in self.summary.items()},
             "baselines": [asdict(b) for b in self.baselines],
+            "compatibility": self.compatibility.as_dict() if self.compatibility else None,
         }
 
 
@@ -144,6 +263,7 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
                 git_commit=t.git_commit[:10],
                 average_accuracy=metrics.get("average_accuracy"),
                 forgetting=metrics.get("forgetting"),
+                compat=t.compat,
             )
         )
     lineage = registry.lineage()
@@ -184,6 +304,7 @@ def build_report(params: Params, registry: ModelRegistry | None = None) -> Repor
         lows=lows,
         highs=highs,
         baselines=[_baselines(p, runs[p]) for p in periods if p in runs],
+        compatibility=_compatibility(registry, versions),
     )
 
 
@@ -248,13 +369,13 @@ def format_report(report: Report) -> list[str]:
     lines = [
         f"{report.model} in {report.registry}; @champion = version {report.champion}",
         "",
-        "| version | period | gate | parent | aliases | avg acc | forgetting |",
-        "|---|---|---|---|---|---|---|",
+        "| version | period | gate | parent | compat | aliases | avg acc | forgetting |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report.versions:
         parent = "-" if r.parent_version is None else str(r.parent_version)
         lines.append(
-            f"| {r.version} | {r.period} | {r.gate} | {parent} | "
+            f"| {r.version} | {r.period} | {r.gate} | {parent} | {r.compat or '-'} | "
             f"{', '.join(r.aliases) or '-'} | {_fmt(r.average_accuracy)} | {_fmt(r.forgetting)} |"
         )
     for metric in METRICS:
@@ -292,4 +413,38 @@ def format_report(report: Report) -> list[str]:
                 f"| {b.period} | {b.model_knn} | {b.model_linear} | {b.random_knn} | "
                 f"{b.random_linear} | {b.majority} |"
             )
+    lines += format_compatibility(report.compatibility)
+    return lines
+
+
+def format_compatibility(compat: Compatibility | None) -> list[str]:
+    """The compatibility section of the report (empty when no refresh measured any)."""
+    if compat is None or (compat.matrix is None and not compat.pairs):
+        return []
+    lines = [
+        "",
+        "Compatibility (retrieval top-1 / mAP@k; eval-frame queries, train-frame gallery):",
+    ]
+    if compat.matrix is not None:
+        lines += [
+            f"newest matrix (version {compat.version}'s refresh; rows embed the queries, "
+            "columns the gallery):",
+            compat.matrix.to_markdown(),
+        ]
+    if compat.pairs:
+        lines.append(
+            "| version | replaced | M[new][old] | M[old][old] | via adapter | compatible |"
+        )
+        lines.append("|---|---|---:|---:|---:|---|")
+        for p in compat.pairs:
+            kind = "direct" if p.compatible else "adapter" if p.compatible_via_adapter else "no"
+            via = "-" if p.adapter is None else f"{p.adapter:.3f}"
+            lines.append(
+                f"| {p.version} | {p.parent_version} | {p.direct:.3f} | {p.own:.3f} | {via} | "
+                f"{kind} |"
+            )
+        lines.append(
+            f"average compatibility of the lineage (CL2R, consecutive pairs): "
+            f"{_fmt(compat.average)} direct, {_fmt(compat.average_via_adapter)} with adapters"
+        )
     return lines

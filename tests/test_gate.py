@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cssl_core.config import ConfigError, EvalConfig, GateConfig, load_params
+from cssl_core.evaluation.compatibility import CompatVerdict
 from cssl_core.evaluation.outcomes import FrameOutcomes
 from pipelines.gate import decide
 
@@ -233,3 +234,67 @@ def test_after_a_rejected_period_forgetting_counts_the_lineages_periods_only():
     assert best == {"p01": 0.8}
     d = decide(candidate, {**CHAMPION, "p03": candidate["p03"]}, "p03", best, CFG)
     assert d.promote, d.reasons
+
+
+# -- compatibility (issue 14) ----------------------------------------------------------------
+
+
+def _verdict(direct: float, own: float, adapter: float | None = None) -> CompatVerdict:
+    return CompatVerdict("candidate", "champion", direct, own, adapter)
+
+
+def _better_on_new(gain: int) -> dict[str, FrameOutcomes]:
+    """CHAMPION with ``gain`` of p02's wrong frames made right (+gain/400 on p02)."""
+    knn = CHAMPION["p02"].knn.copy()
+    knn[np.flatnonzero(~knn)[:gain]] = True
+    p02 = FrameOutcomes(
+        CHAMPION["p02"].frame_ids, CHAMPION["p02"].clusters, CHAMPION["p02"].labels, knn, knn
+    )
+    return {"p01": CHAMPION["p01"], "p02": p02}
+
+
+def test_required_compatibility_rejects_an_incompatible_candidate_with_the_reason():
+    required = CFG.model_copy(update={"compatibility": "required"})
+    d = decide(CHAMPION, CHAMPION, "p02", BEST, required, _verdict(0.20, 0.30))
+    assert not d.promote
+    assert d.failed == [
+        "FAIL compatibility: incompatible: top-1 M[candidate][champion] 0.200 < "
+        "M[champion][champion] 0.300; gate.compatibility is required (set allow_break to "
+        "backfill instead)"
+    ]
+    # Compatible directly, or only through its adapter: promoted, and the reason says how.
+    direct = decide(CHAMPION, CHAMPION, "p02", BEST, required, _verdict(0.30, 0.30))
+    assert direct.promote and "PASS compatibility: compatible directly: " in direct.reasons[2]
+    via = decide(CHAMPION, CHAMPION, "p02", BEST, required, _verdict(0.20, 0.30, 0.31))
+    assert via.promote
+    assert via.reasons[2] == (
+        "PASS compatibility: compatible through its adapter: top-1 M[candidate][champion] "
+        "0.200 < M[champion][champion] 0.300; through the adapter 0.310"
+    )
+    # Not measured: fails closed.
+    d = decide(CHAMPION, CHAMPION, "p02", BEST, required)
+    assert not d.promote and d.failed == [
+        "FAIL compatibility: not measured: no compatibility matrix to decide on"
+    ]
+    # The first period has no champion, hence no index to be compatible with.
+    first = decide({"p01": outcomes(0.75, 3)}, None, "p01", {}, required)
+    assert first.promote and "PASS compatibility: no champion" in first.reasons[2]
+
+
+def test_allow_break_promotes_an_incompatible_candidate_only_with_a_large_gain():
+    breaking = CFG.model_copy(update={"break_min_gain": 0.05})
+    incompatible = _verdict(0.10, 0.30)
+    big = decide(_better_on_new(60), CHAMPION, "p02", BEST, breaking, incompatible)  # +0.15
+    assert big.promote, big.reasons
+    check = big.reasons[2]
+    assert check.startswith("PASS compatibility: incompatible: top-1 M[candidate][champion] 0.100")
+    assert ">= gate.break_min_gain +0.050; breaking allowed: backfill the index" in check
+    small = decide(_better_on_new(4), CHAMPION, "p02", BEST, breaking, incompatible)  # +0.01
+    assert not small.promote
+    (reason,) = small.failed
+    assert reason.startswith("FAIL compatibility: incompatible") and "< gate.break_min_gain" in (
+        reason
+    )
+    # The default (allow_break, no minimum gain) keeps the other checks' decision.
+    assert decide(CHAMPION, CHAMPION, "p02", BEST, CFG, incompatible).promote
+    assert decide(CHAMPION, CHAMPION, "p02", BEST, CFG).promote

@@ -145,6 +145,69 @@ def test_report_reads_the_matrix_back_from_mlflow(lin: Lineage):
     assert served["p02"].value == knn.get("p01", "p02")
 
 
+def test_every_refresh_logs_the_compatibility_matrix_and_tags_the_version(lin: Lineage):
+    registry = MlflowRegistry()
+    versions = _lineage_versions(registry)
+    first, *later = versions
+    assert first.tags["cssl.compat"] == ""  # no champion: nothing to be compatible with
+    first_metrics = registry.run(first.run_id).metrics
+    assert not any(k.startswith("compat_top1/") for k in first_metrics)
+    for v in later:
+        metrics = registry.run(v.run_id).metrics
+        names = ("candidate", "champion")
+        for q in names:
+            for g in names:
+                assert 0.0 <= metrics[f"compat_top1/{q}__{g}"] <= 1.0
+                assert 0.0 <= metrics[f"compat_map10/{q}__{g}"] <= 1.0
+        direct = metrics["compat_top1/candidate__champion"]
+        own = metrics["compat_top1/champion__champion"]
+        via = metrics.get("compat_top1/candidate_adapter__champion", -1.0)  # with an adapter
+        expected = "direct" if direct >= own else "adapter" if via >= own else "none"
+        assert v.tags["cssl.compat"] == expected
+        assert metrics["compat/direct"] == float(direct >= own)
+        assert 0.0 <= metrics["compat/average_compatibility"] <= 1.0
+        local = mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="eval")
+        record = json.loads((Path(local) / "compatibility.json").read_text())
+        assert record["lineage"] == ["champion", "candidate"]
+        assert record["matrix"]["gallery_models"] == ["champion", "candidate"]
+        assert record["verdict"]["kind"] == v.tags["cssl.compat"]
+        assert record["matrix"]["top1"][1][0] == pytest.approx(direct)
+        assert (Path(local) / "compatibility.md").is_file()
+        assert (Path(local) / "compatibility.png").stat().st_size > 0
+        assert any(r.startswith("PASS compatibility: ") for r in lin.summaries[v.period]["reasons"])
+    text = "\n".join(format_report(build_report(_params(lin), registry)))
+    assert "| version | period | gate | parent | compat |" in text
+    assert "Compatibility (retrieval top-1 / mAP@k" in text
+    assert "average compatibility of the lineage (CL2R, consecutive pairs)" in text
+
+
+@pytest.mark.slow
+def test_an_adapter_lineage_logs_the_adapter_row_and_saves_the_adapter(
+    prefect_harness: None, tiny_params_file: Path, sim_shards: Path, tmp_path: Path, monkeypatch
+):
+    state = new_lineage(tmp_path / "state", tiny_params_file)
+    state.use(monkeypatch)
+    for period in PERIODS[:2]:
+        refresh(
+            period,
+            shard=str(sim_shards / period),
+            params_path=str(tiny_params_file),
+            overrides=[*state.overrides, "compat.mode=adapter"],
+        )
+    registry = MlflowRegistry()
+    v1, v2 = registry.versions()
+    model = Embedder.load(registry.download_embedder(v2.version))
+    assert model.adapter is not None and model.adapter_parent == v1.tags["weights_sha256"]
+    metrics = registry.run(v2.run_id).metrics
+    via = metrics["compat_top1/candidate_adapter__champion"]
+    direct = metrics["compat_top1/candidate__champion"]
+    own = metrics["compat_top1/champion__champion"]
+    assert "compat_top1/candidate_adapter__candidate" not in metrics  # other space
+    expected = "direct" if direct >= own else "adapter" if via >= own else "none"
+    assert v2.tags["cssl.compat"] == expected
+    assert metrics["compat/via_adapter"] == float(via >= own)
+
+
 def test_rerun_of_a_finished_period_does_nothing(lin: Lineage, sim_shards: Path):
     manifest = Path(lin.store) / "memory" / "p02" / "manifest.json"
     before = manifest.read_bytes()

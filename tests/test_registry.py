@@ -57,6 +57,7 @@ def _tags(period: str, seed: int) -> VersionTags:
         git_commit="abc",
         strategy=f"seed-{seed}",
         gate="pass",
+        compat=("", "adapter", "none")[seed % 3],
     )
 
 
@@ -97,6 +98,9 @@ def test_register_tags_lineage_and_moves_challenger(registry: MlflowRegistry, ve
         assert info.run_id
     assert registry.alias("challenger").version == 3
     assert registry.get(2).period == "p02"
+    # How each version can search its champion's index, under the tag key other tools read.
+    assert [v.tags["cssl.compat"] for v in listed] == ["", "adapter", "none"]
+    assert [v.lineage.compat for v in listed] == ["", "adapter", "none"]
 
 
 def test_find_completed_matches_period_shard_and_config(registry: MlflowRegistry, versions):

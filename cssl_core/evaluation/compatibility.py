@@ -481,3 +481,109 @@ def plot_compatibility_matrix(
     fig.colorbar(image, ax=list(axes), label="retrieval quality")
     fig.suptitle(title)
     return _save_atomic(fig, path)
+
+
+# -- the verdict on one candidate -------------------------------------------------------------
+
+CompatKind = Literal["direct", "adapter", "none"]
+"""How a new version can search its predecessor's index: with its own embedding (``direct``),
+only through its query-side adapter (``adapter``), or not at all (``none``)."""
+
+
+@dataclass(frozen=True)
+class CompatVerdict:
+    """Whether ``new`` can search an index ``old`` embedded, from one matrix (``metric``).
+
+    ``direct`` is ``M[new][old]``, ``own`` is ``M[old][old]`` and ``adapter`` is
+    ``M[new via adapter][old]`` (None without an adapter into ``old``'s space). The kind is
+    ``direct`` when ``M[new][old] >= M[old][old]``, else ``adapter`` when the adapter row
+    satisfies the same inequality, else ``none`` (CL2R's criterion, see
+    :class:`CompatibilityMatrix`). A cell that is not comparable (NaN) satisfies nothing.
+    """
+
+    new: str
+    old: str
+    direct: float
+    own: float
+    adapter: float | None = None
+    metric: Metric = "top1"
+
+    @property
+    def kind(self) -> CompatKind:
+        def at_least_own(value: float | None) -> bool:
+            return (
+                value is not None
+                and not math.isnan(value)
+                and not math.isnan(self.own)
+                and (value >= self.own)
+            )
+
+        if at_least_own(self.direct):
+            return "direct"
+        if at_least_own(self.adapter):
+            return "adapter"
+        return "none"
+
+    def describe(self) -> str:
+        """``M[candidate][champion] 0.251 < M[champion][champion] 0.277; via adapter 0.281``."""
+        name = _METRIC_NAMES[self.metric]
+        rel = ">=" if self.kind == "direct" else "<"
+        text = (
+            f"{name} M[{self.new}][{self.old}] {self.direct:.3f} {rel} "
+            f"M[{self.old}][{self.old}] {self.own:.3f}"
+        )
+        if self.adapter is not None:
+            text += f"; through the adapter {self.adapter:.3f}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(v: float | None) -> float | None:
+            return None if v is None or math.isnan(v) else float(v)
+
+        return {
+            "new": self.new,
+            "old": self.old,
+            "metric": self.metric,
+            "direct": num(self.direct),
+            "own": num(self.own),
+            "adapter": num(self.adapter),
+            "kind": self.kind,
+        }
+
+
+def compat_verdict(
+    matrix: CompatibilityMatrix,
+    new: str,
+    old: str,
+    adapter_row: str | None = None,
+    metric: Metric = "top1",
+) -> CompatVerdict:
+    """The :class:`CompatVerdict` of ``new`` against ``old`` read from ``matrix``;
+    ``adapter_row`` names the query-only row of ``new``'s features mapped into ``old``'s space
+    (absent or None: no adapter)."""
+    adapter = None
+    if adapter_row is not None and adapter_row in matrix.query_models:
+        adapter = matrix.value(adapter_row, old, metric)
+    return CompatVerdict(
+        new, old, matrix.value(new, old, metric), matrix.value(old, old, metric), adapter, metric
+    )
+
+
+def restrict_row(
+    matrix: CompatibilityMatrix, row: str, keep: Sequence[str], reason: str
+) -> CompatibilityMatrix:
+    """A copy of ``matrix`` whose row ``row`` keeps only the columns ``keep``; its other cells
+    become not comparable with ``reason`` (e.g. an adapter row, meaningful only against the
+    model whose space the adapter maps into)."""
+    data = matrix.to_dict()
+    i = data["query_models"].index(row)
+    reasons = list(data["reasons"])
+    for j, g in enumerate(data["gallery_models"]):
+        if g in keep:
+            continue
+        data["top1"][i][j] = None
+        data["map_at_k"][i][j] = None
+        reasons = [r for r in reasons if (r["query_model"], r["gallery_model"]) != (row, g)]
+        reasons.append({"query_model": row, "gallery_model": g, "reason": reason})
+    data["reasons"] = reasons
+    return CompatibilityMatrix.from_dict(data)

@@ -148,6 +148,12 @@ def train_in_process(
     others fine-tune a copy of the parent (which is left untouched), distilling toward a
     frozen copy of it and mixing in the replay memory when the strategy says so. Raises
     :class:`~cssl_core.learn.trainer.TrainingInterrupted` when ``should_stop`` fires.
+
+    Compatibility with the parent (``compat``, whenever there is a parent): ``align`` adds
+    the alignment term against a frozen copy of the parent (whatever the strategy);
+    ``adapter`` fits the query-side map into the parent's features after training, on the
+    period's train frames and the replay memory (:func:`cssl_core.learn.compat.fit_adapter`).
+    A model never inherits its parent's adapter (that one maps into the grandparent's space).
     """
     params, cfg = inputs.params, inputs.params.train
     device = device or resolve_device(cfg.device, env)
@@ -156,13 +162,17 @@ def train_in_process(
     categories = _categories(train_table) if cfg.classifier else []
     teacher = None
     replay: FrameSource | None = None
+    compat = params.compat
     if spec.from_scratch or inputs.parent is None:
         model = new_model(params, categories)
+        if inputs.parent is not None and compat.mode == "align":
+            teacher = inputs.parent.frozen_copy()
     else:
         model = copy.deepcopy(inputs.parent).train().requires_grad_(True)
+        model.set_adapter(None, None)
         if cfg.classifier:
             model.expand_classes(categories)
-        if spec.uses_distill:
+        if spec.uses_distill or compat.mode == "align":
             teacher = inputs.parent.frozen_copy()
         if spec.uses_replay and len(inputs.memory):
             replay = FrameSource.from_table(
@@ -180,8 +190,15 @@ def train_in_process(
         world_size=env.world_size,
         on_step=on_step,
         strategy=spec,
+        compat=compat,
     )
     frames = FrameSource.from_table(train_table, params.model.input_size, device=device)
     with torch_threads(cfg.num_threads if device.type == "cpu" else None):
         result = trainer.fit(frames, replay, steps=inputs.steps, should_stop=should_stop)
+        if compat.mode == "adapter" and inputs.parent is not None:
+            from cssl_core.learn.compat import fit_adapter
+
+            parent = inputs.parent.frozen_copy().to(device)
+            tables = [inputs.shard.read(split="train"), inputs.memory.table]
+            fit_adapter(model, parent, tables, compat, seed=cfg.seed, device=device)
     return model, result

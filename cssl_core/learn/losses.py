@@ -145,6 +145,38 @@ def feature_distill(p: Tensor, f_frozen: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(p, f_frozen.detach(), dim=1)).mean()
 
 
+def compat_align(
+    f1: Tensor, f2: Tensor, f1_frozen: Tensor, f2_frozen: Tensor, temperature: float
+) -> Tensor:
+    """Backward-compatible alignment of the backbone features: BCT's influence loss (Shen et
+    al., "Towards Backward-Compatible Representation Learning", CVPR 2020, eq. 3:
+    ``L(w_new, w_old_c) = L_new + lambda * L_old(phi_new; w_old_c)``, the new embedding scored
+    by the OLD model's frozen classifier) carried over to self-supervised training.
+
+    SimCLR has no classes, so the frozen "classifier" is the old model's embeddings of the
+    batch's frames: each instance is its own class with the old feature ``ff_i`` as its
+    prototype, and the new feature of a view must be classified as its own frame's old
+    prototype among the batch's (InfoNCE, van den Oord et al. 2018, with frozen keys), per
+    view ``v``, on the features the index stores (backbone, before the projector)::
+
+        l_v = -1/N * sum_i log( exp(sim(f_vi, ff_vi) / tau)
+                                / sum_{j=1..N} exp(sim(f_vi, ff_vj) / tau) )
+        L = 1/2 * (l_1 + l_2)
+
+    Ranking the old features, not matching them exactly, is what retrieval in an old index
+    needs: the new query must be nearer its own frame's old embedding than the others'. The
+    trainer adds ``compat.weight * L``. Gradients reach ``f1``/``f2`` only.
+
+    Args:
+        f1, f2: ``(N, D)`` current backbone features of views 1 and 2.
+        f1_frozen, f2_frozen: ``(N, D)`` frozen parent's backbone features of the same views.
+        temperature: ``tau > 0`` (``compat.temperature``).
+    """
+    return 0.5 * (
+        nt_xent_distill(f1, f1_frozen, temperature) + nt_xent_distill(f2, f2_frozen, temperature)
+    )
+
+
 def classifier_distill(logits: Tensor, logits_frozen: Tensor, temperature: float) -> Tensor:
     """Kaizen's classifier distillation (Tang et al., WACV 2024): knowledge distillation
     (Hinton et al. 2015, eq. 1 and its ``T^2`` gradient scaling) of the frozen classifier's

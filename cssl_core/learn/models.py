@@ -16,6 +16,11 @@ training only:
 - ``classifier`` (Kaizen, Tang et al. WACV 2024), present when the model knows categories: a
   ``Linear`` over the backbone feature. The trainer feeds it stop-gradient features, so the
   labels never shape the embedding. ``expand_classes`` grows it as new categories appear.
+- ``adapter`` (optional, ``compat.mode: adapter``): a ``Linear`` query-side map from this
+  model's L2-normalised features into the features of the parent it was trained from
+  (``adapter_parent``: the parent's :meth:`Embedder.state_fingerprint`), so a query embedded
+  by this model can search an index the parent embedded (:meth:`Embedder.to_parent_space`).
+  It is fitted after training (:mod:`cssl_core.learn.compat`) and never shapes the backbone.
 
 Input is a float batch already normalised by :mod:`cssl_core.learn.augment` (``eval_transform`` or
 ``SimCLRAugment``); the model does not normalise. ``model.to(memory_format=torch.channels_last)``
@@ -67,7 +72,7 @@ class EmbedderOutput:
     projection: Tensor
 
 
-Head = Literal["projection", "predictor", "feature_predictor"]
+Head = Literal["projection", "predictor", "feature_predictor", "features"]
 """A student head whose two-view outputs a loss reads (see :class:`StudentOutputs`)."""
 TeacherOutput = Literal["projection", "features"]
 """What a loss takes from the frozen teacher (see :class:`TeacherOutputs`)."""
@@ -82,7 +87,8 @@ class StudentOutputs:
     needs the ``predictor`` head. ``q1, q2``: PFR predictor of the backbone features,
     ``(B, num_features)``, when a loss needs ``feature_predictor``. ``logits``: Kaizen
     classifier on stop-gradient view-1 features, ``(B, len(categories))``, with
-    ``train.classifier``.
+    ``train.classifier``. ``f1, f2``: the backbone features, ``(B, num_features)``, when a
+    loss reads them (``compat.mode: align``).
     """
 
     z1: Tensor
@@ -92,6 +98,8 @@ class StudentOutputs:
     q1: Tensor | None = None
     q2: Tensor | None = None
     logits: Tensor | None = None
+    f1: Tensor | None = None
+    f2: Tensor | None = None
 
     def pair(self, head: Head) -> tuple[Tensor, Tensor]:
         """Both views' outputs of ``head``; an error if the forward did not compute it."""
@@ -99,6 +107,7 @@ class StudentOutputs:
             "projection": (self.z1, self.z2),
             "predictor": (self.p1, self.p2),
             "feature_predictor": (self.q1, self.q2),
+            "features": (self.f1, self.f2),
         }
         a, b = pairs[head]
         if a is None or b is None:
@@ -251,6 +260,8 @@ class Embedder(nn.Module):
         self.classifier: nn.Linear | None = None
         if categories:
             self.expand_classes(categories)
+        self.adapter: nn.Linear | None = None
+        self.adapter_parent: str | None = None
 
     def features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` normalised images -> ``(B, num_features)``: the production embedding."""
@@ -274,6 +285,35 @@ class Embedder(nn.Module):
         if self.classifier is None:
             raise RuntimeError("this Embedder has no classifier: call expand_classes(categories)")
         return self.classifier(features)
+
+    def set_adapter(self, adapter: nn.Linear | None, parent_fingerprint: str | None) -> None:
+        """Attach (or with ``None`` remove) the query-side map into the parent's feature
+        space; ``parent_fingerprint`` names that parent (its ``state_fingerprint()``)."""
+        if adapter is None:
+            self.adapter, self.adapter_parent = None, None
+            return
+        if adapter.in_features != self.num_features:
+            raise ValueError(
+                f"the adapter takes {adapter.in_features} features, the model has "
+                f"{self.num_features}"
+            )
+        if not parent_fingerprint:
+            raise ValueError("an adapter needs the fingerprint of the parent it maps into")
+        ref = next(self.projector.parameters())
+        self.adapter = adapter.to(device=ref.device, dtype=ref.dtype).eval()
+        self.adapter.requires_grad_(False)
+        self.adapter_parent = parent_fingerprint
+
+    def to_parent_space(self, features: Tensor) -> Tensor:
+        """``(B, num_features)`` features of this model -> ``(B, D_parent)`` features in the
+        parent's space: ``A(f / |f|)`` (the adapter reads L2-normalised features, as the index
+        stores them; compare the result by cosine). An error without an adapter."""
+        if self.adapter is None:
+            raise RuntimeError(
+                "this model has no adapter into its parent's space: train it with "
+                "compat.mode=adapter"
+            )
+        return self.adapter(torch.nn.functional.normalize(features, dim=1))
 
     def expand_classes(self, new_categories: Sequence[str]) -> list[str]:
         """Append unseen categories as new classifier rows; old rows keep their weights.
@@ -336,6 +376,15 @@ class Embedder(nn.Module):
             "format_version": FORMAT_VERSION,
             "model": self.cfg.model_dump(mode="json"),
             "categories": list(self.categories),
+            "adapter": (
+                None
+                if self.adapter is None
+                else {
+                    "in_features": self.adapter.in_features,
+                    "out_features": self.adapter.out_features,
+                    "parent_fingerprint": self.adapter_parent,
+                }
+            ),
             "fingerprint": self.state_fingerprint(),
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
@@ -369,6 +418,13 @@ class Embedder(nn.Module):
             where = ".".join(str(x) for x in first["loc"]) or "model"
             raise ModelLoadError(f"{config_path}: model.{where}: {first['msg']}") from None
         model = cls(cfg, meta.get("categories", ()))
+        adapter = meta.get("adapter")
+        if adapter is not None:
+            try:
+                linear = nn.Linear(int(adapter["in_features"]), int(adapter["out_features"]))
+                model.set_adapter(linear, str(adapter["parent_fingerprint"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelLoadError(f"{config_path}: adapter: {exc}") from None
         tensors = load_file(str(weights_path), device="cpu")
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))

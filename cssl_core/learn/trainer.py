@@ -4,6 +4,7 @@ A step draws a batch of the period's frames (plus, for the replay strategies, a 
 frames from the replay memory), makes two SimCLR views, and minimises
 
     L = L_NT-Xent(z1, z2) + lambda_D * L_distill(current, frozen)  [+ lambda_C * L_classifier]
+                                                                    [+ lambda_B * L_align]
 
 where the distillation term (when the strategy distils, :mod:`cssl_core.learn.strategy`; the
 term is ``train.distill_loss`` of :mod:`cssl_core.learn.distill`; over the whole batch, or
@@ -11,7 +12,10 @@ with ``train.distill_rows: replay`` over the replayed rows alone, so the frozen 
 those only: a cheaper step) pulls the current model
 toward the frozen previous model. Everything that makes a step random (batch indices, replay
 draw, augmentation) is derived from ``(seed, step)``, so a run resumed from a checkpoint ends
-with exactly the weights of an uninterrupted run (on CPU).
+with exactly the weights of an uninterrupted run (on CPU). ``L_align``
+(``compat.mode: align``, weight ``compat.weight``) is the BCT-style alignment of the backbone
+features to the frozen parent's (:func:`cssl_core.learn.losses.compat_align`); the frozen
+parent then runs on the batch whatever the strategy (on the distilled rows, see above).
 
 Under bf16 autocast only the forward runs in bf16: its outputs are cast to fp32 and every loss
 is computed with autocast off (a similarity matmul in bf16 is off by ~1e-3).
@@ -42,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cssl_core.config import AugmentConfig, TrainConfig
+from cssl_core.config import AugmentConfig, CompatConfig, TrainConfig
 from cssl_core.data.images import decode_batch
 from cssl_core.learn import distributed as ddp
 from cssl_core.learn.augment import SimCLRAugment
 from cssl_core.learn.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from cssl_core.learn.distill import DistillTerm, distill_term
-from cssl_core.learn.losses import classifier_distill, nt_xent
+from cssl_core.learn.losses import classifier_distill, compat_align, nt_xent
 from cssl_core.learn.models import Embedder, StudentOutputs, TeacherOutputs
 from cssl_core.learn.strategy import StrategySpec, strategy_spec
 from cssl_core.memory.replay import replay_split
@@ -180,6 +184,7 @@ class StepLog:
     distill: float
     classifier: float
     lr: float
+    compat: float = 0.0
 
 
 @dataclass
@@ -202,6 +207,7 @@ class LossTerms:
     ssl: float
     distill: float
     classifier: float
+    compat: float = 0.0
 
 
 class TwoViews(nn.Module):
@@ -215,12 +221,18 @@ class TwoViews(nn.Module):
     """
 
     def __init__(
-        self, model: Embedder, predictor: bool, feature_predictor: bool, classifier: bool
+        self,
+        model: Embedder,
+        predictor: bool,
+        feature_predictor: bool,
+        classifier: bool,
+        features: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.predictor, self.feature_predictor = predictor, feature_predictor
         self.classifier = classifier
+        self.features = features
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> StudentOutputs:
         model = self.model
@@ -234,6 +246,8 @@ class TwoViews(nn.Module):
             q1=model.predict_features(out1.features) if self.feature_predictor else None,
             q2=model.predict_features(out2.features) if self.feature_predictor else None,
             logits=model.classify(out1.features.detach()) if self.classifier else None,
+            f1=out1.features if self.features else None,
+            f2=out2.features if self.features else None,
         )
 
 
@@ -246,6 +260,7 @@ class ContinualTrainer:
     frozen previous model (required when the strategy distils); ``replay`` (in :meth:`fit`)
     holds the replay memory's frames (used when the strategy replays). ``rank`` and
     ``world_size`` place this process in a torchrun job (see the module docstring).
+    ``compat`` adds the alignment term when its mode is ``align`` and there is a ``teacher``.
     """
 
     cfg: TrainConfig
@@ -260,6 +275,7 @@ class ContinualTrainer:
     on_step: Callable[[StepLog, float], None] | None = None
     fail_at_step: int | None = None  # fault injection for tests: raise after this step
     strategy: StrategySpec | None = None
+    compat: CompatConfig = field(default_factory=CompatConfig)
 
     def __post_init__(self) -> None:
         self.spec = self.strategy or strategy_spec(self.cfg.strategy)
@@ -270,6 +286,10 @@ class ContinualTrainer:
         self.distill: DistillTerm | None = None
         if self.spec.uses_distill and self.cfg.distill_weight > 0:
             self.distill = distill_term(self.cfg.distill_loss)
+        # The first period has no parent, hence no teacher and nothing to align with.
+        self.align = (
+            self.compat.mode == "align" and self.compat.weight > 0 and self.teacher is not None
+        )
         self.autocast_dtype = resolve_precision(self.cfg.precision, self.device)
         cl = self.cfg.channels_last
         self.channels_last = cl == "on" or (cl == "auto" and self.autocast_dtype is not None)
@@ -308,6 +328,7 @@ class ContinualTrainer:
             predictor=head == "predictor",
             feature_predictor=head == "feature_predictor",
             classifier=self._uses_classifier(),
+            features=self.align,
         )
         module = ddp.wrap_ddp(module, self.device)
         if self.cfg.compile:
@@ -416,11 +437,22 @@ class ContinualTrainer:
                     taught = student.map(lambda x: x[self._layout[0] :])
                 distill = self.distill(taught, frozen, cfg.distill_temperature)
                 total = total + cfg.distill_weight * distill
+            align = torch.zeros((), device=ssl.device)
+            if self.align and frozen is not None:
+                taught = student
+                if self._distils_replay_only():
+                    taught = student.map(lambda x: x[self._layout[0] :])
+                (f1, f2), (g1, g2) = taught.pair("features"), frozen.pair("features")
+                align = compat_align(f1, f2, g1, g2, self.compat.temperature)
+                total = total + self.compat.weight * align
             clf = torch.zeros((), device=ssl.device)
             if student.logits is not None:
-                clf = self._classifier_loss(student.logits, labels, frozen)
+                kept = frozen if self.distill is not None else None  # Kaizen distils with it
+                clf = self._classifier_loss(student.logits, labels, kept)
                 total = total + cfg.classifier_weight * clf
-        terms = LossTerms(float(ssl.detach()), float(distill.detach()), float(clf.detach()))
+        terms = LossTerms(
+            float(ssl.detach()), float(distill.detach()), float(clf.detach()), float(align.detach())
+        )
         return total, terms
 
     @torch.no_grad()
@@ -428,7 +460,7 @@ class ContinualTrainer:
         """The frozen model on this rank's views: what the distillation term takes from it,
         and the old classifier's logits for Kaizen. None when nothing is distilled."""
         teacher = self.teacher
-        if self.distill is None or teacher is None:
+        if (self.distill is None and not self.align) or teacher is None:
             return None
         if self._distils_replay_only():  # this rank's replayed rows follow its new rows
             new_here = len(range(self._layout[0])[self.rank :: self.world_size])
@@ -437,9 +469,16 @@ class ContinualTrainer:
         logits = None
         if self._uses_classifier() and teacher.classifier is not None and teacher.categories:
             logits = teacher.classify(f1.features)
-        if self.distill.teacher_output == "features":
-            return TeacherOutputs(f1=f1.features, f2=f2.features, logits=logits)
-        return TeacherOutputs(z1=f1.projection, z2=f2.projection, logits=logits)
+        wants = {self.distill.teacher_output} if self.distill is not None else set()
+        if self.align:
+            wants.add("features")
+        return TeacherOutputs(
+            z1=f1.projection if "projection" in wants else None,
+            z2=f2.projection if "projection" in wants else None,
+            f1=f1.features if "features" in wants else None,
+            f2=f2.features if "features" in wants else None,
+            logits=logits,
+        )
 
     def _classifier_loss(
         self,
@@ -529,7 +568,9 @@ class ContinualTrainer:
                 loss.backward()
                 optimizer.step()
                 seen += n_new + n_replay
-                log = StepLog(step, loss_value, terms.ssl, terms.distill, terms.classifier, lr)
+                log = StepLog(
+                    step, loss_value, terms.ssl, terms.distill, terms.classifier, lr, terms.compat
+                )
                 history.append(log)
                 if self.on_step is not None:
                     self.on_step(log, seen / max(1e-9, time.perf_counter() - t0))
