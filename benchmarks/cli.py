@@ -1,5 +1,5 @@
 """The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers |
-drift | watch``.
+drift | watch | gate``.
 
 Every benchmark's options live here, in one torch-free module: building the parser imports
 only the standard library, so ``cssl --help`` stays instant. Each command imports its
@@ -360,6 +360,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# -- gate ------------------------------------------------------------------------------------
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.gate import add_gate_arguments as add  # standard library only
+
+    add(parser)
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from benchmarks.gate import run_from_args
+
+    return run_from_args(args)
+
+
 # -- registration ----------------------------------------------------------------------------
 
 BenchCommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
@@ -401,6 +416,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "next-period accuracy, cost of a drift check)",
         add_watch_arguments,
         cmd_watch,
+    ),
+    (
+        "gate",
+        "the paired gate's error rates with real models: equivalent candidates rejected, "
+        "worse-by-margin candidates promoted",
+        add_gate_arguments,
+        cmd_gate,
     ),
 )
 

@@ -77,7 +77,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-# -- options (torch-free: the lead registers them as `cssl bench gate`) ------------------------
+# -- options (torch-free: benchmarks/cli.py registers them as `cssl bench gate`) ------------------------
 
 
 def _csv_ints(value: str) -> tuple[int, ...]:
@@ -604,15 +604,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.gate ...`` (until ``cssl bench gate`` is registered)."""
-    from benchmarks.cli import common_options
+    """``python -m benchmarks.gate ...``, the same as ``cssl bench gate``."""
+    from benchmarks.cli import main as bench_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gate", parents=[common_options()], description=__doc__
-    )
-    add_gate_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_from_args(args)
+    return bench_main(["gate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
