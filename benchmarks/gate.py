@@ -77,7 +77,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-# -- options (torch-free: benchmarks/cli.py registers them as `cssl bench gate`) ------------------------
+# -- options (torch-free: benchmarks/cli.py registers them as `cssl bench gate`) -------------
 
 
 def _csv_ints(value: str) -> tuple[int, ...]:
