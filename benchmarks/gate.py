@@ -418,10 +418,14 @@ def run_trials(
         for s in measured
     }
     agree = [0, 0]
+    # One-frame streams (the simulator's eval clips): frame clusters are the stream clusters,
+    # so the frame-level setting reuses the stream-level bootstraps (the same draws).
+    singletons = all(f.size == 1 for r in resamplers.values() for f in r.frames_of)
     started = time.perf_counter()
     for r in range(replicates):
         rng = np.random.default_rng([base.bootstrap_seed, r])
         drawn = {p: resamplers[p].draw(rng) for p in PERIODS}
+        shared: dict[tuple[str, str], Trial] = {}
         for by_frame in (False, True):
             group = [s for s in measured if s.by_frame == by_frame]
             reps = {
@@ -429,7 +433,10 @@ def run_trials(
                 for name, o in results.items()
             }
             for kind, cand, champ in all_pairs:
-                t = trial(reps[cand], reps[champ], best, base)
+                if by_frame and singletons:
+                    t = shared[(cand, champ)]
+                else:
+                    t = shared[(cand, champ)] = trial(reps[cand], reps[champ], best, base)
                 worst = min(deltas[(cand, champ)].values())
                 for s in group:
                     c = counts[s.name]
@@ -459,6 +466,7 @@ def run_trials(
             s.name: s.cfg.model_dump(mode="json") | {"by_frame": s.by_frame} for s in measured
         },
         "trial_seconds": time.perf_counter() - started,
+        "one_frame_streams": singletons,
     }
 
 
