@@ -462,3 +462,30 @@ def test_cifar10_offline_and_absent_is_one_clear_line(
     assert done.returncode != 0
     [line] = [x for x in done.stderr.splitlines() if "CIFAR-10" in x]
     assert "the tests read real CIFAR-10 JPEGs: $CSSL_CIFAR10 is" in line
+
+
+def test_domain_folders_are_a_folder_dataset_with_one_cluster_per_image(tmp_path: Path) -> None:
+    """The domain-incremental CIFAR-10 sequence reads back through ``folder:`` with every class
+    in every period, disjoint images, each image its own stream (the bootstrap's unit)."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.domain_folders import DOMAINS, main, write_domain_folders
+
+    names = write_domain_folders(tmp_path / "dom", per_class=2, seed=1)
+    assert names == ds.period_names(len(DOMAINS))
+    cfg = IngestConfig(eval_fraction=0.5, dedup_max_distance=0)
+    spec = ds.parse_dataset(f"folder:{tmp_path / 'dom'}")
+    data = ds.build_dataset(spec, tmp_path / "w", simulate=SimulateConfig(), ingest_cfg=cfg)
+    assert data.periods == names
+    sources: list[str] = []
+    for shard in data.shards:
+        assert sorted(shard.manifest["categories"].values()) == [2] * 10
+        rows = shard.read(["stream_id", "source"]).to_pylist()
+        assert len({r["stream_id"] for r in rows}) == len(rows) == 20
+        sources += [Path(r["source"]).name for r in rows]
+    assert len(set(sources)) == len(sources)  # no CIFAR-10 image in two periods
+    gray = next((tmp_path / "dom" / names[2]).rglob("*.png"))
+    rgb = np.asarray(Image.open(gray).convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    assert main(["--out", str(tmp_path / "bad"), "--per-class", "0"]) == 1
