@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -295,7 +296,6 @@ def count_step_flops(inputs: Any, device: Any = None) -> float:
     strategies; no memory update) and divides by the steps it ran (``joint`` runs ``t``
     steps per ``steps``).
     """
-    import dataclasses
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -734,16 +734,26 @@ def _cost(run: Run, key: str) -> float:
 
 
 def _metric_differences(
-    pairs: Sequence[tuple[Run, Run]], m: Metric, boot: Mapping[str, Any]
+    pairs: Sequence[tuple[Run, Run | None]], m: Metric, boot: Mapping[str, Any]
 ) -> dict[str, Any]:
+    """Average accuracy, forgetting and next-period accuracy of ``a`` minus ``b`` for each
+    ``(a, b)`` pair of runs of one seed, pooled over the pairs (:func:`stratified_difference`)
+    and per seed. ``b`` ``None``: ``a``'s own values (a reference that is always wrong and
+    forgot nothing), so the interval is that of the strategy's metric itself."""
+
     def strata(cells_of: Callable[[Run], list[tuple[str, str]]]) -> list[list[Stratum]]:
         per_seed = []
         for a, b in pairs:
             rows = []
             for cell in cells_of(a):
-                fa, fb = a.outcomes[cell], b.outcomes[cell]
-                fa.check_paired(fb, f"{a.strategy} and {b.strategy} on {cell}")
-                rows.append((fa.correct(m), fb.correct(m), np.asarray(fa.clusters)))
+                fa = a.outcomes[cell]
+                if b is None:
+                    other = np.zeros(len(fa.frame_ids), dtype=bool)
+                else:
+                    fb = b.outcomes[cell]
+                    fa.check_paired(fb, f"{a.strategy} and {b.strategy} on {cell}")
+                    other = fb.correct(m)
+                rows.append((fa.correct(m), other, np.asarray(fa.clusters)))
             per_seed.append(rows)
         return per_seed
 
@@ -767,11 +777,29 @@ def _metric_differences(
         earlier = [(last, p) for p in periods[:-1]]
         offsets = []
         for a, b in pairs:
-            ba, bb = a.R[m].best_earlier(), b.R[m].best_earlier()
+            ba = a.R[m].best_earlier()
+            bb = b.R[m].best_earlier() if b is not None else dict.fromkeys(ba, 0.0)
             offsets.append(float(np.mean([ba[p] - bb[p] for p in periods[:-1]])))
         out["forgetting"] = report(strata(lambda _r: earlier), offsets, True)
         nxt = [(periods[j - 1], periods[j]) for j in range(1, len(periods))]
         out["next"] = report(strata(lambda _r: nxt), [0.0] * len(pairs), False)
+    return out
+
+
+def strategy_intervals(
+    runs: Sequence[Run], strategies: Sequence[str], *, n_resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Per strategy and metric: final average accuracy, forgetting and average next-period
+    accuracy, the mean over seeds with its 95% cluster-bootstrap interval (eval clips
+    resampled within each period of each seed; the trained models held fixed) and the
+    per-seed values' mean ± std (the run-to-run spread the bootstrap does not see)."""
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    out: dict[str, Any] = {}
+    for strategy in strategies:
+        mine = sorted((r for r in runs if r.strategy == strategy), key=lambda r: r.seed)
+        if mine and all(r.outcomes for r in mine):
+            pairs: list[tuple[Run, Run | None]] = [(r, None) for r in mine]
+            out[strategy] = {m: _metric_differences(pairs, m, boot) for m in METRICS}
     return out
 
 
@@ -817,6 +845,40 @@ def write_outcomes(path: Path, run: Run) -> Path:
     return path
 
 
+def load_run(path: Path) -> Run:
+    """A run back from its files: ``runs/<strategy>_seed<k>.json`` and, beside it,
+    ``..._outcomes.parquet`` (:func:`write_outcomes`), so intervals and paired differences
+    can be recomputed, or runs of separate invocations (same data, same seeds) compared."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = _read_json(path)
+    R = {m: AccuracyMatrix.from_dict(data["R"][m]) for m in METRICS}
+    fields = {f.name for f in dataclasses.fields(PeriodRecord)}
+    periods = [PeriodRecord(**{k: v for k, v in p.items() if k in fields}) for p in data["periods"]]
+    run = Run(data["strategy"], int(data["seed"]), R, periods, dict(data["compatibility"]))
+    table_path = path.with_name(path.stem + "_outcomes.parquet")
+    if table_path.is_file():
+        table = pq.read_table(table_path)
+        cells = zip(table.column("row").to_pylist(), table.column("col").to_pylist(), strict=True)
+        for row, col in dict.fromkeys(cells):
+            mask = pc.and_(pc.equal(table["row"], row), pc.equal(table["col"], col))
+            run.outcomes[(row, col)] = FrameOutcomes.from_table(table.filter(mask))
+    return run
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: cannot read a run ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or "R" not in data or "strategy" not in data:
+        raise BenchError(f"{path}: not a run file of bench continual")
+    return data
+
+
 def assemble_results(
     setup: BenchSetup,
     datasets: Mapping[int, BenchDataset],
@@ -837,6 +899,7 @@ def assemble_results(
     metric = params.gate.metric
     n_resamples, seed = params.gate.bootstrap_samples, params.gate.bootstrap_seed
     comparisons = paired_comparisons(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
+    intervals = strategy_intervals(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
     cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
     return {
         "benchmark": "continual",
@@ -870,6 +933,7 @@ def assemble_results(
         "random_baseline": {str(seed): b for seed, b in baselines.items()},
         "runs": run_dicts,
         "summary": summary,
+        "intervals": intervals,
         "comparisons": comparisons,
         "cell_intervals": cells,
         "goals": check_goals(summary, metric, comparisons, cells),
@@ -1077,6 +1141,41 @@ def _comparison_lines(comparisons: Mapping[str, Any], metric: str, n_seeds: int)
     return lines
 
 
+def _interval_lines(intervals: Mapping[str, Any], metric: str, n_seeds: int) -> list[str]:
+    """Each strategy's metrics with their 95% intervals, as a Markdown table."""
+    if not intervals:
+        return []
+    lines = [
+        "",
+        "### Each strategy with its 95% interval",
+        "",
+        "In points: the mean over seeds with its 95% cluster-bootstrap interval (eval clips "
+        f"resampled within each period of each seed, models held fixed), then the {n_seeds} "
+        f"per-seed values' mean ± std. Forgetting and next-period on {metric}.",
+        "",
+        "| strategy | avg kNN | avg linear | forgetting | next-period |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        if not entry:
+            return ""
+        iv = entry["pooled"]
+        if iv.get("low") is None or iv.get("high") is None:
+            return f"{iv['estimate'] * 100:.1f} [no interval]"
+        return (
+            f"{iv['estimate'] * 100:.1f} [{iv['low'] * 100:.1f}, {iv['high'] * 100:.1f}]; "
+            f"{_pm(entry['per_seed'])}"
+        )
+
+    for strategy, c in intervals.items():
+        lines.append(
+            f"| {strategy} | {cell(c['knn']['avg_acc'])} | {cell(c['linear']['avg_acc'])} | "
+            f"{cell(c[metric].get('forgetting'))} | {cell(c[metric].get('next'))} |"
+        )
+    return lines
+
+
 def _matrix_with_intervals(R: AccuracyMatrix, cells: Mapping[str, Any]) -> str:
     """R as Markdown with each cell's 95% half-width: ``0.612 ±0.027``."""
     names = list(R.periods)
@@ -1140,6 +1239,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
             f"({s['compat_old_vs_old']['mean'] * 100:.1f}) | "
             f"{_pm(s['train_wall_s'], 1.0, 0)} | {_pm(s['est_flops'], 1e-12, 2)} |"
         )
+    lines += _interval_lines(results.get("intervals", {}), metric, len(seeds))
     lines += _comparison_lines(results.get("comparisons", {}), metric, len(seeds))
     lines += [
         "",

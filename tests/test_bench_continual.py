@@ -81,6 +81,11 @@ def test_smoke_run_writes_every_output(smoke: tuple[Path, dict[str, Any], int]) 
     md = (out / "results.md").read_text()
     assert "| strategy | final avg kNN | final avg linear | forgetting |" in md
     assert "| distill+replay |" in md and "| joint |" in md
+    assert "### Each strategy with its 95% interval" in md
+    own = results["intervals"]["joint"]["knn"]["avg_acc"]
+    assert own["pooled"]["estimate"] == pytest.approx(
+        results["summary"]["joint"]["avg_acc_knn"]["mean"]
+    )
     assert "## Dataset: cifar10" in md
     assert results["dataset"]["periods"] == ["p01", "p02"]
     assert results["dataset"]["shards"]["p01"]["categories"] == {"airplane": 36, "automobile": 36}
@@ -489,3 +494,89 @@ def test_domain_folders_are_a_folder_dataset_with_one_cluster_per_image(tmp_path
     rgb = np.asarray(Image.open(gray).convert("RGB"))
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
     assert main(["--out", str(tmp_path / "bad"), "--per-class", "0"]) == 1
+
+
+# -- intervals and paired differences on runs built by hand --------------------------------
+
+
+def _hand_run(strategy: str, seed: int, correct: dict[tuple[str, str], list[bool]]) -> bc.Run:
+    """A run over p01, p02 whose R cells are the accuracies of the given per-frame results
+    (one frame per cluster, the stream's one-frame eval clips)."""
+    from cssl_core.evaluation.outcomes import FrameOutcomes
+
+    periods = ["p01", "p02"]
+    R = {m: AccuracyMatrix(periods) for m in bc.METRICS}
+    run = bc.Run(strategy, seed, R, compatibility={"new_vs_old": 0.5, "old_vs_old": 0.5})
+    for (row, col), hits in correct.items():
+        arr = np.asarray(hits, dtype=bool)
+        ids = tuple(f"{col}-{k}" for k in range(arr.size))
+        run.outcomes[(row, col)] = FrameOutcomes(ids, ids, ("g",) * arr.size, arr, arr)
+        for m in bc.METRICS:
+            R[m].set(row, col, float(arr.mean()))
+    run.periods = [
+        bc.PeriodRecord(
+            p, 3, 1.0, 1.0, 1.0, 10.0, 0.5, 1e9 * (1 + (strategy != "finetune")), 0, 0.1
+        )
+        for p in periods
+    ]
+    return run
+
+
+def _cells(p11: int, p12: int, p21: int, p22: int, n: int = 10) -> dict:
+    """Cells with the given number of hits out of ``n`` frames each."""
+    hits = {("p01", "p01"): p11, ("p01", "p02"): p12, ("p02", "p01"): p21, ("p02", "p02"): p22}
+    return {cell: [k < h for k in range(n)] for cell, h in hits.items()}
+
+
+def test_strategy_intervals_and_paired_differences_by_hand() -> None:
+    runs = [
+        _hand_run("finetune", 0, _cells(8, 4, 5, 7)),
+        _hand_run("finetune", 1, _cells(8, 3, 6, 9)),
+        _hand_run("distill+replay", 0, _cells(8, 4, 7, 7)),
+        _hand_run("distill+replay", 1, _cells(8, 3, 8, 8)),
+    ]
+    ivs = bc.strategy_intervals(runs, ["finetune", "distill+replay"], n_resamples=200)
+    ft, dr = ivs["finetune"]["knn"], ivs["distill+replay"]["knn"]
+    # average accuracy: mean over seeds of the final row's mean, (0.5+0.7)/2 and (0.6+0.9)/2
+    assert ft["avg_acc"]["pooled"]["estimate"] == pytest.approx((0.6 + 0.75) / 2)
+    assert ft["avg_acc"]["per_seed"]["values"] == pytest.approx([0.6, 0.75])
+    # forgetting: best earlier p01 (0.8) minus the final row's p01 (0.5, 0.6)
+    assert ft["forgetting"]["pooled"]["estimate"] == pytest.approx((0.3 + 0.2) / 2)
+    assert dr["forgetting"]["pooled"]["estimate"] == pytest.approx((0.1 + 0.0) / 2)
+    # next-period: R[p01][p02] = 0.4 and 0.3
+    assert ft["next"]["pooled"]["estimate"] == pytest.approx(0.35)
+    for entry in (ft["avg_acc"], ft["forgetting"], dr["next"]):
+        iv = entry["pooled"]
+        assert iv["low"] <= iv["estimate"] <= iv["high"] and iv["n_clusters"] > 0
+    diff = bc.paired_comparisons(runs, ["finetune", "distill+replay"], n_resamples=200)
+    d = diff["distill+replay"]["knn"]
+    assert d["avg_acc"]["pooled"]["estimate"] == pytest.approx(
+        dr["avg_acc"]["pooled"]["estimate"] - ft["avg_acc"]["pooled"]["estimate"]
+    )
+    assert d["avg_acc"]["per_seed"]["values"] == pytest.approx([0.1, 0.05])
+    assert d["forgetting"]["pooled"]["estimate"] == pytest.approx(-0.2)
+    assert d["next"]["pooled"]["estimate"] == pytest.approx(0.0)
+    assert diff["distill+replay"]["compute"]["est_flops"]["mean"] == pytest.approx(2.0)
+    same = bc.stratified_difference([(np.ones(4, bool), np.ones(4, bool), np.arange(4))])
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_a_run_reads_back_from_its_files(tmp_path: Path) -> None:
+    run = _hand_run("distill+replay", 1, _cells(8, 4, 7, 7))
+    stem = tmp_path / "runs" / "distill-replay_seed1"
+    bc._write_json(
+        stem.with_suffix(".json"),
+        run.to_dict({p: {"knn": 0.25, "linear": 0.25} for p in ("p01", "p02")}),
+    )
+    bc.write_outcomes(stem.with_name(stem.name + "_outcomes.parquet"), run)
+    back = bc.load_run(stem.with_suffix(".json"))
+    assert (back.strategy, back.seed) == ("distill+replay", 1)
+    assert back.R["knn"].to_dict() == run.R["knn"].to_dict()
+    assert back.periods == run.periods and back.compatibility == run.compatibility
+    assert back.outcomes.keys() == run.outcomes.keys()
+    for cell, frames in run.outcomes.items():
+        assert back.outcomes[cell].frame_ids == frames.frame_ids
+        assert (back.outcomes[cell].knn == frames.knn).all()
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(bc.BenchError, match="not a run file"):
+        bc.load_run(tmp_path / "bad.json")
