@@ -970,6 +970,7 @@ def check_goals(
         higher_is_better: bool,
         unit: str,
         interval: Mapping[str, Any] | None = None,
+        strict: bool = False,
     ) -> None:
         if CANDIDATE not in summary or needs not in summary:
             goals.append(
@@ -981,13 +982,16 @@ def check_goals(
             )
             return
         value, bound = measured(), target()
-        ok = value >= bound if higher_is_better else value <= bound
+        if higher_is_better:
+            ok = value > bound if strict else value >= bound
+        else:
+            ok = value < bound if strict else value <= bound
         goal = {
             "goal": name,
             "measured": value,
             "target": bound,
             "unit": unit,
-            "comparison": ">=" if higher_is_better else "<=",
+            "comparison": (">" if higher_is_better else "<") + ("" if strict else "="),
             "status": "pass" if ok else "miss",
         }
         if interval is not None:
@@ -1006,6 +1010,7 @@ def check_goals(
             True,
             "fraction",
             pooled,
+            strict=True,
         )
         add(
             f"stretch: average accuracy ({metric}) >= finetune's + {GOAL_GAIN * 100:.0f} "

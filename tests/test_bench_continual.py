@@ -186,6 +186,28 @@ def test_goals_by_hand() -> None:
     ]
 
 
+def test_paired_accuracy_goal_needs_the_lower_bound_strictly_above_zero() -> None:
+    summary = _summary(
+        finetune={"avg_acc_knn": 0.6, "forgetting_knn": 0.2, "est_flops": 1, "train_wall_s": 1},
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.62,
+                "forgetting_knn": 0.1,
+                "est_flops": 1,
+                "train_wall_s": 1,
+            }
+        },
+    )
+
+    def first(low: float) -> dict[str, Any]:
+        iv = {"estimate": 0.02, "low": low, "high": 0.04}
+        paired = {"distill+replay": {"knn": {"avg_acc": {"pooled": iv}}}}
+        return bc.check_goals(summary, "knn", paired)[0]
+
+    assert first(0.0)["status"] == "miss" and first(0.0)["comparison"] == ">"
+    assert first(0.001)["status"] == "pass"
+
+
 def test_goals_not_measured_without_reference() -> None:
     summary = _summary(
         **{
