@@ -602,3 +602,24 @@ def test_a_run_reads_back_from_its_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(bc.BenchError, match="not a run file"):
         bc.load_run(tmp_path / "bad.json")
+
+
+def test_stream_periods_are_reused_only_for_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cssl_core.data.simulate as sim
+
+    cfg = SimulateConfig(frames_per_period=24, size=32, eval_fraction=0.25)
+    first = ds.build_stream(tmp_path, cfg, num_periods=2)
+    fingerprints = [s.fingerprint for s in first.shards]
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("simulated again")
+
+    monkeypatch.setattr(sim, "simulate_period", refuse)
+    again = ds.build_stream(tmp_path, cfg, num_periods=2)
+    assert [s.fingerprint for s in again.shards] == fingerprints
+    with pytest.raises(AssertionError, match="simulated again"):
+        ds.build_stream(tmp_path, cfg.model_copy(update={"seed": 1}), num_periods=2)
+    with pytest.raises(AssertionError, match="simulated again"):
+        ds.build_stream(tmp_path, cfg, num_periods=3)  # p01 of a 3-period stream differs
