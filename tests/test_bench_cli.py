@@ -79,7 +79,10 @@ def test_bench_gate_takes_its_options() -> None:
     )
     assert (args.out, args.seeds, args.worse_seeds) == (Path("g"), (0, 1), (0, 1))
     assert (args.replicates, args.margins, args.check_decide) == (7, (0.05,), 20)
-    assert _cssl_like_parser().parse_args(["bench", "gate", "--out", "g"]).margins == MARGINS
+    defaults = _cssl_like_parser().parse_args(["bench", "gate", "--out", "g"])
+    assert defaults.margins == MARGINS and defaults.worse_recipes == ("finetune", "finetune-lr10")
+    chosen = ["bench", "gate", "--out", "g", "--worse-recipes", "finetune"]
+    assert _cssl_like_parser().parse_args(chosen).worse_recipes == ("finetune",)
     with pytest.raises(SystemExit) as usage:
         _cssl_like_parser().parse_args(["bench", "gate"])
     assert usage.value.code == 2
