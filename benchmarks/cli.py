@@ -218,9 +218,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 def add_continual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
-        required=True,
         metavar="{stream,cifar10,cifar10-drift,folder:PATH}",
-        help="the period dataset",
+        help="the period dataset (required unless --combine)",
     )
     p.add_argument(
         "--strategies",
@@ -248,6 +247,13 @@ def add_continual_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="A,B,C",
         help="periods to run, in this order (names, e.g. p03,p01,p02)",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="train nothing: pool the runs of earlier --out DIRs (e.g. one per seed) into --out",
     )
 
 

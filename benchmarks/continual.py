@@ -867,14 +867,22 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json_file(path: Path) -> dict[str, Any]:
     import json
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise BenchError(f"{path}: cannot read a run ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or "R" not in data or "strategy" not in data:
+        raise BenchError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path}: not a file of bench continual")
+    return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run file (``runs/<strategy>_seed<k>.json``)."""
+    data = _read_json_file(path)
+    if "R" not in data or "strategy" not in data:
         raise BenchError(f"{path}: not a run file of bench continual")
     return data
 
@@ -892,15 +900,15 @@ def assemble_results(
     """Everything measured, as one JSON-safe dict (see ``results.json``)."""
     data = datasets[setup.seeds[0]]
     run_dicts = [r.to_dict(baselines[r.seed]) for r in runs]
-    summary: dict[str, dict[str, Any]] = {}
-    for strategy in setup.strategies:
-        mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
-        summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
     metric = params.gate.metric
-    n_resamples, seed = params.gate.bootstrap_samples, params.gate.bootstrap_seed
-    comparisons = paired_comparisons(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
-    intervals = strategy_intervals(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
-    cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
+    pooled = pooled_results(
+        runs,
+        run_dicts,
+        setup.strategies,
+        metric,
+        n_resamples=params.gate.bootstrap_samples,
+        seed=params.gate.bootstrap_seed,
+    )
     return {
         "benchmark": "continual",
         "schema_version": 1,
@@ -932,12 +940,105 @@ def assemble_results(
         },
         "random_baseline": {str(seed): b for seed, b in baselines.items()},
         "runs": run_dicts,
+        **pooled,
+    }
+
+
+def pooled_results(
+    runs: Sequence[Run],
+    run_dicts: Sequence[Mapping[str, Any]],
+    strategies: Sequence[str],
+    metric: str,
+    *,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``summary`` (mean ± std over seeds of each run's metrics), ``intervals``,
+    ``comparisons``, ``cell_intervals`` and ``goals`` of a set of runs."""
+    summary: dict[str, dict[str, Any]] = {}
+    for strategy in strategies:
+        mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
+        summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
+    comparisons = paired_comparisons(runs, strategies, n_resamples=n_resamples, seed=seed)
+    cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
+    return {
         "summary": summary,
-        "intervals": intervals,
+        "intervals": strategy_intervals(runs, strategies, n_resamples=n_resamples, seed=seed),
         "comparisons": comparisons,
         "cell_intervals": cells,
         "goals": check_goals(summary, metric, comparisons, cells),
     }
+
+
+def combine(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Pool the runs of separate ``bench continual`` invocations (e.g. one process per seed)
+    into one ``results.json`` / ``results.md`` under ``out``, with no training: the
+    per-strategy intervals, the paired differences and the goals over every run.
+
+    Each directory holds ``runs/<strategy>_seed<k>.json`` and their outcomes; at least one
+    holds a ``results.json`` (dataset, configuration, machine: taken from the first). Every
+    ``results.json`` must have the same dataset, periods and configuration hash, no
+    ``(strategy, seed)`` may repeat, and a seed's period 1 must be the same model in every run
+    (the runs really share it). Each run keeps the metrics it was written with (FWT from its
+    own run's random baseline).
+    """
+    found = [Path(d) / RESULTS_JSON for d in dirs if (Path(d) / RESULTS_JSON).is_file()]
+    if not found:
+        raise BenchError(f"combine needs a {RESULTS_JSON} in at least one of {list(dirs)}")
+    heads = [_read_json_file(f) for f in found]
+    base = heads[0]
+    for head, f in zip(heads, found, strict=True):
+        same = (
+            head["dataset"]["name"] == base["dataset"]["name"]
+            and head["dataset"]["periods"] == base["dataset"]["periods"]
+            and head["config"]["config_hash"] == base["config"]["config_hash"]
+        )
+        if not same:
+            raise BenchError(f"{f}: another dataset, periods or configuration than {found[0]}")
+    runs: list[Run] = []
+    run_dicts: list[dict[str, Any]] = []
+    for d in dirs:
+        for f in sorted((Path(d) / "runs").glob("*_seed*.json")):
+            runs.append(load_run(f))
+            run_dicts.append(_read_json(f))
+    keys = [(r.strategy, r.seed) for r in runs]
+    if not runs or len(set(keys)) != len(keys):
+        raise BenchError(f"combine needs runs and no (strategy, seed) twice; got {keys}")
+    for k in {r.seed for r in runs}:
+        firsts = {r.periods[0].weights_sha256 for r in runs if r.seed == k}
+        if len(firsts) > 1:
+            raise BenchError(f"seed {k}: period 1 differs between runs (not the same data/code)")
+    strategies = [s for s in STRATEGIES if s in {r.strategy for r in runs}]
+    order = sorted(range(len(runs)), key=lambda i: (runs[i].seed, strategies.index(keys[i][0])))
+    runs = [runs[i] for i in order]
+    run_dicts = [run_dicts[i] for i in order]
+    params = base["config"]["params"]
+    pooled = pooled_results(
+        runs,
+        run_dicts,
+        strategies,
+        base["config"]["primary_metric"],
+        n_resamples=params["gate"]["bootstrap_samples"],
+        seed=params["gate"]["bootstrap_seed"],
+    )
+    baselines = {k: v for head in heads for k, v in head["random_baseline"].items()}
+    results = {
+        **base,
+        "command": {
+            **base["command"],
+            "seeds": sorted({r.seed for r in runs}),
+            "strategies": strategies,
+            "out": str(out),
+            "combined_from": [str(d) for d in dirs],
+        },
+        "random_baseline": baselines,
+        "runs": run_dicts,
+        **pooled,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RESULTS_JSON, results)
+    atomic_write_text(out / RESULTS_MD, format_markdown(results))
+    return results
 
 
 def check_goals(
@@ -1406,7 +1507,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
     try:
-        results = run_benchmark(setup_from_args(args), log)
+        if getattr(args, "combine", None):
+            results = combine(args.combine, Path(args.out))
+        elif not args.dataset:
+            raise BenchError("--dataset is required (or --combine DIR ... to pool earlier runs)")
+        else:
+            results = run_benchmark(setup_from_args(args), log)
     except (BenchError, ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

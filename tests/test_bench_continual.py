@@ -93,6 +93,33 @@ def test_smoke_run_writes_every_output(smoke: tuple[Path, dict[str, Any], int]) 
     assert results["config"]["params"]["model"]["backbone"] == "resnet10t"
 
 
+def test_combine_pools_runs_of_separate_invocations(
+    smoke: tuple[Path, dict[str, Any], int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs split over two directories (one with results.json, one with run files only)
+    pool back to the same summary, intervals, paired differences and goals."""
+    import shutil
+
+    out, results, _ = smoke
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(out, first)
+    (second / "runs").mkdir(parents=True)
+    for f in (first / "runs").glob("distill-replay_seed0*"):
+        shutil.move(f, second / "runs" / f.name)
+    argv = ["--combine", str(first), str(second), "--out", str(tmp_path / "c")]
+    assert bc.main(argv) == 0
+    assert "distill+replay" in capsys.readouterr().out
+    pooled = json.loads((tmp_path / "c" / "results.json").read_text())
+    for key in ("summary", "intervals", "cell_intervals", "goals"):
+        assert pooled[key] == results[key], key
+    assert pooled["command"]["combined_from"] == [str(first), str(second)]
+    assert "### Each strategy with its 95% interval" in (tmp_path / "c" / "results.md").read_text()
+    with pytest.raises(bc.BenchError, match="no \\(strategy, seed\\) twice"):
+        bc.combine([first, first], tmp_path / "d")
+    with pytest.raises(bc.BenchError, match="needs a results.json"):
+        bc.combine([second], tmp_path / "d")
+
+
 def test_smoke_numbers_are_finite_and_in_range(smoke: tuple[Path, dict[str, Any], int]) -> None:
     _, results, _ = smoke
     numbers = _numbers(results)
@@ -257,6 +284,8 @@ def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         == 1
     )
     assert "--periods 6: this dataset has 5 periods" in capsys.readouterr().err
+    assert bc.main(["--out", str(tmp_path)]) == 1
+    assert "--dataset is required" in capsys.readouterr().err
 
 
 # -- datasets ----------------------------------------------------------------------------
