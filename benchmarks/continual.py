@@ -693,7 +693,8 @@ def paired_comparisons(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every strategy against ``reference`` (``finetune``), paired by seed and eval frame.
+    """Every strategy against ``reference`` (``finetune``), paired by seed and eval frame
+    (over the seeds both were run with).
 
     Per strategy and metric (kNN, linear): the difference in final average accuracy, in
     forgetting (the best earlier accuracies ``b_j`` taken as measured, as constants, so only
@@ -712,8 +713,9 @@ def paired_comparisons(
     for strategy in strategies:
         if strategy == reference:
             continue
-        pairs = [(by[(strategy, k)], by[(reference, k)]) for k in seeds]
-        if any(not a.outcomes or not b.outcomes for a, b in pairs):
+        shared = [k for k in seeds if (strategy, k) in by and (reference, k) in by]
+        pairs = [(by[(strategy, k)], by[(reference, k)]) for k in shared]
+        if not pairs or any(not a.outcomes or not b.outcomes for a, b in pairs):
             continue
         entry: dict[str, Any] = {}
         for m in METRICS:

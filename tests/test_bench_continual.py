@@ -608,6 +608,9 @@ def test_strategy_intervals_and_paired_differences_by_hand() -> None:
     assert d["forgetting"]["pooled"]["estimate"] == pytest.approx(-0.2)
     assert d["next"]["pooled"]["estimate"] == pytest.approx(0.0)
     assert diff["distill+replay"]["compute"]["est_flops"]["mean"] == pytest.approx(2.0)
+    one_seed = [*runs, _hand_run("joint", 1, _cells(9, 5, 9, 9))]
+    joint = bc.paired_comparisons(one_seed, ["finetune", "joint"], n_resamples=200)["joint"]
+    assert joint["knn"]["avg_acc"]["per_seed"]["values"] == pytest.approx([0.15])
     same = bc.stratified_difference([(np.ones(4, bool), np.ones(4, bool), np.arange(4))])
     assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
 
