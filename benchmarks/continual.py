@@ -1085,6 +1085,15 @@ def check_goals(
             )
             return
         value, bound = measured(), target()
+        if value is None or not math.isfinite(value):
+            goals.append(
+                {
+                    "goal": name,
+                    "status": "not measured",
+                    "reason": "no interval (fewer than 2 eval clusters in a period)",
+                }
+            )
+            return
         if higher_is_better:
             ok = value > bound if strict else value >= bound
         else:

@@ -387,6 +387,9 @@ class BenchDataset:
 def _write_cifar_period(
     root: Path, period: str, index: int, data: Cifar10, rows: dict[str, np.ndarray]
 ) -> Shard:
+    """One period's shard. Every image is its own ``stream_id`` (``cifar10/<split>/<index>``):
+    CIFAR-10's images are independent, so each is a unit of the bootstrap (one shared stream
+    id made every period one cluster, and every interval undefined)."""
     start = EPOCH + index * PERIOD_LENGTH
     with ShardWriter(root, period, eval_fraction=0.0) as writer:
         k = 0
@@ -395,7 +398,7 @@ def _write_cifar_period(
                 writer.add(
                     Frame(
                         image=data.image(split, i),
-                        stream_id="cifar10",
+                        stream_id=f"cifar10/{split}/{i}",
                         ts=start + timedelta(seconds=k),
                         source=data.source(split, i),
                         category=data.classes[int(data.labels[split][i])],

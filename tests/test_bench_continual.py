@@ -235,6 +235,26 @@ def test_paired_accuracy_goal_needs_the_lower_bound_strictly_above_zero() -> Non
     assert first(0.001)["status"] == "pass"
 
 
+def test_a_goal_without_an_interval_is_not_measured() -> None:
+    summary = _summary(
+        finetune={"avg_acc_knn": 0.6, "forgetting_knn": 0.2, "est_flops": 1, "train_wall_s": 1},
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.62,
+                "forgetting_knn": 0.1,
+                "est_flops": 1,
+                "train_wall_s": 1,
+            }
+        },
+    )
+    iv = {"estimate": 0.02, "low": None, "high": None}
+    paired = {"distill+replay": {"knn": {"avg_acc": {"pooled": iv}, "next": {"pooled": iv}}}}
+    goals = {g["goal"]: g for g in bc.check_goals(summary, "knn", paired)}
+    lower = [g for name, g in goals.items() if "lower bound > 0" in name]
+    assert lower and lower[0]["status"] == "not measured"
+    assert [g["status"] for n, g in goals.items() if "next-period" in n] == ["not measured"]
+
+
 def test_goals_not_measured_without_reference() -> None:
     summary = _summary(
         **{
@@ -302,6 +322,8 @@ def test_cifar10_class_incremental_periods_hold_their_two_classes(tmp_path: Path
         assert {
             r["source"].split(":")[1].split("/")[0] for r in sources if r["split"] == "eval"
         } == {"test"}
+        streams = shard.read(["stream_id"]).column("stream_id").to_pylist()
+        assert len(set(streams)) == len(streams) == 30  # each image its own bootstrap unit
     again = ds.build_cifar10(tmp_path, train_cap=20, eval_cap=10)  # deterministic
     assert [s.fingerprint for s in again.shards] == [s.fingerprint for s in data.shards]
     ordered = ds.build_cifar10(tmp_path / "o", period_order=["p03", "p01"], train_cap=4, eval_cap=2)
