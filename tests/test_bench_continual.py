@@ -653,7 +653,7 @@ def test_a_run_reads_back_from_its_files(tmp_path: Path) -> None:
     for cell, frames in run.outcomes.items():
         assert back.outcomes[cell].frame_ids == frames.frame_ids
         assert (back.outcomes[cell].knn == frames.knn).all()
-    (tmp_path / "bad.json").write_text("[1]")
+    (tmp_path / "bad.json").write_text('{"x": 1}')
     with pytest.raises(bc.BenchError, match="not a run file"):
         bc.load_run(tmp_path / "bad.json")
 
