@@ -1,5 +1,5 @@
 """The benchmarks' command line: ``cssl bench ingest | train | scaling | continual | peers |
-drift | watch | index``.
+drift | watch | index | compat | gate``.
 
 Every benchmark's options live here, in one torch-free module: building the parser imports
 only the standard library, so ``cssl --help`` stays instant. Each command imports its
@@ -220,9 +220,8 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 def add_continual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
-        required=True,
         metavar="{stream,cifar10,cifar10-drift,folder:PATH}",
-        help="the period dataset",
+        help="the period dataset (required unless --combine)",
     )
     p.add_argument(
         "--strategies",
@@ -250,6 +249,13 @@ def add_continual_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="A,B,C",
         help="periods to run, in this order (names, e.g. p03,p01,p02)",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="train nothing: pool the runs of earlier --out DIRs (e.g. one per seed) into --out",
     )
 
 
@@ -377,6 +383,21 @@ def cmd_index(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# -- gate ------------------------------------------------------------------------------------
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.gate import add_gate_arguments as add  # standard library only
+
+    add(parser)
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from benchmarks.gate import run_from_args
+
+    return run_from_args(args)
+
+
 # -- registration ----------------------------------------------------------------------------
 
 BenchCommand = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
@@ -432,6 +453,13 @@ COMMANDS: tuple[BenchCommand, ...] = (
         "kNN vs none",
         add_compat_arguments,
         cmd_compat,
+    ),
+    (
+        "gate",
+        "the paired gate's error rates with real models: equivalent candidates rejected, "
+        "worse-by-margin candidates promoted",
+        add_gate_arguments,
+        cmd_gate,
     ),
 )
 

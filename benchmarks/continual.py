@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -295,7 +296,6 @@ def count_step_flops(inputs: Any, device: Any = None) -> float:
     strategies; no memory update) and divides by the steps it ran (``joint`` runs ``t``
     steps per ``steps``).
     """
-    import dataclasses
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -693,7 +693,8 @@ def paired_comparisons(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every strategy against ``reference`` (``finetune``), paired by seed and eval frame.
+    """Every strategy against ``reference`` (``finetune``), paired by seed and eval frame
+    (over the seeds both were run with).
 
     Per strategy and metric (kNN, linear): the difference in final average accuracy, in
     forgetting (the best earlier accuracies ``b_j`` taken as measured, as constants, so only
@@ -712,8 +713,9 @@ def paired_comparisons(
     for strategy in strategies:
         if strategy == reference:
             continue
-        pairs = [(by[(strategy, k)], by[(reference, k)]) for k in seeds]
-        if any(not a.outcomes or not b.outcomes for a, b in pairs):
+        shared = [k for k in seeds if (strategy, k) in by and (reference, k) in by]
+        pairs = [(by[(strategy, k)], by[(reference, k)]) for k in shared]
+        if not pairs or any(not a.outcomes or not b.outcomes for a, b in pairs):
             continue
         entry: dict[str, Any] = {}
         for m in METRICS:
@@ -734,16 +736,26 @@ def _cost(run: Run, key: str) -> float:
 
 
 def _metric_differences(
-    pairs: Sequence[tuple[Run, Run]], m: Metric, boot: Mapping[str, Any]
+    pairs: Sequence[tuple[Run, Run | None]], m: Metric, boot: Mapping[str, Any]
 ) -> dict[str, Any]:
+    """Average accuracy, forgetting and next-period accuracy of ``a`` minus ``b`` for each
+    ``(a, b)`` pair of runs of one seed, pooled over the pairs (:func:`stratified_difference`)
+    and per seed. ``b`` ``None``: ``a``'s own values (a reference that is always wrong and
+    forgot nothing), so the interval is that of the strategy's metric itself."""
+
     def strata(cells_of: Callable[[Run], list[tuple[str, str]]]) -> list[list[Stratum]]:
         per_seed = []
         for a, b in pairs:
             rows = []
             for cell in cells_of(a):
-                fa, fb = a.outcomes[cell], b.outcomes[cell]
-                fa.check_paired(fb, f"{a.strategy} and {b.strategy} on {cell}")
-                rows.append((fa.correct(m), fb.correct(m), np.asarray(fa.clusters)))
+                fa = a.outcomes[cell]
+                if b is None:
+                    other = np.zeros(len(fa.frame_ids), dtype=bool)
+                else:
+                    fb = b.outcomes[cell]
+                    fa.check_paired(fb, f"{a.strategy} and {b.strategy} on {cell}")
+                    other = fb.correct(m)
+                rows.append((fa.correct(m), other, np.asarray(fa.clusters)))
             per_seed.append(rows)
         return per_seed
 
@@ -767,11 +779,29 @@ def _metric_differences(
         earlier = [(last, p) for p in periods[:-1]]
         offsets = []
         for a, b in pairs:
-            ba, bb = a.R[m].best_earlier(), b.R[m].best_earlier()
+            ba = a.R[m].best_earlier()
+            bb = b.R[m].best_earlier() if b is not None else dict.fromkeys(ba, 0.0)
             offsets.append(float(np.mean([ba[p] - bb[p] for p in periods[:-1]])))
         out["forgetting"] = report(strata(lambda _r: earlier), offsets, True)
         nxt = [(periods[j - 1], periods[j]) for j in range(1, len(periods))]
         out["next"] = report(strata(lambda _r: nxt), [0.0] * len(pairs), False)
+    return out
+
+
+def strategy_intervals(
+    runs: Sequence[Run], strategies: Sequence[str], *, n_resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Per strategy and metric: final average accuracy, forgetting and average next-period
+    accuracy, the mean over seeds with its 95% cluster-bootstrap interval (eval clips
+    resampled within each period of each seed; the trained models held fixed) and the
+    per-seed values' mean ± std (the run-to-run spread the bootstrap does not see)."""
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    out: dict[str, Any] = {}
+    for strategy in strategies:
+        mine = sorted((r for r in runs if r.strategy == strategy), key=lambda r: r.seed)
+        if mine and all(r.outcomes for r in mine):
+            pairs: list[tuple[Run, Run | None]] = [(r, None) for r in mine]
+            out[strategy] = {m: _metric_differences(pairs, m, boot) for m in METRICS}
     return out
 
 
@@ -817,6 +847,48 @@ def write_outcomes(path: Path, run: Run) -> Path:
     return path
 
 
+def load_run(path: Path) -> Run:
+    """A run back from its files: ``runs/<strategy>_seed<k>.json`` and, beside it,
+    ``..._outcomes.parquet`` (:func:`write_outcomes`), so intervals and paired differences
+    can be recomputed, or runs of separate invocations (same data, same seeds) compared."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = _read_json(path)
+    R = {m: AccuracyMatrix.from_dict(data["R"][m]) for m in METRICS}
+    fields = {f.name for f in dataclasses.fields(PeriodRecord)}
+    periods = [PeriodRecord(**{k: v for k, v in p.items() if k in fields}) for p in data["periods"]]
+    run = Run(data["strategy"], int(data["seed"]), R, periods, dict(data["compatibility"]))
+    table_path = path.with_name(path.stem + "_outcomes.parquet")
+    if table_path.is_file():
+        table = pq.read_table(table_path)
+        cells = zip(table.column("row").to_pylist(), table.column("col").to_pylist(), strict=True)
+        for row, col in dict.fromkeys(cells):
+            mask = pc.and_(pc.equal(table["row"], row), pc.equal(table["col"], col))
+            run.outcomes[(row, col)] = FrameOutcomes.from_table(table.filter(mask))
+    return run
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path}: not a file of bench continual")
+    return data
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run file (``runs/<strategy>_seed<k>.json``)."""
+    data = _read_json_file(path)
+    if "R" not in data or "strategy" not in data:
+        raise BenchError(f"{path}: not a run file of bench continual")
+    return data
+
+
 def assemble_results(
     setup: BenchSetup,
     datasets: Mapping[int, BenchDataset],
@@ -830,14 +902,15 @@ def assemble_results(
     """Everything measured, as one JSON-safe dict (see ``results.json``)."""
     data = datasets[setup.seeds[0]]
     run_dicts = [r.to_dict(baselines[r.seed]) for r in runs]
-    summary: dict[str, dict[str, Any]] = {}
-    for strategy in setup.strategies:
-        mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
-        summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
     metric = params.gate.metric
-    n_resamples, seed = params.gate.bootstrap_samples, params.gate.bootstrap_seed
-    comparisons = paired_comparisons(runs, setup.strategies, n_resamples=n_resamples, seed=seed)
-    cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
+    pooled = pooled_results(
+        runs,
+        run_dicts,
+        setup.strategies,
+        metric,
+        n_resamples=params.gate.bootstrap_samples,
+        seed=params.gate.bootstrap_seed,
+    )
     return {
         "benchmark": "continual",
         "schema_version": 1,
@@ -869,11 +942,105 @@ def assemble_results(
         },
         "random_baseline": {str(seed): b for seed, b in baselines.items()},
         "runs": run_dicts,
+        **pooled,
+    }
+
+
+def pooled_results(
+    runs: Sequence[Run],
+    run_dicts: Sequence[Mapping[str, Any]],
+    strategies: Sequence[str],
+    metric: str,
+    *,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``summary`` (mean ± std over seeds of each run's metrics), ``intervals``,
+    ``comparisons``, ``cell_intervals`` and ``goals`` of a set of runs."""
+    summary: dict[str, dict[str, Any]] = {}
+    for strategy in strategies:
+        mine = [d["metrics"] for d in run_dicts if d["strategy"] == strategy]
+        summary[strategy] = {k: mean_std([m[k] for m in mine]) for k in mine[0]}
+    comparisons = paired_comparisons(runs, strategies, n_resamples=n_resamples, seed=seed)
+    cells = cell_intervals(runs, n_resamples=n_resamples, seed=seed)
+    return {
         "summary": summary,
+        "intervals": strategy_intervals(runs, strategies, n_resamples=n_resamples, seed=seed),
         "comparisons": comparisons,
         "cell_intervals": cells,
         "goals": check_goals(summary, metric, comparisons, cells),
     }
+
+
+def combine(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Pool the runs of separate ``bench continual`` invocations (e.g. one process per seed)
+    into one ``results.json`` / ``results.md`` under ``out``, with no training: the
+    per-strategy intervals, the paired differences and the goals over every run.
+
+    Each directory holds ``runs/<strategy>_seed<k>.json`` and their outcomes; at least one
+    holds a ``results.json`` (dataset, configuration, machine: taken from the first). Every
+    ``results.json`` must have the same dataset, periods and configuration hash, no
+    ``(strategy, seed)`` may repeat, and a seed's period 1 must be the same model in every run
+    (the runs really share it). Each run keeps the metrics it was written with (FWT from its
+    own run's random baseline).
+    """
+    found = [Path(d) / RESULTS_JSON for d in dirs if (Path(d) / RESULTS_JSON).is_file()]
+    if not found:
+        raise BenchError(f"combine needs a {RESULTS_JSON} in at least one of {list(dirs)}")
+    heads = [_read_json_file(f) for f in found]
+    base = heads[0]
+    for head, f in zip(heads, found, strict=True):
+        same = (
+            head["dataset"]["name"] == base["dataset"]["name"]
+            and head["dataset"]["periods"] == base["dataset"]["periods"]
+            and head["config"]["config_hash"] == base["config"]["config_hash"]
+        )
+        if not same:
+            raise BenchError(f"{f}: another dataset, periods or configuration than {found[0]}")
+    runs: list[Run] = []
+    run_dicts: list[dict[str, Any]] = []
+    for d in dirs:
+        for f in sorted((Path(d) / "runs").glob("*_seed*.json")):
+            runs.append(load_run(f))
+            run_dicts.append(_read_json(f))
+    keys = [(r.strategy, r.seed) for r in runs]
+    if not runs or len(set(keys)) != len(keys):
+        raise BenchError(f"combine needs runs and no (strategy, seed) twice; got {keys}")
+    for k in {r.seed for r in runs}:
+        firsts = {r.periods[0].weights_sha256 for r in runs if r.seed == k}
+        if len(firsts) > 1:
+            raise BenchError(f"seed {k}: period 1 differs between runs (not the same data/code)")
+    strategies = [s for s in STRATEGIES if s in {r.strategy for r in runs}]
+    order = sorted(range(len(runs)), key=lambda i: (runs[i].seed, strategies.index(keys[i][0])))
+    runs = [runs[i] for i in order]
+    run_dicts = [run_dicts[i] for i in order]
+    params = base["config"]["params"]
+    pooled = pooled_results(
+        runs,
+        run_dicts,
+        strategies,
+        base["config"]["primary_metric"],
+        n_resamples=params["gate"]["bootstrap_samples"],
+        seed=params["gate"]["bootstrap_seed"],
+    )
+    baselines = {k: v for head in heads for k, v in head["random_baseline"].items()}
+    results = {
+        **base,
+        "command": {
+            **base["command"],
+            "seeds": sorted({r.seed for r in runs}),
+            "strategies": strategies,
+            "out": str(out),
+            "combined_from": [str(d) for d in dirs],
+        },
+        "random_baseline": baselines,
+        "runs": run_dicts,
+        **pooled,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RESULTS_JSON, results)
+    atomic_write_text(out / RESULTS_MD, format_markdown(results))
+    return results
 
 
 def check_goals(
@@ -906,6 +1073,7 @@ def check_goals(
         higher_is_better: bool,
         unit: str,
         interval: Mapping[str, Any] | None = None,
+        strict: bool = False,
     ) -> None:
         if CANDIDATE not in summary or needs not in summary:
             goals.append(
@@ -917,13 +1085,25 @@ def check_goals(
             )
             return
         value, bound = measured(), target()
-        ok = value >= bound if higher_is_better else value <= bound
+        if value is None or not math.isfinite(value):
+            goals.append(
+                {
+                    "goal": name,
+                    "status": "not measured",
+                    "reason": "no interval (fewer than 2 eval clusters in a period)",
+                }
+            )
+            return
+        if higher_is_better:
+            ok = value > bound if strict else value >= bound
+        else:
+            ok = value < bound if strict else value <= bound
         goal = {
             "goal": name,
             "measured": value,
             "target": bound,
             "unit": unit,
-            "comparison": ">=" if higher_is_better else "<=",
+            "comparison": (">" if higher_is_better else "<") + ("" if strict else "="),
             "status": "pass" if ok else "miss",
         }
         if interval is not None:
@@ -942,6 +1122,7 @@ def check_goals(
             True,
             "fraction",
             pooled,
+            strict=True,
         )
         add(
             f"stretch: average accuracy ({metric}) >= finetune's + {GOAL_GAIN * 100:.0f} "
@@ -1077,6 +1258,41 @@ def _comparison_lines(comparisons: Mapping[str, Any], metric: str, n_seeds: int)
     return lines
 
 
+def _interval_lines(intervals: Mapping[str, Any], metric: str, n_seeds: int) -> list[str]:
+    """Each strategy's metrics with their 95% intervals, as a Markdown table."""
+    if not intervals:
+        return []
+    lines = [
+        "",
+        "### Each strategy with its 95% interval",
+        "",
+        "In points: the mean over seeds with its 95% cluster-bootstrap interval (eval clips "
+        f"resampled within each period of each seed, models held fixed), then the {n_seeds} "
+        f"per-seed values' mean ± std. Forgetting and next-period on {metric}.",
+        "",
+        "| strategy | avg kNN | avg linear | forgetting | next-period |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        if not entry:
+            return ""
+        iv = entry["pooled"]
+        if iv.get("low") is None or iv.get("high") is None:
+            return f"{iv['estimate'] * 100:.1f} [no interval]"
+        return (
+            f"{iv['estimate'] * 100:.1f} [{iv['low'] * 100:.1f}, {iv['high'] * 100:.1f}]; "
+            f"{_pm(entry['per_seed'])}"
+        )
+
+    for strategy, c in intervals.items():
+        lines.append(
+            f"| {strategy} | {cell(c['knn']['avg_acc'])} | {cell(c['linear']['avg_acc'])} | "
+            f"{cell(c[metric].get('forgetting'))} | {cell(c[metric].get('next'))} |"
+        )
+    return lines
+
+
 def _matrix_with_intervals(R: AccuracyMatrix, cells: Mapping[str, Any]) -> str:
     """R as Markdown with each cell's 95% half-width: ``0.612 ±0.027``."""
     names = list(R.periods)
@@ -1140,6 +1356,7 @@ def format_markdown(results: Mapping[str, Any]) -> str:
             f"({s['compat_old_vs_old']['mean'] * 100:.1f}) | "
             f"{_pm(s['train_wall_s'], 1.0, 0)} | {_pm(s['est_flops'], 1e-12, 2)} |"
         )
+    lines += _interval_lines(results.get("intervals", {}), metric, len(seeds))
     lines += _comparison_lines(results.get("comparisons", {}), metric, len(seeds))
     lines += [
         "",
@@ -1301,7 +1518,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
     try:
-        results = run_benchmark(setup_from_args(args), log)
+        if getattr(args, "combine", None):
+            results = combine(args.combine, Path(args.out))
+        elif not args.dataset:
+            raise BenchError("--dataset is required (or --combine DIR ... to pool earlier runs)")
+        else:
+            results = run_benchmark(setup_from_args(args), log)
     except (BenchError, ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

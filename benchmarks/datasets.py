@@ -26,6 +26,7 @@ downloading CIFAR-10 with torchvision and converting it (:func:`write_cifar10_pa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -386,6 +387,9 @@ class BenchDataset:
 def _write_cifar_period(
     root: Path, period: str, index: int, data: Cifar10, rows: dict[str, np.ndarray]
 ) -> Shard:
+    """One period's shard. Every image is its own ``stream_id`` (``cifar10/<split>/<index>``):
+    CIFAR-10's images are independent, so each is a unit of the bootstrap (one shared stream
+    id made every period one cluster, and every interval undefined)."""
     start = EPOCH + index * PERIOD_LENGTH
     with ShardWriter(root, period, eval_fraction=0.0) as writer:
         k = 0
@@ -394,7 +398,7 @@ def _write_cifar_period(
                 writer.add(
                     Frame(
                         image=data.image(split, i),
-                        stream_id="cifar10",
+                        stream_id=f"cifar10/{split}/{i}",
                         ts=start + timedelta(seconds=k),
                         source=data.source(split, i),
                         category=data.classes[int(data.labels[split][i])],
@@ -516,9 +520,13 @@ def build_stream(
 
     Period ``pK`` is always the K-th period of a ``num_periods``-long simulated stream (its
     games follow :func:`~cssl_core.data.simulate.game_schedule`); ``period_order`` reorders or
-    selects among them, and only the chosen periods are simulated.
+    selects among them, and only the chosen periods are simulated. A period is reused when
+    ``root/.<period>.simulate.json`` records the same simulator settings, index and stream
+    length (simulating is the costly part of a rerun); delete ``root`` after changing the
+    simulator's code.
     """
     from cssl_core.data.simulate import simulate_period
+    from cssl_core.data.storage import atomic_write_json
 
     total = num_periods or DEFAULT_STREAM_PERIODS
     names = period_names(total)
@@ -526,7 +534,13 @@ def build_stream(
     root = Path(root)
     shards = []
     for name in chosen:
-        simulate_period(root, name, names.index(name), total, cfg, progress=progress)
+        stamp = root / f".{name}.simulate.json"
+        wanted = {"simulate": cfg.model_dump(mode="json"), "index": names.index(name)}
+        wanted["periods"] = total
+        if not (stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == wanted):
+            stamp.unlink(missing_ok=True)
+            simulate_period(root, name, names.index(name), total, cfg, progress=progress)
+            atomic_write_json(stamp, wanted)
         shards.append(Shard.open(root / name))
     about = {"protocol": "simulated stream (drifting game mix)", "simulate": cfg.model_dump()}
     return BenchDataset(DatasetSpec("stream"), shards, about)

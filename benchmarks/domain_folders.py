@@ -13,10 +13,15 @@ period, the way a camera, a compression setting or a colour grade changes in a r
 
 Each period takes its own ``per_class`` images of every class from CIFAR-10's train split
 (disjoint between periods, a seeded permutation), writes them as PNG files to
-``OUT/<period>/<class>/<index>.png``, the layout ``cssl ingest`` and
-``cssl bench continual --dataset folder:OUT`` read (the eval split is then
-``ingest.eval_fraction`` of each period, chosen by content hash). Each image is its own
-cluster of the bootstrap (one image, one independent unit).
+``OUT/<period>/<class>/<index>/<index>.png``, the layout ``cssl ingest`` and
+``cssl bench continual --dataset folder:OUT`` read (the category is the folder below the
+period; the eval split is ``ingest.eval_fraction`` of each period, chosen by content hash).
+Each image sits in its own folder because ingest takes a frame's ``stream_id`` -- the
+bootstrap's unit of independence -- from its folder: CIFAR-10's images are independent, so
+each is its own cluster (in ``OUT/<period>/<class>/`` the whole class would be one cluster
+and a period's interval would rest on ten units). Size the eval split as docs/benchmarks.md
+says: about 1,070 eval images per period for +-0.03 at accuracy 0.5, e.g. ``--per-class 540``
+with ``ingest.eval_fraction 0.2``.
 
 ``python -m benchmarks.domain_folders --out DIR [--per-class 240] [--seed 0]`` (idempotent:
 existing files are rewritten with the same bytes).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -79,11 +85,12 @@ def write_domain_folders(
     names = period_names(len(DOMAINS))
     for k, (period, (_, transform)) in enumerate(zip(names, DOMAINS, strict=True)):
         for c, name in enumerate(data.classes):
-            folder = Path(out) / period / name
-            folder.mkdir(parents=True, exist_ok=True)
             for index in order[c][k * per_class : (k + 1) * per_class]:
+                stem = f"{int(index):05d}"
+                folder = Path(out) / period / name / stem
+                folder.mkdir(parents=True, exist_ok=True)
                 img = Image.open(io.BytesIO(data.image("train", int(index)))).convert("RGB")
-                with atomic_path(folder / f"{int(index):05d}.png") as tmp:
+                with atomic_path(folder / f"{stem}.png") as tmp:
                     transform(img).save(tmp, format="PNG")
     return names
 
@@ -94,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=240, help="images per class per period")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice")
     args = parser.parse_args(argv)
-    names = write_domain_folders(args.out, args.per_class, args.seed)
+    try:
+        names = write_domain_folders(args.out, args.per_class, args.seed)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {', '.join(names)} under {args.out}")
     return 0
 

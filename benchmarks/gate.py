@@ -77,7 +77,7 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-# -- options (torch-free: the lead registers them as `cssl bench gate`) ------------------------
+# -- options (torch-free: benchmarks/cli.py registers them as `cssl bench gate`) -------------
 
 
 def _csv_ints(value: str) -> tuple[int, ...]:
@@ -96,6 +96,13 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--worse-seeds", type=_csv_ints, default=(0, 1), help="seeds of each damaging recipe"
+    )
+    parser.add_argument(
+        "--worse-recipes",
+        type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+        default=tuple(WORSE_RECIPES),
+        metavar="NAME,NAME",
+        help=f"damaging recipes to train (default: {','.join(WORSE_RECIPES)})",
     )
     parser.add_argument("--replicates", type=int, default=200, help="replicate eval sets per pair")
     parser.add_argument(
@@ -138,6 +145,7 @@ def models_and_outcomes(
     seeds: Sequence[int],
     worse_seeds: Sequence[int],
     log: Callable[[str], None],
+    worse_recipes: Sequence[str] = tuple(WORSE_RECIPES),
 ) -> tuple[dict[str, dict[str, FrameOutcomes]], dict[str, Any]]:
     """Train (or reuse) every model and score it on the eval splits of p01..p03: outcomes by
     model name (``lineage-p01``, ``champion``, ``seed-<k>``, ``<recipe>-<k>``) and period,
@@ -209,8 +217,8 @@ def models_and_outcomes(
         (f"seed-{k}", (f"train.seed={k}",)) for k in seeds
     ]
     recipes += [
-        (f"{name}-{k}", (*overrides, f"train.seed={k}"))
-        for name, overrides in WORSE_RECIPES.items()
+        (f"{name}-{k}", (*WORSE_RECIPES[name], f"train.seed={k}"))
+        for name in worse_recipes
         for k in worse_seeds
     ]
     for name, overrides in recipes:
@@ -418,10 +426,14 @@ def run_trials(
         for s in measured
     }
     agree = [0, 0]
+    # One-frame streams (the simulator's eval clips): frame clusters are the stream clusters,
+    # so the frame-level setting reuses the stream-level bootstraps (the same draws).
+    singletons = all(f.size == 1 for r in resamplers.values() for f in r.frames_of)
     started = time.perf_counter()
     for r in range(replicates):
         rng = np.random.default_rng([base.bootstrap_seed, r])
         drawn = {p: resamplers[p].draw(rng) for p in PERIODS}
+        shared: dict[tuple[str, str], Trial] = {}
         for by_frame in (False, True):
             group = [s for s in measured if s.by_frame == by_frame]
             reps = {
@@ -429,7 +441,10 @@ def run_trials(
                 for name, o in results.items()
             }
             for kind, cand, champ in all_pairs:
-                t = trial(reps[cand], reps[champ], best, base)
+                if by_frame and singletons:
+                    t = shared[(cand, champ)]
+                else:
+                    t = shared[(cand, champ)] = trial(reps[cand], reps[champ], best, base)
                 worst = min(deltas[(cand, champ)].values())
                 for s in group:
                     c = counts[s.name]
@@ -459,6 +474,7 @@ def run_trials(
             s.name: s.cfg.model_dump(mode="json") | {"by_frame": s.by_frame} for s in measured
         },
         "trial_seconds": time.perf_counter() - started,
+        "one_frame_streams": singletons,
     }
 
 
@@ -536,14 +552,18 @@ def run_benchmark(
     margins: Sequence[float],
     check_decide: int,
     log: Callable[[str], None],
+    worse_recipes: Sequence[str] = tuple(WORSE_RECIPES),
 ) -> dict[str, Any]:
     from cssl_core.data.storage import atomic_write_json, atomic_write_text
 
     if len(seeds) < 2:
         raise ValueError("--seeds needs at least two seeds (pairs of equivalent candidates)")
+    unknown = [r for r in worse_recipes if r not in WORSE_RECIPES]
+    if unknown:
+        raise ValueError(f"--worse-recipes: unknown {unknown}; choose from {list(WORSE_RECIPES)}")
     loads = [os.getloadavg()[0]]
     mp = measure_params(params)
-    results, info = models_and_outcomes(out, mp, seeds, worse_seeds, log)
+    results, info = models_and_outcomes(out, mp, seeds, worse_seeds, log, worse_recipes)
     trials = run_trials(results, seeds, mp.gate, margins, replicates, check_decide, log)
     loads.append(os.getloadavg()[0])
     first = results[CHAMPION]
@@ -554,7 +574,7 @@ def run_benchmark(
         "models": (
             f"{mp.model.backbone} at {mp.model.input_size} px, {mp.train.steps} steps of "
             f"{mp.train.batch_size}, strategy {mp.train.strategy}; lineage p01->p02 (seed 0), "
-            f"p03 candidates: seeds {list(seeds)}, damaged {list(WORSE_RECIPES)} x seeds "
+            f"p03 candidates: seeds {list(seeds)}, damaged {list(worse_recipes)} x seeds "
             f"{list(worse_seeds)}"
         ),
         "eval": ", ".join(
@@ -591,6 +611,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             margins=args.margins,
             check_decide=args.check_decide,
             log=log,
+            worse_recipes=getattr(args, "worse_recipes", tuple(WORSE_RECIPES)),
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -604,15 +625,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.gate ...`` (until ``cssl bench gate`` is registered)."""
-    from benchmarks.cli import common_options
+    """``python -m benchmarks.gate ...``, the same as ``cssl bench gate``."""
+    from benchmarks.cli import main as bench_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gate", parents=[common_options()], description=__doc__
-    )
-    add_gate_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return run_from_args(args)
+    return bench_main(["gate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_bench_parsers_register_every_benchmark_with_its_command() -> None:
             ("scaling", []),
             ("continual", ["--dataset", "stream", "--out", "x"]),
             ("peers", []),
+            ("gate", ["--out", "x"]),
         ]
     }
     assert funcs == {
@@ -63,9 +64,27 @@ def test_bench_parsers_register_every_benchmark_with_its_command() -> None:
         "scaling": cli.cmd_scaling,
         "continual": cli.cmd_continual,
         "peers": cli.cmd_peers,
+        "gate": cli.cmd_gate,
     }
     with pytest.raises(SystemExit) as usage:
         parser.parse_args(["bench", "train", "--precisions", "fp16"])
+    assert usage.value.code == 2
+
+
+def test_bench_gate_takes_its_options() -> None:
+    from benchmarks.gate import MARGINS
+
+    args = _cssl_like_parser().parse_args(
+        ["bench", "gate", "--out", "g", "--seeds", "0,1", "--replicates", "7", "--margins", "0.05"]
+    )
+    assert (args.out, args.seeds, args.worse_seeds) == (Path("g"), (0, 1), (0, 1))
+    assert (args.replicates, args.margins, args.check_decide) == (7, (0.05,), 20)
+    defaults = _cssl_like_parser().parse_args(["bench", "gate", "--out", "g"])
+    assert defaults.margins == MARGINS and defaults.worse_recipes == ("finetune", "finetune-lr10")
+    chosen = ["bench", "gate", "--out", "g", "--worse-recipes", "finetune"]
+    assert _cssl_like_parser().parse_args(chosen).worse_recipes == ("finetune",)
+    with pytest.raises(SystemExit) as usage:
+        _cssl_like_parser().parse_args(["bench", "gate"])
     assert usage.value.code == 2
 
 
@@ -80,6 +99,7 @@ def test_building_the_bench_parser_imports_no_heavy_module() -> None:
         "import json, sys\n"
         "from benchmarks import cli\n"
         "cli.build_parser().parse_args(['train', '--steps', '2'])\n"
+        "cli.build_parser().parse_args(['gate', '--out', 'x'])\n"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
     done = subprocess.run(

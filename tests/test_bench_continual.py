@@ -81,11 +81,43 @@ def test_smoke_run_writes_every_output(smoke: tuple[Path, dict[str, Any], int]) 
     md = (out / "results.md").read_text()
     assert "| strategy | final avg kNN | final avg linear | forgetting |" in md
     assert "| distill+replay |" in md and "| joint |" in md
+    assert "### Each strategy with its 95% interval" in md
+    own = results["intervals"]["joint"]["knn"]["avg_acc"]
+    assert own["pooled"]["estimate"] == pytest.approx(
+        results["summary"]["joint"]["avg_acc_knn"]["mean"]
+    )
     assert "## Dataset: cifar10" in md
     assert results["dataset"]["periods"] == ["p01", "p02"]
     assert results["dataset"]["shards"]["p01"]["categories"] == {"airplane": 36, "automobile": 36}
     assert results["machine"]["cpu_cores"] >= 1 and results["machine"]["torch"]
     assert results["config"]["params"]["model"]["backbone"] == "resnet10t"
+
+
+def test_combine_pools_runs_of_separate_invocations(
+    smoke: tuple[Path, dict[str, Any], int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs split over two directories (one with results.json, one with run files only)
+    pool back to the same summary, intervals, paired differences and goals."""
+    import shutil
+
+    out, results, _ = smoke
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(out, first)
+    (second / "runs").mkdir(parents=True)
+    for f in (first / "runs").glob("distill-replay_seed0*"):
+        shutil.move(f, second / "runs" / f.name)
+    argv = ["--combine", str(first), str(second), "--out", str(tmp_path / "c")]
+    assert bc.main(argv) == 0
+    assert "distill+replay" in capsys.readouterr().out
+    pooled = json.loads((tmp_path / "c" / "results.json").read_text())
+    for key in ("summary", "intervals", "cell_intervals", "goals"):
+        assert pooled[key] == results[key], key
+    assert pooled["command"]["combined_from"] == [str(first), str(second)]
+    assert "### Each strategy with its 95% interval" in (tmp_path / "c" / "results.md").read_text()
+    with pytest.raises(bc.BenchError, match="no \\(strategy, seed\\) twice"):
+        bc.combine([first, first], tmp_path / "d")
+    with pytest.raises(bc.BenchError, match="needs a results.json"):
+        bc.combine([second], tmp_path / "d")
 
 
 def test_smoke_numbers_are_finite_and_in_range(smoke: tuple[Path, dict[str, Any], int]) -> None:
@@ -181,6 +213,48 @@ def test_goals_by_hand() -> None:
     ]
 
 
+def test_paired_accuracy_goal_needs_the_lower_bound_strictly_above_zero() -> None:
+    summary = _summary(
+        finetune={"avg_acc_knn": 0.6, "forgetting_knn": 0.2, "est_flops": 1, "train_wall_s": 1},
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.62,
+                "forgetting_knn": 0.1,
+                "est_flops": 1,
+                "train_wall_s": 1,
+            }
+        },
+    )
+
+    def first(low: float) -> dict[str, Any]:
+        iv = {"estimate": 0.02, "low": low, "high": 0.04}
+        paired = {"distill+replay": {"knn": {"avg_acc": {"pooled": iv}}}}
+        return bc.check_goals(summary, "knn", paired)[0]
+
+    assert first(0.0)["status"] == "miss" and first(0.0)["comparison"] == ">"
+    assert first(0.001)["status"] == "pass"
+
+
+def test_a_goal_without_an_interval_is_not_measured() -> None:
+    summary = _summary(
+        finetune={"avg_acc_knn": 0.6, "forgetting_knn": 0.2, "est_flops": 1, "train_wall_s": 1},
+        **{
+            "distill+replay": {
+                "avg_acc_knn": 0.62,
+                "forgetting_knn": 0.1,
+                "est_flops": 1,
+                "train_wall_s": 1,
+            }
+        },
+    )
+    iv = {"estimate": 0.02, "low": None, "high": None}
+    paired = {"distill+replay": {"knn": {"avg_acc": {"pooled": iv}, "next": {"pooled": iv}}}}
+    goals = {g["goal"]: g for g in bc.check_goals(summary, "knn", paired)}
+    lower = [g for name, g in goals.items() if "lower bound > 0" in name]
+    assert lower and lower[0]["status"] == "not measured"
+    assert [g["status"] for n, g in goals.items() if "next-period" in n] == ["not measured"]
+
+
 def test_goals_not_measured_without_reference() -> None:
     summary = _summary(
         **{
@@ -230,6 +304,8 @@ def test_main_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         == 1
     )
     assert "--periods 6: this dataset has 5 periods" in capsys.readouterr().err
+    assert bc.main(["--out", str(tmp_path)]) == 1
+    assert "--dataset is required" in capsys.readouterr().err
 
 
 # -- datasets ----------------------------------------------------------------------------
@@ -246,6 +322,8 @@ def test_cifar10_class_incremental_periods_hold_their_two_classes(tmp_path: Path
         assert {
             r["source"].split(":")[1].split("/")[0] for r in sources if r["split"] == "eval"
         } == {"test"}
+        streams = shard.read(["stream_id"]).column("stream_id").to_pylist()
+        assert len(set(streams)) == len(streams) == 30  # each image its own bootstrap unit
     again = ds.build_cifar10(tmp_path, train_cap=20, eval_cap=10)  # deterministic
     assert [s.fingerprint for s in again.shards] == [s.fingerprint for s in data.shards]
     ordered = ds.build_cifar10(tmp_path / "o", period_order=["p03", "p01"], train_cap=4, eval_cap=2)
@@ -462,3 +540,140 @@ def test_cifar10_offline_and_absent_is_one_clear_line(
     assert done.returncode != 0
     [line] = [x for x in done.stderr.splitlines() if "CIFAR-10" in x]
     assert "the tests read real CIFAR-10 JPEGs: $CSSL_CIFAR10 is" in line
+
+
+def test_domain_folders_are_a_folder_dataset_with_one_cluster_per_image(tmp_path: Path) -> None:
+    """The domain-incremental CIFAR-10 sequence reads back through ``folder:`` with every class
+    in every period, disjoint images, each image its own stream (the bootstrap's unit)."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.domain_folders import DOMAINS, main, write_domain_folders
+
+    names = write_domain_folders(tmp_path / "dom", per_class=2, seed=1)
+    assert names == ds.period_names(len(DOMAINS))
+    cfg = IngestConfig(eval_fraction=0.5, dedup_max_distance=0)
+    spec = ds.parse_dataset(f"folder:{tmp_path / 'dom'}")
+    data = ds.build_dataset(spec, tmp_path / "w", simulate=SimulateConfig(), ingest_cfg=cfg)
+    assert data.periods == names
+    sources: list[str] = []
+    for shard in data.shards:
+        assert sorted(shard.manifest["categories"].values()) == [2] * 10
+        rows = shard.read(["stream_id", "source"]).to_pylist()
+        assert len({r["stream_id"] for r in rows}) == len(rows) == 20
+        sources += [Path(r["source"]).name for r in rows]
+    assert len(set(sources)) == len(sources)  # no CIFAR-10 image in two periods
+    gray = next((tmp_path / "dom" / names[2]).rglob("*.png"))
+    rgb = np.asarray(Image.open(gray).convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    assert main(["--out", str(tmp_path / "bad"), "--per-class", "0"]) == 1
+
+
+# -- intervals and paired differences on runs built by hand --------------------------------
+
+
+def _hand_run(strategy: str, seed: int, correct: dict[tuple[str, str], list[bool]]) -> bc.Run:
+    """A run over p01, p02 whose R cells are the accuracies of the given per-frame results
+    (one frame per cluster, the stream's one-frame eval clips)."""
+    from cssl_core.evaluation.outcomes import FrameOutcomes
+
+    periods = ["p01", "p02"]
+    R = {m: AccuracyMatrix(periods) for m in bc.METRICS}
+    run = bc.Run(strategy, seed, R, compatibility={"new_vs_old": 0.5, "old_vs_old": 0.5})
+    for (row, col), hits in correct.items():
+        arr = np.asarray(hits, dtype=bool)
+        ids = tuple(f"{col}-{k}" for k in range(arr.size))
+        run.outcomes[(row, col)] = FrameOutcomes(ids, ids, ("g",) * arr.size, arr, arr)
+        for m in bc.METRICS:
+            R[m].set(row, col, float(arr.mean()))
+    run.periods = [
+        bc.PeriodRecord(
+            p, 3, 1.0, 1.0, 1.0, 10.0, 0.5, 1e9 * (1 + (strategy != "finetune")), 0, 0.1
+        )
+        for p in periods
+    ]
+    return run
+
+
+def _cells(p11: int, p12: int, p21: int, p22: int, n: int = 10) -> dict:
+    """Cells with the given number of hits out of ``n`` frames each."""
+    hits = {("p01", "p01"): p11, ("p01", "p02"): p12, ("p02", "p01"): p21, ("p02", "p02"): p22}
+    return {cell: [k < h for k in range(n)] for cell, h in hits.items()}
+
+
+def test_strategy_intervals_and_paired_differences_by_hand() -> None:
+    runs = [
+        _hand_run("finetune", 0, _cells(8, 4, 5, 7)),
+        _hand_run("finetune", 1, _cells(8, 3, 6, 9)),
+        _hand_run("distill+replay", 0, _cells(8, 4, 7, 7)),
+        _hand_run("distill+replay", 1, _cells(8, 3, 8, 8)),
+    ]
+    ivs = bc.strategy_intervals(runs, ["finetune", "distill+replay"], n_resamples=200)
+    ft, dr = ivs["finetune"]["knn"], ivs["distill+replay"]["knn"]
+    # average accuracy: mean over seeds of the final row's mean, (0.5+0.7)/2 and (0.6+0.9)/2
+    assert ft["avg_acc"]["pooled"]["estimate"] == pytest.approx((0.6 + 0.75) / 2)
+    assert ft["avg_acc"]["per_seed"]["values"] == pytest.approx([0.6, 0.75])
+    # forgetting: best earlier p01 (0.8) minus the final row's p01 (0.5, 0.6)
+    assert ft["forgetting"]["pooled"]["estimate"] == pytest.approx((0.3 + 0.2) / 2)
+    assert dr["forgetting"]["pooled"]["estimate"] == pytest.approx((0.1 + 0.0) / 2)
+    # next-period: R[p01][p02] = 0.4 and 0.3
+    assert ft["next"]["pooled"]["estimate"] == pytest.approx(0.35)
+    for entry in (ft["avg_acc"], ft["forgetting"], dr["next"]):
+        iv = entry["pooled"]
+        assert iv["low"] <= iv["estimate"] <= iv["high"] and iv["n_clusters"] > 0
+    diff = bc.paired_comparisons(runs, ["finetune", "distill+replay"], n_resamples=200)
+    d = diff["distill+replay"]["knn"]
+    assert d["avg_acc"]["pooled"]["estimate"] == pytest.approx(
+        dr["avg_acc"]["pooled"]["estimate"] - ft["avg_acc"]["pooled"]["estimate"]
+    )
+    assert d["avg_acc"]["per_seed"]["values"] == pytest.approx([0.1, 0.05])
+    assert d["forgetting"]["pooled"]["estimate"] == pytest.approx(-0.2)
+    assert d["next"]["pooled"]["estimate"] == pytest.approx(0.0)
+    assert diff["distill+replay"]["compute"]["est_flops"]["mean"] == pytest.approx(2.0)
+    one_seed = [*runs, _hand_run("joint", 1, _cells(9, 5, 9, 9))]
+    joint = bc.paired_comparisons(one_seed, ["finetune", "joint"], n_resamples=200)["joint"]
+    assert joint["knn"]["avg_acc"]["per_seed"]["values"] == pytest.approx([0.15])
+    same = bc.stratified_difference([(np.ones(4, bool), np.ones(4, bool), np.arange(4))])
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_a_run_reads_back_from_its_files(tmp_path: Path) -> None:
+    run = _hand_run("distill+replay", 1, _cells(8, 4, 7, 7))
+    stem = tmp_path / "runs" / "distill-replay_seed1"
+    bc._write_json(
+        stem.with_suffix(".json"),
+        run.to_dict({p: {"knn": 0.25, "linear": 0.25} for p in ("p01", "p02")}),
+    )
+    bc.write_outcomes(stem.with_name(stem.name + "_outcomes.parquet"), run)
+    back = bc.load_run(stem.with_suffix(".json"))
+    assert (back.strategy, back.seed) == ("distill+replay", 1)
+    assert back.R["knn"].to_dict() == run.R["knn"].to_dict()
+    assert back.periods == run.periods and back.compatibility == run.compatibility
+    assert back.outcomes.keys() == run.outcomes.keys()
+    for cell, frames in run.outcomes.items():
+        assert back.outcomes[cell].frame_ids == frames.frame_ids
+        assert (back.outcomes[cell].knn == frames.knn).all()
+    (tmp_path / "bad.json").write_text('{"x": 1}')
+    with pytest.raises(bc.BenchError, match="not a run file"):
+        bc.load_run(tmp_path / "bad.json")
+
+
+def test_stream_periods_are_reused_only_for_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cssl_core.data.simulate as sim
+
+    cfg = SimulateConfig(frames_per_period=24, size=32, eval_fraction=0.25)
+    first = ds.build_stream(tmp_path, cfg, num_periods=2)
+    fingerprints = [s.fingerprint for s in first.shards]
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("simulated again")
+
+    monkeypatch.setattr(sim, "simulate_period", refuse)
+    again = ds.build_stream(tmp_path, cfg, num_periods=2)
+    assert [s.fingerprint for s in again.shards] == fingerprints
+    with pytest.raises(AssertionError, match="simulated again"):
+        ds.build_stream(tmp_path, cfg.model_copy(update={"seed": 1}), num_periods=2)
+    with pytest.raises(AssertionError, match="simulated again"):
+        ds.build_stream(tmp_path, cfg, num_periods=3)  # p01 of a 3-period stream differs
