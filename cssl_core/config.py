@@ -188,7 +188,7 @@ Schedule = Annotated[
 class SimulateConfig(_Section):
     """The Atari stream simulator (``cssl simulate``)."""
 
-    frames_per_period: int = Field(1000, ge=1)
+    frames_per_period: int = Field(2000, ge=1)
     size: int = Field(32, ge=16, le=1024)
     seed: int = 0
     eval_fraction: float = Field(
