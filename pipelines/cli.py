@@ -102,7 +102,7 @@ def _emit(args: argparse.Namespace, payload: Any, lines: Sequence[str]) -> None:
         out.print_json(json.dumps(payload, default=str))
     else:
         for line in lines:
-            out.print(line)
+            out.print(line, markup=False, highlight=False)  # M[new][old] is text, not markup
 
 
 def shard_dir(path: str | Path, period: str | None = None) -> Path:
@@ -943,7 +943,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _print_refresh(summary)
         out.rule("report (read back from MLflow)")
         for line in format_report(build_report(load_params(args.params, flows))):
-            out.print(line)
+            out.print(line, markup=False, highlight=False)
     out.rule("embedding index (LanceDB) and a search")
     lines, frame = demo_index([shards / p for p in names], params.index.uri)
     for line in lines:

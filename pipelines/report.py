@@ -126,7 +126,14 @@ def matrix_from_metrics(metrics: Mapping[str, float]) -> CompatibilityMatrix | N
 
     rows = ordered({q for q, _ in top1})
     cols = ordered({g for _, g in top1})
-    reasons = {(q, g): "not logged" for q in rows for g in cols if (q, g) not in top1}
+    reasons = {
+        (q, g): "the adapter maps queries into the champion's space only"
+        if q.endswith("_adapter")
+        else "not logged"
+        for q in rows
+        for g in cols
+        if (q, g) not in top1
+    }
     grid_top1 = [[top1.get((q, g)) for g in cols] for q in rows]
     grid_map = [[maps.get((q, g)) if (q, g) in top1 else None for g in cols] for q in rows]
     return CompatibilityMatrix(rows, cols, grid_top1, grid_map, k, reasons)
