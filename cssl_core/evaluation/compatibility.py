@@ -29,14 +29,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported where the math runs: `cssl report` reads matrices only
+    import torch
 
 Metric = Literal["top1", "map"]
-FeatureArray = torch.Tensor | np.ndarray
+FeatureArray: TypeAlias = "torch.Tensor | np.ndarray"
 Labels = Sequence[str | None] | np.ndarray
 
 _METRIC_NAMES: dict[str, str] = {"top1": "top-1", "map": "mAP@k"}
@@ -93,6 +94,9 @@ def _as_label_list(labels: Labels) -> np.ndarray | list[str | None]:
 
 
 def _normalised(x: FeatureArray, name: str) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         x = x.copy()  # e.g. a view of an Arrow buffer; torch wants writable memory
     t = torch.as_tensor(x).detach().to("cpu", torch.float32)
@@ -132,6 +136,8 @@ def retrieval_quality(
     Complexity: every query ranks the full gallery (a stable sort, so ties are exact), in
     blocks of queries that keep the similarity block under 16M elements.
     """
+    import torch
+
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     query = _normalised(query_feats, "query_feats")
@@ -162,6 +168,8 @@ def _quality_from_similarity(
     similarity: Any, n_queries: int, q_codes: np.ndarray, g_codes: np.ndarray, k: int
 ) -> RetrievalQuality:
     """Top-1 and mAP@k from ``similarity(rows) -> (len(rows), N_gallery)`` per query block."""
+    import torch
+
     n_gallery = len(g_codes)
     k_eff = min(k, n_gallery)
     gallery_codes = torch.as_tensor(g_codes)
