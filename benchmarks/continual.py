@@ -293,8 +293,8 @@ def count_step_flops(inputs: Any, device: Any = None) -> float:
     Trains ``inputs`` (:class:`~cssl_core.period.PeriodInputs`) with ``train.steps=1``
     through :func:`~cssl_core.period.train_period` under ``FlopCounterMode`` (matmuls and
     convolutions, forward and backward; the frozen teacher's forward for the distill
-    strategies; no memory update) and divides by the steps it ran (``joint`` runs ``t``
-    steps per ``steps``).
+    strategies and ``compat.mode: align``; no memory update, no adapter fit) and divides by
+    the steps it ran (``joint`` runs ``t`` steps per ``steps``).
     """
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -302,7 +302,10 @@ def count_step_flops(inputs: Any, device: Any = None) -> float:
     from cssl_core.period import train_period
 
     params = inputs.params
-    one = params.model_copy(update={"train": params.train.model_copy(update={"steps": 1})})
+    update: dict[str, Any] = {"train": params.train.model_copy(update={"steps": 1})}
+    if params.compat.mode == "adapter":  # fitted once after training: a period's cost, not a step's
+        update["compat"] = params.compat.model_copy(update={"mode": "none"})
+    one = params.model_copy(update=update)
     one_step = dataclasses.replace(inputs, params=one, checkpoint_dir=None)
     with FlopCounterMode(display=False) as counter:
         train_period(one_step, device=device)
