@@ -337,7 +337,7 @@ def run_distributed_backfill(
     threads = None if address or local else max(1, (os.cpu_count() or 1) // max(workers, 1))
     runner = None if local else dask_task_runner(workers, address)
     run = backfill if runner is None else backfill.with_options(task_runner=runner)
-    with prefect_api_for_workers(needed=not local):
+    with prefect_api_for_workers(needed=not local), _environ_kept(DASK_SPAWN_ENVIRON):
         return run(
             index.uri,
             [str(s) for s in shards],
@@ -352,6 +352,31 @@ def run_distributed_backfill(
             threads_per_worker=threads,
             window=window or 2 * workers,
         )
+
+
+# What a local Dask cluster writes into this process's environment for its worker processes
+# (distributed.nanny.pre-spawn-environ): left there, every later subprocess (torchrun, DVC)
+# would run torch on one thread, slower and not bit-identical to a refresh run without it.
+DASK_SPAWN_ENVIRON = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MALLOC_TRIM_THRESHOLD_",
+)
+
+
+@contextmanager
+def _environ_kept(keys: Sequence[str]) -> Iterator[None]:
+    """Run the block, then put ``keys`` of ``os.environ`` back as they were."""
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager

@@ -134,15 +134,19 @@ def test_kill_9_mid_backfill_then_rerun(built_index, tiny_models, tmp_path):
 def test_backfill_flow_on_two_dask_workers(prefect_harness, built_index, tiny_models, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
-    from pipelines.backfill import run_distributed_backfill
+    from pipelines.backfill import DASK_SPAWN_ENVIRON, run_distributed_backfill
 
     # Dask starts worker processes; they reach the session's Prefect API through the
     # environment instead of each starting a temporary server of its own.
     monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
     index_dir, shards = built_index
+    environ = {k: os.environ.get(k) for k in DASK_SPAWN_ENVIRON}
     report = run_distributed_backfill(
         index_dir, shards, tiny_models / "v2", 2, workers=2, chunk_size=32, waves=4
     )
+    # The local cluster's worker settings (OMP_NUM_THREADS=1, ...) do not stay behind in this
+    # process: a later torchrun or DVC subprocess must train on the usual threads.
+    assert {k: os.environ.get(k) for k in DASK_SPAWN_ENVIRON} == environ
     assert report.switched and report.chunks_run == report.chunks == 8
     pids = {w.split(":")[-1] for w in report.workers}
     assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes embedded
