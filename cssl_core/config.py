@@ -442,7 +442,7 @@ class GateConfig(_Section):
 
     metric: Literal["knn", "linear"] = "knn"
     margin: float = Field(
-        0.05,
+        0.08,
         ge=0,
         le=1,
         allow_inf_nan=False,
