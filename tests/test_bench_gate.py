@@ -42,7 +42,7 @@ def _models(n: int = 400, clip_frames: int = 1) -> dict[str, dict[str, FrameOutc
 
 
 def _run(models: dict[str, dict[str, FrameOutcomes]], replicates: int = 4) -> dict:
-    cfg = GateConfig(bootstrap_samples=200)
+    cfg = GateConfig(margin=0.05, bootstrap_samples=200)
     return bench.run_trials(models, (0, 1), cfg, (0.05, 0.1), replicates, 2, lambda _m: None)
 
 
