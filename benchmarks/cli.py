@@ -23,8 +23,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.compat import add_compat_arguments, cmd_compat
-
 if TYPE_CHECKING:
     from cssl_core.config import Params
 
@@ -366,6 +364,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from benchmarks.watch import run_from_args
 
     return run_from_args(args)
+
+
+# -- compat ----------------------------------------------------------------------------------
+
+
+def add_compat_arguments(p: argparse.ArgumentParser) -> None:
+    from benchmarks.compat import add_compat_arguments as add  # standard library only
+
+    add(p)
+
+
+def cmd_compat(args: argparse.Namespace) -> int:
+    from benchmarks.compat import cmd_compat as run
+
+    return run(args)
 
 
 # -- index -----------------------------------------------------------------------------------

@@ -36,21 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import _csv, _seeds
+
 MODES = ("none", "adapter", "align")
 Log = Callable[[str], None]
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--seeds takes integers like 0,1,2, got {value!r}"
-        ) from None
 
 
 def add_compat_arguments(p: argparse.ArgumentParser) -> None:
