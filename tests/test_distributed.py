@@ -37,6 +37,7 @@ from cssl_core.learn.launch import torchrun_command
 from cssl_core.learn.models import Embedder
 from cssl_core.memory.replay import ReplayMemory
 from cssl_core.period import PeriodInputs, new_model, train_period
+from cssl_core.runtime import torch_threads
 
 HERE = Path(__file__).resolve().parent
 LOSSES = ("predictor", "nt_xent", "feature")
@@ -254,17 +255,17 @@ def equivalence_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single_process() -> dict[str, dict[str, torch.Tensor] | list[float]]:
     """The same case in this process (rank 0 of 1): one step per loss, then the period."""
-    torch.set_num_threads(1)
     new, old = frames()
     ref: dict = {}
-    for loss in LOSSES:
-        t = trainer(train_cfg(distill_loss=loss))
-        result = t.fit(new, old)
-        ref[f"grads-{loss}"], ref[f"loss-{loss}"] = grads(t.model), result.history[0].loss
-    t = trainer(train_cfg(steps=4))
-    ref["initial"] = weights(t.model)
-    t.fit(new, old)
-    ref["period"] = weights(t.model)
+    with torch_threads(1):  # as each rank runs; the count is restored for the tests after
+        for loss in LOSSES:
+            t = trainer(train_cfg(distill_loss=loss))
+            result = t.fit(new, old)
+            ref[f"grads-{loss}"], ref[f"loss-{loss}"] = grads(t.model), result.history[0].loss
+        t = trainer(train_cfg(steps=4))
+        ref["initial"] = weights(t.model)
+        t.fit(new, old)
+        ref["period"] = weights(t.model)
     return ref
 
 
