@@ -20,6 +20,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,8 +79,29 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr: ``[12:03:04] msg``."""
+    progress(f"[{datetime.now():%H:%M:%S}] {msg}")
+
+
+def emit_results(
+    args: argparse.Namespace, summary: Any, lines: Sequence[str], results_file: Path
+) -> None:
+    """A results-directory benchmark's output: ``summary`` as JSON with ``--json``, else its
+    human ``lines`` and where the full results were written."""
+    emit(args, summary, [*lines, f"results: {results_file}"])
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _csv_ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _csv(value))
+
+
+def _csv_floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in _csv(value))
 
 
 def _seeds(value: str) -> tuple[int, ...]:
@@ -295,14 +317,6 @@ def cmd_peers(args: argparse.Namespace) -> int:
 # -- drift -----------------------------------------------------------------------------------
 
 
-def _csv_ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v]
-
-
-def _csv_floats(value: str) -> list[float]:
-    return [float(v) for v in value.split(",") if v]
-
-
 def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="results and cache directory")
     parser.add_argument(
@@ -330,7 +344,7 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shares",
         type=_csv_floats,
-        default=[0.05, 0.1, 0.2, 0.4, 1.0],
+        default=(0.05, 0.1, 0.2, 0.4, 1.0),
         metavar="S,S",
         help="shares of frames from new games for the power curve",
     )

@@ -65,7 +65,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from benchmarks.cli import PRESETS, PRESETS_DIR
-from benchmarks.datasets import BenchDataset, DatasetError, build_dataset, parse_dataset
+from benchmarks.datasets import BenchDataset, build_dataset, parse_dataset
 from cssl_core.config import (
     DEFAULT_PARAMS_FILE,
     ConfigError,
@@ -1516,23 +1516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (``cssl bench continual`` calls this)."""
+    from benchmarks.cli import emit_results, log
 
-    def log(msg: str) -> None:
-        print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        if getattr(args, "combine", None):
-            results = combine(args.combine, Path(args.out))
-        elif not args.dataset:
-            raise BenchError("--dataset is required (or --combine DIR ... to pool earlier runs)")
-        else:
-            results = run_benchmark(setup_from_args(args), log)
-    except (BenchError, ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for line in summary_lines(results):
-        print(line)
-    print(f"results: {Path(args.out) / RESULTS_MD}")
+    if getattr(args, "combine", None):
+        results = combine(args.combine, Path(args.out))
+    elif not args.dataset:
+        raise BenchError("--dataset is required (or --combine DIR ... to pool earlier runs)")
+    else:
+        results = run_benchmark(setup_from_args(args), log)
+    emit_results(args, results, summary_lines(results), Path(args.out) / RESULTS_MD)
     return 0
 
 

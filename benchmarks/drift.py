@@ -630,33 +630,22 @@ def run_benchmark(
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (``cssl bench drift`` calls this)."""
-    from cssl_core.config import ConfigError, load_params
-    from cssl_core.evaluation.drift import DriftError
+    from benchmarks.cli import emit_results, load_bench_params, log
 
-    def log(msg: str) -> None:
-        print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        params = load_params(getattr(args, "params", None), tuple(getattr(args, "set", None) or ()))
-        results = run_benchmark(
-            Path(args.out),
-            params,
-            frames_per_period=args.frames_per_period,
-            sizes=args.sample_sizes or [params.drift.sample_size],
-            segment_seconds=args.segment_seconds or [params.drift.segment_seconds],
-            trials=args.trials,
-            shares=args.shares,
-            timing_repeats=args.timing_repeats,
-            log=log,
-        )
-    except (ConfigError, DriftError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if getattr(args, "json", False):
-        print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
-    else:
-        print(markdown(results))
-        print(f"results: {Path(args.out) / RESULTS_MD}")
+    params = load_bench_params(args)
+    results = run_benchmark(
+        Path(args.out),
+        params,
+        frames_per_period=args.frames_per_period,
+        sizes=args.sample_sizes or [params.drift.sample_size],
+        segment_seconds=args.segment_seconds or [params.drift.segment_seconds],
+        trials=args.trials,
+        shares=args.shares,
+        timing_repeats=args.timing_repeats,
+        log=log,
+    )
+    summary = {k: v for k, v in results.items() if k != "rows"}
+    emit_results(args, summary, [markdown(results)], Path(args.out) / RESULTS_MD)
     return 0
 
 

@@ -56,6 +56,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.cli import _csv_floats, _csv_ints, emit_results, load_bench_params, log
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -78,14 +80,6 @@ RESULTS_MD = "results.md"
 
 
 # -- options (torch-free: benchmarks/cli.py registers them as `cssl bench gate`) -------------
-
-
-def _csv_ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v.strip())
-
-
-def _csv_floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in value.split(",") if v.strip())
 
 
 def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -595,32 +589,18 @@ def run_benchmark(
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (``cssl bench gate`` calls this)."""
-    from cssl_core.config import ConfigError, load_params
-
-    def log(msg: str) -> None:
-        print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        params = load_params(getattr(args, "params", None), tuple(getattr(args, "set", None) or ()))
-        results = run_benchmark(
-            Path(args.out),
-            params,
-            seeds=args.seeds,
-            worse_seeds=args.worse_seeds,
-            replicates=args.replicates,
-            margins=args.margins,
-            check_decide=args.check_decide,
-            log=log,
-            worse_recipes=getattr(args, "worse_recipes", tuple(WORSE_RECIPES)),
-        )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if getattr(args, "json", False):
-        print(json.dumps(results["summary"], indent=2))
-    else:
-        print(markdown(results))
-        print(f"results: {Path(args.out) / RESULTS_MD}")
+    results = run_benchmark(
+        Path(args.out),
+        load_bench_params(args),
+        seeds=args.seeds,
+        worse_seeds=args.worse_seeds,
+        replicates=args.replicates,
+        margins=args.margins,
+        check_decide=args.check_decide,
+        log=log,
+        worse_recipes=getattr(args, "worse_recipes", tuple(WORSE_RECIPES)),
+    )
+    emit_results(args, results["summary"], [markdown(results)], Path(args.out) / RESULTS_MD)
     return 0
 
 

@@ -596,6 +596,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed :func:`add_arguments` options; progress goes to stderr."""
+    from benchmarks.cli import emit, log
+
     result = run_index_benchmark(
         args.sizes,
         args.frames,
@@ -612,19 +614,17 @@ def run_from_args(args: argparse.Namespace) -> int:
         curve_train_frames=args.curve_train_frames,
         curve_eval_frames=args.curve_eval_frames,
         random_orders=args.random_orders,
-        log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True),
+        log=log,
     )
-    print(json.dumps(result, indent=2) if args.json else "\n".join(format_index_benchmark(result)))
+    emit(args, result, format_index_benchmark(result))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.index", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    return run_from_args(parser.parse_args(argv))
+    """``python -m benchmarks.index ...`` = ``python -m benchmarks index ...``."""
+    from benchmarks.cli import main as bench_main
+
+    return bench_main(["index", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

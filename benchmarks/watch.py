@@ -46,7 +46,6 @@ from ``DIR/stream``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -509,29 +508,17 @@ def _cpu_flag(flag: str) -> bool:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments (``cssl bench watch`` calls this)."""
-    from cssl_core.config import ConfigError, load_params
+    from benchmarks.cli import emit_results, load_bench_params, log
     from cssl_core.data.storage import atomic_write_json, atomic_write_text
-    from cssl_core.evaluation.drift import DriftError
 
-    def log(msg: str) -> None:
-        print(f"[{datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        base = load_params(getattr(args, "params", None), tuple(getattr(args, "set", None) or ()))
-        params = replay_params(base, args.frames_per_period)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        results = run_replay(out, params, bootstrap=args.bootstrap, seed=args.seed, log=log)
-    except (ConfigError, DriftError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    params = replay_params(load_bench_params(args), args.frames_per_period)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_replay(out, params, bootstrap=args.bootstrap, seed=args.seed, log=log)
     atomic_write_json(out / RESULTS_JSON, results, default=_json_default)
     atomic_write_text(out / RESULTS_MD, markdown(results) + "\n")
-    if getattr(args, "json", False):
-        print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2, default=str))
-    else:
-        print(markdown(results))
-        print(f"results: {out / RESULTS_MD}")
+    summary = {k: v for k, v in results.items() if k != "rows"}
+    emit_results(args, summary, [markdown(results)], out / RESULTS_MD)
     return 0
 
 

@@ -125,6 +125,6 @@ def test_options_parse_and_importing_the_module_loads_no_torch() -> None:
     parser = argparse.ArgumentParser()
     add_drift_arguments(parser)
     args = parser.parse_args(["--out", "x", "--sample-sizes", "100,200", "--shares", "0.1,1"])
-    assert args.sample_sizes == [100, 200] and args.shares == [0.1, 1.0]
+    assert args.sample_sizes == (100, 200) and args.shares == (0.1, 1.0)
     code = "import sys, benchmarks.drift; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
