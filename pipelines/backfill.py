@@ -418,6 +418,9 @@ class Compatibility:
     compatible: bool
     via: str
     reason: str
+    steps: tuple[tuple[int, str], ...] = ()
+    """When compatible: ``(version, cssl.compat tag)`` from ``target_version`` down to the
+    child of ``live_version`` (empty for the same version)."""
 
 
 def compatibility(registry: ModelRegistry, live_version: int, target_version: int) -> Compatibility:
@@ -459,7 +462,35 @@ def compatibility(registry: ModelRegistry, live_version: int, target_version: in
         True,
         via,
         f"every version from {live_version} to {target_version} is compatible ({via})",
+        tuple((info.version, info.tags[COMPAT_TAG]) for info in path),
     )
+
+
+def query_map(registry: ModelRegistry, compat: Compatibility) -> Callable[[Any], Any]:
+    """``compat.target_version``'s embeddings -> ``compat.live_version``'s space: the identity
+    along ``direct`` steps, each ``adapter`` step's saved adapter (``cssl_core.learn.compat``)
+    applied in turn, target first. Takes and returns float32 arrays ``(D,)`` or ``(N, D)``,
+    L2-normalised. An error when the two are not compatible."""
+    from cssl_core.learn.compat import query_adapter
+    from cssl_core.learn.models import Embedder
+
+    if not compat.compatible:
+        raise ValueError(
+            f"version {compat.target_version}'s embeddings cannot be mapped into version "
+            f"{compat.live_version}'s space: {compat.reason}"
+        )
+    maps = [
+        query_adapter(Embedder.load(embedder_dir(registry, version)).eval())
+        for version, tag in compat.steps
+        if tag == "adapter"
+    ]
+
+    def apply(query: Any) -> Any:
+        for step in maps:
+            query = step(query)
+        return query
+
+    return apply
 
 
 def embedder_dir(registry: ModelRegistry, version: int) -> Path:

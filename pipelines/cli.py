@@ -594,10 +594,11 @@ def _query(args: argparse.Namespace, index: Any) -> tuple[Any, Any, str]:
     pointer = index.pointer()
     b = pointer.backfill
     if args.frame_id:
-        stored = index.stored_vectors(args.frame_id)
-        if stored.vector is not None:
-            return stored.vector, stored.old_vector, f"frame {args.frame_id}"
-        # Not re-embedded yet by the backfill in progress: embed its image with the new model.
+        if args.model is None:
+            stored = index.stored_vectors(args.frame_id)
+            if stored.vector is not None:
+                return stored.vector, stored.old_vector, f"frame {args.frame_id}"
+        # --model, or not re-embedded yet by the backfill in progress: embed the frame's image.
         from pipelines.backfill import index_shards
         from pipelines.index_build import read_chunk_images
 
@@ -618,12 +619,48 @@ def _query(args: argparse.Namespace, index: Any) -> tuple[Any, Any, str]:
             raise CliError(f"{path} is not a readable image ({exc})") from None
         what = f"image {path}"
     registry = open_registry()
-    version = b.target_version if b is not None else pointer.live.model_version
-    query = embed_images(_embedder(registry, version), images)[0]
+    space = b.target_version if b is not None else pointer.live.model_version
+    if args.model is None:  # the index's own version(s): always correct
+        query = embed_images(_embedder(registry, space), images)[0]
+        old = None
+        if b is not None:
+            old = embed_images(_embedder(registry, b.source_version), images)[0]
+        return query, old, what
+    query, old, how = _mapped_query(registry, args.model, images, space, b)
+    return query, old, f"{what} ({how})"
+
+
+def _mapped_query(
+    registry: Any, model: str, images: list[bytes], space: int, backfill: Any
+) -> tuple[Any, Any, str]:
+    """``cssl search --model``: the query embedded by ``model`` and mapped into the index's
+    space through the compatibility chain (``pipelines.backfill.query_map``); during a backfill
+    also into the source version's space, or else embedded by that version. With how."""
+    from pipelines.backfill import compatibility, query_map
+    from pipelines.index_build import embed_images
+
+    info = _registered(registry, model)
+    embedding = embed_images(_embedder(registry, info.version), images)[0]
+    compat = compatibility(registry, space, info.version)
+    if not compat.compatible:
+        raise CliError(
+            f"version {info.version} ({model}) is not compatible with the index's version "
+            f"{space}: {compat.reason}; search without --model (the index's own version) or "
+            f"`cssl backfill --to {info.version}`"
+        )
+    query = query_map(registry, compat)(embedding)
     old = None
-    if b is not None:
-        old = embed_images(_embedder(registry, b.source_version), images)[0]
-    return query, old, what
+    if backfill is not None:
+        to_source = compatibility(registry, backfill.source_version, info.version)
+        old = (
+            query_map(registry, to_source)(embedding)
+            if to_source.compatible
+            else embed_images(_embedder(registry, backfill.source_version), images)[0]
+        )
+    how = f"embedded by version {info.version}"
+    if compat.via != "same":
+        how += f", mapped into version {space}'s space ({compat.via})"
+    return query, old, how
 
 
 def search_lines(index: Any, hits: Sequence[Any], what: str) -> list[str]:
@@ -1277,6 +1314,13 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="an image file (embedded with the index's model version)")
     what.add_argument("--frame-id", help="a frame of the index")
+    p.add_argument(
+        "--model",
+        metavar="VERSION",
+        help="embed the query with this version (@champion, a number, ...) and map it into "
+        "the index's space through its compatibility chain (cssl.compat direct / adapter); "
+        "an error when not compatible (default: the index's own version)",
+    )
     p.add_argument("--k", type=int, default=10, help="results (default 10)")
     p.add_argument("--index", help="index location (default: index.uri)")
 

@@ -9,12 +9,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_PARAMS, environment
 
-from cssl_core.config import ModelConfig, load_params
+from cssl_core.config import CompatConfig, ModelConfig, load_params
 from cssl_core.data.shard import Shard
+from cssl_core.learn.compat import fit_adapter, query_adapter
 from cssl_core.learn.models import Embedder
 from pipelines.cli import EXIT_FAILED, EXIT_OK, main
 from pipelines.index import EmbeddingIndex
@@ -32,7 +34,9 @@ class Registry:
     - v1 (p01, seed 1), the first champion;
     - v2 (p02, seed 2, parent 1) tagged ``cssl.compat=none``;
     - v3 (p02, seed 1, parent 1) tagged ``cssl.compat=direct`` (v1's weights: same space);
-    - v4 (p02, another backbone, D=1024, parent 1) tagged ``direct`` (a wrong tag).
+    - v4 (p02, another backbone, D=1024, parent 1) tagged ``direct`` (a wrong tag);
+    - v5 (p02, seed 5, parent 1) tagged ``adapter``: its adapter into v1's space is fitted on
+      the frames of p01 and p02.
     """
 
     def __init__(self, root: Path) -> None:
@@ -52,9 +56,10 @@ def _register(
     period: str,
     parent: int | None = None,
     compat: str | None = None,
+    model: Embedder | None = None,
 ) -> int:
     torch.manual_seed(seed)
-    model = Embedder(cfg)
+    model = model if model is not None else Embedder(cfg)
     model_dir = model.save(root / f"model-{seed}-{cfg.backbone}")
     run_id = registry.start_run(f"index-cli-{period}")
     lineage = VersionTags(period, "", "", parent_version=parent, gate="pass")
@@ -65,12 +70,24 @@ def _register(
     return info.version
 
 
+def _with_adapter(cfg: ModelConfig, seed: int, parent_seed: int, shards: list[Path]) -> Embedder:
+    """A model of ``seed`` with its adapter fitted into the space of ``parent_seed``'s model."""
+    torch.manual_seed(parent_seed)
+    parent = Embedder(cfg).eval()
+    torch.manual_seed(seed)
+    model = Embedder(cfg).eval()
+    tables = [Shard.open(s).read(["image"]) for s in shards]
+    fit_adapter(model, parent, tables, CompatConfig())
+    return model
+
+
 @pytest.fixture(scope="module")
-def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory, sim_shards: Path) -> Registry:
     root = tmp_path_factory.mktemp("index-cli")
     state = Registry(root)
     cfg = ModelConfig(**TINY_PARAMS["model"])
     other = cfg.model_copy(update={"backbone": "mobilenetv3_small_050"})
+    adapted = _with_adapter(cfg, 5, 1, [sim_shards / p for p in SHARDS])
     with environment(**state.env):
         registry = MlflowRegistry()
         versions = [
@@ -78,8 +95,9 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
             _register(registry, root, cfg, 2, "p02", parent=1, compat="none"),
             _register(registry, root, cfg, 1, "p02", parent=1, compat="direct"),
             _register(registry, root, other, 3, "p02", parent=1, compat="direct"),
+            _register(registry, root, cfg, 5, "p02", parent=1, compat="adapter", model=adapted),
         ]
-        assert versions == [1, 2, 3, 4]
+        assert versions == [1, 2, 3, 4, 5]
         registry.promote(1)
     return state
 
@@ -176,6 +194,71 @@ def test_build_search_status_then_backfill_to_a_new_champion(
     )
 
 
+def test_search_with_a_newer_version_through_its_compatibility_chain(
+    state: Registry, sim_shards: Path, tmp_path: Path, capsys
+):
+    """``cssl search --model``: a version queries an index built by its ancestor without a
+    backfill when its lineage is compatible: the identity along ``direct``, the saved adapter
+    along ``adapter``; an incompatible one is refused in one line."""
+    from pipelines.backfill import embedder_dir, load_model
+    from pipelines.index_build import embed_images
+
+    index = str(tmp_path / "index")
+    _run(capsys, "index", "build", *(str(sim_shards / p) for p in SHARDS), "--index", index)
+    table = Shard.open(sim_shards / "p01").read(["frame_id", "image"])
+    frame, jpeg = table["frame_id"][5].as_py(), table["image"][5].as_py()
+    image = tmp_path / "query.jpg"
+    image.write_bytes(jpeg)
+
+    def search(*extra: str) -> dict:
+        return _json(capsys, "search", "--image", str(image), "--k", "3", "--index", index, *extra)
+
+    # v3 (direct, v1's weights): its own embedding is in v1's space.
+    direct = search("--model", "3")
+    assert direct["query"].endswith(
+        "(embedded by version 3, mapped into version 1's space (direct))"
+    )
+    assert direct["hits"][0]["frame_id"] == frame
+    assert direct["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # v5 (adapter): its raw embedding is in another space (cosine ~0.3 with the frame's
+    # stored v1 vector; untrained models, so every frame is alike within a space); mapped by
+    # its saved adapter it lands on it, and the command searches with exactly that vector.
+    mapped = search("--model", "5")
+    assert "mapped into version 1's space (adapter)" in mapped["query"]
+    idx = EmbeddingIndex(index)
+    stored = idx.stored_vectors(frame).vector
+    stored = stored / np.linalg.norm(stored)
+    v5 = load_model(embedder_dir(MlflowRegistry(), 5))
+    raw = embed_images(v5, [jpeg])[0]
+    query = query_adapter(v5)(raw)
+    assert float(query @ stored) > 0.97
+    assert float(raw @ stored / np.linalg.norm(raw)) < 0.6
+    assert [h["frame_id"] for h in mapped["hits"]] == [h.frame_id for h in idx.search(query, 3)]
+    assert mapped["hits"][0]["score"] > 0.97
+    # By frame id: the frame's image embedded by v5; its nearest other frames come back.
+    by_frame = _json(capsys, "search", "--frame-id", frame, "--model", "5", "--index", index)
+    assert "embedded by version 5" in by_frame["query"]
+    assert frame not in {h["frame_id"] for h in by_frame["hits"]}
+    assert all(h["model_version"] == 1 for h in by_frame["hits"])
+
+    _fails(
+        capsys,
+        ["search", "--image", str(image), "--model", "2", "--index", index],
+        "version 2 (2) is not compatible with the index's version 1",
+        "cssl.compat=none",
+        "cssl backfill --to 2",
+    )
+    _fails(  # v4 is tagged direct but embeds D=1024
+        capsys,
+        ["search", "--image", str(image), "--model", "4", "--index", index],
+        "the query has D=1024",
+    )
+    own = search("--model", "@champion")  # v1 itself: nothing to map
+    assert own["query"].endswith("(embedded by version 1)")
+    assert own["hits"] == search()["hits"]
+
+
 def test_bad_input_is_one_line(state: Registry, sim_shards: Path, tmp_path: Path, capsys):
     index = str(tmp_path / "index")
     for argv in (
@@ -246,6 +329,17 @@ def test_search_and_status_while_a_backfill_is_half_way_then_resume(
     frame = Shard.open(sim_shards / "p01").read(["frame_id"])["frame_id"][5].as_py()
     found = _json(capsys, "search", "--frame-id", frame, "--k", "4", "--index", index)
     assert len(found["hits"]) == 4 and {h["space"] for h in found["hits"]} == {1}
+    # --model 2 (the target, incompatible with v1): the rows still on v1 are searched with the
+    # frame embedded by v1, as without --model; v5 maps into neither space and is refused.
+    champion = _json(
+        capsys, "search", "--frame-id", frame, "--k", "4", "--model", "2", "--index", index
+    )
+    assert champion["hits"] == found["hits"] and "embedded by version 2" in champion["query"]
+    _fails(
+        capsys,
+        ["search", "--frame-id", frame, "--model", "5", "--index", index],
+        "not compatible with the index's version 2",
+    )
     text = _run(capsys, "index", "status", "--index", index)
     assert "backfill to version 2 in progress: 0/3 chunks, 0/80 rows" in text
     capsys.readouterr()
