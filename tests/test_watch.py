@@ -11,7 +11,9 @@ are named where their frames landed (``--source .../2026-W44``) or from the cale
    ago (the cooldown does not hold a forced refresh);
 4. the calendar period (sudden shift) with the default 7-day cooldown: drift found, but the
    cooldown holds it -> skip;
-5. the same with ``watch.cooldown=0s``: drift -> refresh.
+5. the same with ``watch.cooldown=0s``: drift -> refresh;
+6. ``2026-W45`` (index 3, the shifted mix again) with ``watch.max_age=1s``: @champion is older
+   than that, so max age asks for a refresh, which the default cooldown holds -> skip.
 
 Drift settings are scaled to the tiny shards (400 frames, 40 frames per side, 5-second
 segments, 200 permutations, a model trained at lr 0.001): with drift seeds 0-3 the static
@@ -44,6 +46,7 @@ from pipelines.watch import WATCH_EXPERIMENT, watch
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 STATIC = "2026-W44"  # a weekly name: never the (monthly) calendar period of the test
+AGED = "2026-W45"
 SCHEDULE = [{"kind": "static", "periods": 2}, {"kind": "sudden"}, {"kind": "static", "periods": 1}]
 WATCH_PARAMS: dict[str, Any] = {
     **TINY_PARAMS,
@@ -71,14 +74,15 @@ def watch_params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory: pytest.TempPathFactory, watch_params_file: Path) -> Path:
-    """``shards/p01`` (index 0) and ``raw/2026-W44`` (index 1, the same game mix: a Parquet
-    dataset where new frames land, named like its period)."""
+    """``shards/p01`` (index 0), ``raw/2026-W44`` (index 1, the same game mix: a Parquet
+    dataset where new frames land, named like its period) and ``raw/2026-W45`` (index 3)."""
     from cssl_core.data.simulate import simulate_period
 
     root = tmp_path_factory.mktemp("watch-stream")
     cfg = load_params(watch_params_file).simulate
     simulate_period(root / "shards", "p01", 0, 3, cfg)
     simulate_period(root / "raw", STATIC, 1, 3, cfg)
+    simulate_period(root / "raw", AGED, 3, 4, cfg)
     return root
 
 
@@ -89,7 +93,7 @@ def watched(
     watch_params_file: Path,
     stream: Path,
 ) -> tuple[Lineage, list[dict[str, Any]], str]:
-    """The five watch decisions of the module docstring, in order, and the calendar period."""
+    """The six watch decisions of the module docstring, in order, and the calendar period."""
     state = new_lineage(tmp_path_factory.mktemp("watch-lineage"), watch_params_file)
     calendar = CalendarConfig(periods_every="month").period_at(datetime.now(UTC))
     records: list[dict[str, Any]] = []
@@ -109,6 +113,7 @@ def watched(
         run(source=str(stream / "raw" / STATIC), force=True)
         run(period="auto")
         run(("watch.cooldown=0s",), period="auto")
+        run(("watch.max_age=1s",), source=str(stream / "raw" / AGED))
         registry = MlflowRegistry()
         for v in registry.versions():
             state.weights[v.period] = v.tags["weights_sha256"]
@@ -181,6 +186,17 @@ def test_a_shift_is_refreshed_and_continues_the_lineage(watched):
     assert registry.champion().version == 3
 
 
+def test_max_age_asks_for_a_refresh_of_an_old_champion(watched):
+    state, records, calendar = watched
+    aged = records[5]
+    assert aged["period"] == AGED and aged["champion_version"] == 3
+    assert "max_age" in aged["triggers"] and aged["max_age"] == "1s"
+    assert (aged["action"], aged["refresh"]) == ("skip", {})
+    assert aged["summary"].startswith("skip: cooldown")
+    assert any("older than watch.max_age 1s" in r for r in aged["reasons"])
+    assert MlflowRegistry(state.tracking_uri).stream_periods() == ["p01", STATIC, calendar]
+
+
 def test_every_decision_is_recorded_in_mlflow(watched):
     state, records, _ = watched
     registry = MlflowRegistry(state.tracking_uri)
@@ -201,7 +217,7 @@ def test_every_decision_is_recorded_in_mlflow(watched):
         if record["action"] == "refresh":
             assert run.tags["cssl.refresh.version"] == str(record["refresh"]["version"])
     checks = registry.search_runs("cssl-drift", limit=10)
-    assert len(checks) == 4  # every decision with a champion ran a drift check
+    assert len(checks) == 5  # every decision with a champion ran a drift check
 
 
 def test_watch_starts_the_refresh_as_a_flow_run_of_prefect(watched):
