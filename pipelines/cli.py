@@ -750,6 +750,11 @@ def cmd_index_status(args: argparse.Namespace) -> int:
             f"  @champion: version {compat.target_version}, compatible with the index "
             f"({compat.via}: {compat.reason})"
         )
+        if compat.via != "same":
+            lines.append(
+                "  `cssl search --model @champion` queries it with @champion's embeddings "
+                "(mapped into the index's space)"
+            )
     else:
         lines.append(
             f"  @champion: version {compat.target_version}, NOT compatible with the index "

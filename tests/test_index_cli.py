@@ -258,6 +258,12 @@ def test_search_with_a_newer_version_through_its_compatibility_chain(
     assert own["query"].endswith("(embedded by version 1)")
     assert own["hits"] == search()["hits"]
 
+    _run(capsys, "promote", "5")  # index status points at the mapped search
+    status = _run(capsys, "index", "status", "--index", index)
+    assert "@champion: version 5, compatible with the index (adapter" in status
+    assert "`cssl search --model @champion` queries it" in status
+    assert search("--model", "@champion")["hits"] == mapped["hits"]
+
 
 def test_bad_input_is_one_line(state: Registry, sim_shards: Path, tmp_path: Path, capsys):
     index = str(tmp_path / "index")
