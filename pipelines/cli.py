@@ -643,8 +643,9 @@ def _mapped_query(
     embedding = embed_images(_embedder(registry, info.version), images)[0]
     compat = compatibility(registry, space, info.version)
     if not compat.compatible:
+        named = "" if model == str(info.version) else f" ({model})"
         raise CliError(
-            f"version {info.version} ({model}) is not compatible with the index's version "
+            f"version {info.version}{named} is not compatible with the index's version "
             f"{space}: {compat.reason}; search without --model (the index's own version) or "
             f"`cssl backfill --to {info.version}`"
         )

@@ -245,7 +245,7 @@ def test_search_with_a_newer_version_through_its_compatibility_chain(
     _fails(
         capsys,
         ["search", "--image", str(image), "--model", "2", "--index", index],
-        "version 2 (2) is not compatible with the index's version 1",
+        "version 2 is not compatible with the index's version 1",
         "cssl.compat=none",
         "cssl backfill --to 2",
     )
