@@ -389,6 +389,7 @@ def test_cssl_refresh_with_nproc_per_node_2_trains_under_torchrun(
     cmd = [
         str(BIN / "cssl"),
         "--json",
+        "--debug",  # the flow's task log on stderr: torchrun's own lines go there (log_prints)
         "refresh",
         "--period",
         "p01",
