@@ -15,7 +15,10 @@ Retrieval (:mod:`cssl_core.evaluation.compatibility`): queries = up to
 ``bench.compat_frames_per_period`` labelled eval frames of every period, gallery = as many
 labelled train (reference) frames of every period; cosine top-1 and mAP@10. For every earlier
 version ``j < i`` of the lineage: ``M[i, j]`` against ``M[j, j]`` (CL2R's criterion; average
-compatibility AC = share of pairs with ``M[i, j] >= M[j, j]``). New/new quality is
+compatibility AC = share of pairs with ``M[i, j] >= M[j, j]``), and the instance-level
+top-1 of each pair (a query frame's version-``i`` embedding finds its own version-``j``
+embedding among every query frame's: near-duplicate search across versions,
+:func:`~cssl_core.evaluation.compatibility.instance_top1`). New/new quality is
 ``M[T, T]`` of the final model against ``none``'s. The gate metric is the kNN accuracy of
 the final model on every period's eval split, as the difference to ``none`` with a paired,
 stratified cluster-bootstrap interval (:func:`benchmarks.continual.stratified_difference`),
@@ -267,10 +270,11 @@ def _strata(scores: Mapping[str, Any], reference: Mapping[str, Any]) -> list[Any
 def _retrieval(
     lineages: Mapping[str, list[Any]], eval_sets: Mapping[str, Any], cap: int, params: Any
 ) -> dict[str, Any]:
-    """Per mode: every ``M[i, j]`` (``j <= i``) of the lineage, top-1 and mAP@10."""
+    """Per mode: every ``M[i, j]`` (``j <= i``) of the lineage, top-1 and mAP@10, and the
+    instance-level top-1 (the query frames' own old embeddings found, ``instance_top1``)."""
     import torch.nn.functional as F
 
-    from cssl_core.evaluation.compatibility import retrieval_quality
+    from cssl_core.evaluation.compatibility import instance_top1, retrieval_quality
     from cssl_core.evaluation.evaluate import extract_features
 
     q_img, q_lab, g_img, g_lab = [], [], [], []
@@ -311,9 +315,11 @@ def _retrieval(
                     # map version j+1's space into version j's: chain the adapters down.
                     adapter = models[j + 1]
                     q_new = adapter.to_parent_space(F.normalize(q_new, dim=1)).detach()
-                cells[f"{i + 1},{j + 1}"] = quality(
-                    q_new if j < i else feats(new)[0], feats(models[j])[1]
-                )
+                query = q_new if j < i else feats(new)[0]
+                cells[f"{i + 1},{j + 1}"] = {
+                    **quality(query, feats(models[j])[1]),
+                    "instance": instance_top1(query, feats(models[j])[0]),
+                }
         out[mode] = cells
     return out
 
@@ -334,7 +340,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
         mine = [c for c in cells if c["dataset"] == dataset]
         per_mode: dict[str, Any] = {}
         for mode in modes:
-            pairs, margins, new_new, new_new_map = [], [], [], []
+            pairs, margins, new_new, new_new_map, instance = [], [], [], [], []
             for c in mine:
                 m = c["retrieval"][mode]
                 own = c["retrieval"]["none"] if mode == "adapter" else m
@@ -345,6 +351,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
                         ref = own[f"{j},{j}"]["top1"]
                         pairs.append(cross >= ref)
                         margins.append(cross - ref)
+                        instance.append(m[f"{i},{j}"].get("instance", math.nan))
                 new_new.append(own[f"{t},{t}"]["top1"])
                 new_new_map.append(own[f"{t},{t}"]["map"])
             ref_new = [
@@ -363,6 +370,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> dict[
                 "mean_margin_top1": float(np.mean(margins)),
                 "new_new_top1": float(np.mean(new_new)),
                 "new_new_map": float(np.mean(new_new_map)),
+                "instance_top1": float(np.mean(instance)),
                 "new_new_top1_vs_none": float(
                     np.mean(new_new) - np.mean([r["top1"] for r in ref_new])
                 ),
@@ -412,8 +420,9 @@ def format_markdown(results: Mapping[str, Any]) -> str:
         f"periods; seeds {', '.join(map(str, results['seeds']))}.",
         "",
         "| dataset | mode | AC (top-1) | worst M[i,j]-M[j,j] | mean M[i,j]-M[j,j] | "
-        "new/new top-1 (vs none) | new/new mAP@10 (vs none) | kNN avg | kNN - none [95% CI] |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "new/new top-1 (vs none) | new/new mAP@10 (vs none) | instance top-1 (new, old) | "
+        "kNN avg | kNN - none [95% CI] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for dataset, per_mode in results["summary"].items():
         for mode, s in per_mode.items():
@@ -423,8 +432,8 @@ def format_markdown(results: Mapping[str, Any]) -> str:
                 f"{_pct(s['worst_margin_top1'])} | {_pct(s['mean_margin_top1'])} | "
                 f"{s['new_new_top1']:.3f} ({_pct(s['new_new_top1_vs_none'])}) | "
                 f"{s['new_new_map']:.3f} ({_pct(s['new_new_map_vs_none'])}) | "
-                f"{s['knn_average']:.3f} | {_pct(d['estimate'])} "
-                f"[{_pct(d['low'])}, {_pct(d['high'])}] |"
+                f"{s.get('instance_top1', math.nan):.3f} | {s['knn_average']:.3f} | "
+                f"{_pct(d['estimate'])} [{_pct(d['low'])}, {_pct(d['high'])}] |"
             )
     lines.append("")
     for c in results["cells"]:

@@ -16,6 +16,7 @@ from cssl_core.evaluation.backfill_order import (
 )
 from cssl_core.evaluation.compatibility import (
     CompatibilityMatrix,
+    instance_top1,
     plot_compatibility_matrix,
     retrieval_quality,
 )
@@ -91,6 +92,23 @@ def _matrix() -> CompatibilityMatrix:
         LABELS,
         k=10,
     )
+
+
+def test_instance_top1_hand_computed():
+    old = GALLERY  # four frames as the old model embeds them
+    assert instance_top1(old, old * 3.0) == 1.0  # the same space (scale does not matter)
+    # A rotation by 90 degrees: frame 0 (1,0) lands on (0,1), frame 1's old embedding, and so
+    # on; only frame 2 ((1,1) -> (-1,1)) and frame 3 ((-1,0) -> (0,-1)) are checked by hand:
+    rotated = old @ np.array([[0, 1], [-1, 0]], dtype=np.float32)
+    # frame 0: cos to own (1,0) = 0, to g1 (0,1) = 1 -> missed; frame 1 (0,1) -> (-1,0): own
+    # 0, g3 = 1 -> missed; frame 2 -> (-S,S): own 0, g1 = S -> missed; frame 3 -> (0,-1): own
+    # 0, every other <= 0 (g0 0, g1 -1, g2 -S) -> found (a tie with g0 counts as found).
+    assert instance_top1(rotated, old) == pytest.approx(0.25)
+    # Categories survive what instances do not: frames 0 and 2 (both "a") swapped.
+    swapped = old[[2, 1, 0, 3]]
+    assert instance_top1(swapped, old) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same frames in the same space"):
+        instance_top1(old[:3], old)
 
 
 def test_matrix_cells_and_not_comparable_pairs():

@@ -164,6 +164,40 @@ def retrieval_quality(
     return _quality_from_similarity(similarity, len(keep), q_codes, g_codes, k)
 
 
+def instance_top1(new_feats: FeatureArray, old_feats: FeatureArray) -> float:
+    r"""Instance-level compatibility: row ``i`` of both arrays is one frame, embedded by a new
+    and an old model (the new one mapped into the old space, if it is mapped). The share of
+    frames whose new embedding is at least as close (cosine) to the frame's own old embedding
+    as to any other frame's:
+
+    .. math::
+
+        \frac{1}{N} \sum_i \left[\cos(n_i, o_i) \ge \max_{j \ne i} \cos(n_i, o_j)\right]
+
+    1 for a model against itself (ties count as found: a duplicate frame is not a miss).
+    This is what near-duplicate search across versions needs; the category-level ``M[new,
+    old]`` of :func:`retrieval_quality` can be high while this is near 0.
+    """
+    import torch
+
+    new = _normalised(new_feats, "new_feats")
+    old = _normalised(old_feats, "old_feats")
+    if new.shape != old.shape:
+        raise ValueError(
+            f"new and old features must be the same frames in the same space, got shapes "
+            f"{tuple(new.shape)} and {tuple(old.shape)}"
+        )
+    n = new.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // n)
+    found = 0
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(start + block, n))
+        sim = new[rows] @ old.T
+        own = sim[torch.arange(len(rows)), rows]
+        found += int((sim.max(dim=1).values <= own).sum())
+    return found / n
+
+
 def _quality_from_similarity(
     similarity: Any, n_queries: int, q_codes: np.ndarray, g_codes: np.ndarray, k: int
 ) -> RetrievalQuality:
