@@ -60,6 +60,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cssl_core.data.shard import MANIFEST, Shard, ShardError
 from cssl_core.data.storage import atomic_write_text
+from cssl_core.runtime import environ_restored
 from pipelines.index import (
     ChunkEmbeddings,
     ChunkSpec,
@@ -337,7 +338,7 @@ def run_distributed_backfill(
     threads = None if address or local else max(1, (os.cpu_count() or 1) // max(workers, 1))
     runner = None if local else dask_task_runner(workers, address)
     run = backfill if runner is None else backfill.with_options(task_runner=runner)
-    with prefect_api_for_workers(needed=not local), _environ_kept(DASK_SPAWN_ENVIRON):
+    with prefect_api_for_workers(needed=not local), environ_restored(DASK_SPAWN_ENVIRON):
         return run(
             index.uri,
             [str(s) for s in shards],
@@ -363,20 +364,6 @@ DASK_SPAWN_ENVIRON = (
     "OPENBLAS_NUM_THREADS",
     "MALLOC_TRIM_THRESHOLD_",
 )
-
-
-@contextmanager
-def _environ_kept(keys: Sequence[str]) -> Iterator[None]:
-    """Run the block, then put ``keys`` of ``os.environ`` back as they were."""
-    before = {k: os.environ.get(k) for k in keys}
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager

@@ -10,7 +10,6 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 
 from benchmarks.datasets import DatasetError, default_cifar10_source, ensure_cifar10
 from cssl_core.config import IngestConfig, SimulateConfig
+from cssl_core.runtime import environment  # noqa: F401  (tests import it from here)
 
 CIFAR_PARQUET = default_cifar10_source()  # $CSSL_CIFAR10, ../shared/data, or the user's cache
 
@@ -149,25 +149,6 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-@contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, unset) environment variables for a block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass
