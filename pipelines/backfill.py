@@ -453,24 +453,20 @@ def compatibility(registry: ModelRegistry, live_version: int, target_version: in
     )
 
 
-def query_map(registry: ModelRegistry, compat: Compatibility) -> Callable[[Any], Any]:
+def query_map(compat: Compatibility, load: Callable[[int], Any]) -> Callable[[Any], Any]:
     """``compat.target_version``'s embeddings -> ``compat.live_version``'s space: the identity
     along ``direct`` steps, each ``adapter`` step's saved adapter (``cssl_core.learn.compat``)
-    applied in turn, target first. Takes and returns float32 arrays ``(D,)`` or ``(N, D)``,
-    L2-normalised. An error when the two are not compatible."""
+    applied in turn, target first. ``load(version)`` gives a version's ``Embedder`` (the
+    caller's, so a model it already holds is not loaded again). Takes and returns float32
+    arrays ``(D,)`` or ``(N, D)``, L2-normalised. An error when the two are not compatible."""
     from cssl_core.learn.compat import query_adapter
-    from cssl_core.learn.models import Embedder
 
     if not compat.compatible:
         raise ValueError(
             f"version {compat.target_version}'s embeddings cannot be mapped into version "
             f"{compat.live_version}'s space: {compat.reason}"
         )
-    maps = [
-        query_adapter(Embedder.load(embedder_dir(registry, version)).eval())
-        for version, tag in compat.steps
-        if tag == "adapter"
-    ]
+    maps = [query_adapter(load(version)) for version, tag in compat.steps if tag == "adapter"]
 
     def apply(query: Any) -> Any:
         for step in maps:

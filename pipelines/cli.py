@@ -15,6 +15,7 @@ started is stopped, and the exit code is 128 + the signal number (``pipelines/st
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -639,8 +640,9 @@ def _mapped_query(
     from pipelines.backfill import compatibility, query_map
     from pipelines.index_build import embed_images
 
+    load = functools.cache(functools.partial(_embedder, registry))  # each version once
     info = _registered(registry, model)
-    embedding = embed_images(_embedder(registry, info.version), images)[0]
+    embedding = embed_images(load(info.version), images)[0]
     compat = compatibility(registry, space, info.version)
     if not compat.compatible:
         named = "" if model == str(info.version) else f" ({model})"
@@ -649,14 +651,14 @@ def _mapped_query(
             f"{space}: {compat.reason}; search without --model (the index's own version) or "
             f"`cssl backfill --to {info.version}`"
         )
-    query = query_map(registry, compat)(embedding)
+    query = query_map(compat, load)(embedding)
     old = None
     if backfill is not None:
         to_source = compatibility(registry, backfill.source_version, info.version)
         old = (
-            query_map(registry, to_source)(embedding)
+            query_map(to_source, load)(embedding)
             if to_source.compatible
-            else embed_images(_embedder(registry, backfill.source_version), images)[0]
+            else embed_images(load(backfill.source_version), images)[0]
         )
     how = f"embedded by version {info.version}"
     if compat.via != "same":
